@@ -1,0 +1,191 @@
+"""Typed configuration: YAML files plus `key=value` overrides into dataclasses.
+
+Every job (Spark prepare, trainer, experiment runner) describes its settings as
+nested dataclasses. This module turns a YAML file and command-line overrides
+into such a dataclass, and refuses unknown keys and values of the wrong type
+with an error that names the file and the dotted key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b.c=value`; the value is read as YAML so `3`, `0.1`, `true`, `null`, `[1,2]` get their types."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=10")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build `cls` from a YAML file (optional) and `key=value` overrides applied on top."""
+    tree = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    source = str(path) if path is not None else "<overrides>"
+    return from_dict(cls, tree, source=source)
+
+
+def from_dict(cls: type[T], data: Any, source: str = "<config>", prefix: str = "") -> T:
+    return _convert(cls, data, source, prefix)
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain-data form of a config (what goes into manifests and run dirs)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: key {key!r}" if key else source
+
+
+def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, source, key)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{_where(source, key)}: null is not allowed")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, source, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{_where(source, key)}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{_where(source, key)}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{_where(source, key)}: expected a list, got {value!r}")
+        (item_type, *_) = get_args(tp) or (Any,)
+        items = [_convert(item_type, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_where(source, key)}: expected a mapping, got {value!r}")
+        _, value_type = get_args(tp) or (str, Any)
+        return {str(k): _convert(value_type, v, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{_where(source, key)}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            # Allow 1e6-style floats that are whole numbers: sizes are often written that way.
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{_where(source, key)}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{_where(source, key)}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{_where(source, key)}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{_where(source, key)}: unsupported config type {tp}")
+
+
+def _convert_dataclass(cls: Any, value: Any, source: str, key: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{_where(source, key)}: expected a section (mapping), got {value!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        names = ", ".join(f"{key + '.' if key else ''}{u}" for u in unknown)
+        raise ConfigError(f"{source}: unknown key(s) {names}; allowed here: {sorted(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        child = f"{key}.{name}" if key else name
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], source, child)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _convert(hints[name], {}, source, child)
+            else:
+                raise ConfigError(f"{source}: missing required key {child!r}")
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{_where(source, key)}: {err}") from err
+    return obj
+
+
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "set_dotted",
+    "to_dict",
+]

@@ -1,0 +1,49 @@
+"""Cleaning: implicit-feedback threshold, de-duplication, iterative k-core."""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from spark_jobs.config import CleanConfig
+from spark_jobs.errors import PrepareError
+from spark_jobs.session import StageLog
+
+
+def _split_priority() -> F.Column:
+    # When a pair occurs in several splits of a pre-split source, the train occurrence wins.
+    return F.when(F.col("split") == "train", 0).when(F.col("split") == "val", 1).when(F.col("split") == "test", 2).otherwise(3)
+
+
+def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog) -> DataFrame:
+    df = interactions
+    if cfg.rating_threshold is not None:
+        if df.where(F.col("rating").isNotNull()).limit(1).count() == 0:
+            raise PrepareError("clean.rating_threshold is set but the source has no rating column")
+        df = df.where(F.col("rating") >= cfg.rating_threshold)
+    if cfg.dedupe:
+        first = Window.partitionBy("user", "item").orderBy(_split_priority(), F.col("timestamp").asc_nulls_last(), F.col("rating").desc_nulls_last())
+        df = df.withColumn("_n", F.row_number().over(first)).where(F.col("_n") == 1).drop("_n")
+    df = df.localCheckpoint()
+    if cfg.k_core > 0:
+        df = k_core(df, cfg.k_core, cfg.k_core_max_rounds, log)
+    if df.limit(1).count() == 0:
+        raise PrepareError(
+            f"no interactions left after cleaning (clean.rating_threshold={cfg.rating_threshold}, clean.k_core={cfg.k_core})"
+        )
+    return df
+
+
+def k_core(df: DataFrame, k: int, max_rounds: int, log: StageLog) -> DataFrame:
+    """Drop users and items with fewer than k interactions, repeatedly, until none is left to drop."""
+    size = df.count()
+    for round_no in range(1, max_rounds + 1):
+        users = df.groupBy("user").count().where(F.col("count") >= k).select("user")
+        items = df.groupBy("item").count().where(F.col("count") >= k).select("item")
+        df = df.join(users, "user", "left_semi").join(items, "item", "left_semi").localCheckpoint()
+        new_size = df.count()
+        log.log(f"k-core round {round_no}: {size} -> {new_size} interactions")
+        if new_size == size:
+            return df
+        size = new_size
+    raise PrepareError(f"clean.k_core={k}: not stable after clean.k_core_max_rounds={max_rounds} rounds")

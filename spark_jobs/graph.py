@@ -1,0 +1,72 @@
+"""Propagation rows P = sum_k a_k A^k of the symmetric-normalised train graph, computed by joins.
+
+Nodes are users 0..U-1 followed by items U..U+I-1. A is the bipartite adjacency
+normalised as 1/sqrt(d_u d_i). The k-hop frontier is multiplied by A with a join
+and an aggregation; when `top_k` is set, each row of the frontier keeps its K
+largest entries after every hop, so power-law hubs cannot blow up the next join,
+and the summed rows keep their K largest entries at the end.
+"""
+
+from __future__ import annotations
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from spark_jobs.config import GraphConfig
+
+
+def node_degrees(train: DataFrame, num_users: int, num_nodes: int, spark: SparkSession) -> DataFrame:
+    """node, degree for every node (0 for nodes without train edges)."""
+    edges = train.select(F.col("user").alias("node")).unionAll(train.select((F.col("item") + num_users).alias("node")))
+    counted = edges.groupBy("node").agg(F.count(F.lit(1)).alias("degree"))
+    nodes = spark.range(num_nodes).withColumnRenamed("id", "node")
+    return nodes.join(counted, "node", "left").select("node", F.coalesce("degree", F.lit(0)).cast("long").alias("degree"))
+
+
+def normalised_adjacency(train: DataFrame, degrees: DataFrame, num_users: int) -> DataFrame:
+    """src, dst, a: both directions of every train edge, a = 1/sqrt(deg(src) deg(dst))."""
+    pairs = train.select(F.col("user").alias("u"), (F.col("item") + num_users).alias("i")).distinct()
+    both = pairs.select(F.col("u").alias("src"), F.col("i").alias("dst")).unionAll(pairs.select(F.col("i").alias("src"), F.col("u").alias("dst")))
+    deg_src = degrees.select(F.col("node").alias("src"), F.col("degree").alias("d_src"))
+    deg_dst = degrees.select(F.col("node").alias("dst"), F.col("degree").alias("d_dst"))
+    return (
+        both.join(deg_src, "src")
+        .join(deg_dst, "dst")
+        .select("src", "dst", (F.lit(1.0) / F.sqrt(F.col("d_src") * F.col("d_dst"))).alias("a"))
+    )
+
+
+def keep_top_k(rows: DataFrame, k: int) -> DataFrame:
+    """The k largest entries of each row; ties go to the smaller node id, so the result is deterministic."""
+    order = Window.partitionBy("src").orderBy(F.col("w").desc(), F.col("dst").asc())
+    return rows.withColumn("_r", F.row_number().over(order)).where(F.col("_r") <= k).drop("_r")
+
+
+def propagation_rows(
+    spark: SparkSession, adjacency: DataFrame, num_nodes: int, cfg: GraphConfig, partitions: int
+) -> DataFrame:
+    """src, dst, w: the entries of P, every node's row (a node without edges keeps its a_0 self entry)."""
+    weights = cfg.resolved_layer_weights()
+    adjacency = adjacency.repartition(partitions, "src").persist(StorageLevel.MEMORY_AND_DISK)
+    frontier = spark.range(num_nodes).select(F.col("id").alias("src"), F.col("id").alias("dst"), F.lit(1.0).alias("w"))
+    terms = [frontier.select("src", "dst", (F.col("w") * weights[0]).alias("w"))]
+    for hop in range(1, cfg.layers + 1):
+        step = (
+            frontier.join(adjacency.withColumnRenamed("src", "mid").withColumnRenamed("dst", "to"), frontier["dst"] == F.col("mid"))
+            .groupBy("src", F.col("to").alias("dst"))
+            .agg(F.sum(F.col("w") * F.col("a")).alias("w"))
+        )
+        if cfg.top_k is not None:
+            step = keep_top_k(step, cfg.top_k)
+        # Materialise each hop: the next join reads it twice and the lineage would grow with the hops.
+        frontier = step.localCheckpoint()
+        if weights[hop] != 0.0:
+            terms.append(frontier.select("src", "dst", (F.col("w") * weights[hop]).alias("w")))
+    rows = terms[0]
+    for term in terms[1:]:
+        rows = rows.unionAll(term)
+    rows = rows.groupBy("src", "dst").agg(F.sum("w").alias("w"))
+    if cfg.top_k is not None:
+        rows = keep_top_k(rows, cfg.top_k)
+    return rows

@@ -1,0 +1,211 @@
+"""Prepare a dataset: raw data -> cleaned, split, graph rows, LLM embeddings, WebDataset shards, manifest.
+
+    python -m spark_jobs.prepare configs/data/ml-100k.yaml [key=value ...]
+    spark-submit spark_jobs/prepare.py configs/data/ml-100k.yaml [key=value ...]
+
+Everything is written under a temporary sibling of `output` and renamed into
+place only when complete, so a failed run leaves no dataset behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file by spark-submit: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+from pyspark import StorageLevel
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from darec_dist.config import ConfigError, load_config, to_dict
+from darec_dist.data import layout
+from spark_jobs.clean import clean
+from spark_jobs.config import PrepareConfig
+from spark_jobs.embed import embed_profiles
+from spark_jobs.errors import PrepareError
+from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows
+from spark_jobs.ids import apply_id_maps, build_id_map
+from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
+from spark_jobs.readers.formats import read_source
+from spark_jobs.session import StageLog, start_session
+from spark_jobs.split import split_interactions
+from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
+
+
+def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog | None = None) -> Path:
+    """Run the whole job; returns the finished dataset directory."""
+    log = log or StageLog()
+    output = Path(cfg.output).expanduser().resolve()
+    if (output / layout.MANIFEST).exists() and not cfg.overwrite:
+        raise PrepareError(f"output: {output} already holds a dataset; pass overwrite=true to replace it")
+    if output.exists() and not (output / layout.MANIFEST).exists() and any(output.iterdir()):
+        raise PrepareError(f"output: {output} exists and is not a dataset directory; choose another path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    own_session = spark is None
+    started = time.perf_counter()
+    try:
+        spark = spark or start_session(cfg.spark)
+        manifest = _build(spark, cfg, staging, log)
+        manifest["timings_s"] = dict(log.seconds, total=round(time.perf_counter() - started, 3))
+        (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if own_session and spark is not None:
+            spark.stop()
+    _print_summary(manifest, output, log)
+    return output
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Swap the finished directory into place; an older dataset is removed only after the swap."""
+    retired = None
+    if output.exists():
+        retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output, retired)
+    os.replace(staging, output)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -> dict:
+    parts = cfg.spark.shuffle_partitions
+    scratch = root / "_scratch"
+
+    with log.stage("read"):
+        raw = read_source(spark, cfg, log)
+        if cfg.embedding.encoder != "id-hash" and raw.item_text is None:
+            raise PrepareError(
+                f"source.format={cfg.source.format}: this source has no item text to embed; "
+                "give text tables or set embedding.encoder=id-hash (a random stand-in, say so in results)"
+            )
+
+    with log.stage("clean"):
+        cleaned = clean(raw.interactions, cfg.clean, log)
+
+    with log.stage("ids"):
+        users = build_id_map(cleaned, "user", raw.numeric_ids, parts).persist(StorageLevel.MEMORY_AND_DISK)
+        items = build_id_map(cleaned, "item", raw.numeric_ids, parts).persist(StorageLevel.MEMORY_AND_DISK)
+        num_users, num_items = users.count(), items.count()
+        mapped = apply_id_maps(cleaned, users, items)
+        write_table(users, ["id"], root / layout.id_map("user"), scratch, parts)
+        write_table(items, ["id"], root / layout.id_map("item"), scratch, parts)
+        log.log(f"{num_users} users, {num_items} items")
+
+    with log.stage("split"):
+        split = split_interactions(mapped, cfg.split, raw.has_split, cfg.seed).persist(StorageLevel.MEMORY_AND_DISK)
+        counts = {r["split"]: r["count"] for r in split.groupBy("split").count().collect()}
+        splits = {name: int(counts.get(name, 0)) for name in layout.SPLITS}
+        if splits["train"] == 0:
+            raise PrepareError("the split left no training interactions")
+        train = split.where(F.col("split") == "train")
+        log.log(f"splits {splits}")
+
+    with log.stage("interactions"):
+        evaluated_users = {}
+        for name in layout.SPLITS:
+            part = split.where(F.col("split") == name).select("user", "item")
+            write_csr(part, "user", "item", None, num_users, root, layout.split_indptr(name), layout.split_items(name), None, scratch, parts)
+            indptr = np.load(root / layout.split_indptr(name), mmap_mode="r")
+            evaluated_users[name] = int(np.count_nonzero(np.diff(indptr)))
+
+    with log.stage("graph"):
+        num_nodes = num_users + num_items
+        degrees = node_degrees(train, num_users, num_nodes, spark)
+        adjacency = normalised_adjacency(train, degrees, num_users)
+        rows = propagation_rows(spark, adjacency, num_nodes, cfg.graph, parts)
+        nnz = write_csr(rows, "src", "dst", "w", num_nodes, root, layout.GRAPH_INDPTR, layout.GRAPH_INDICES, layout.GRAPH_WEIGHTS, scratch, parts)
+        log.log(f"propagation rows: {num_nodes} rows, {nnz} entries ({nnz / num_nodes:.1f} per row)")
+
+    with log.stage("embeddings"):
+        item_text = item_profiles(raw.item_text, items, cfg.profiles)
+        user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
+        dims = {}
+        for kind, ids, profiles, count in (("user", users, user_text, num_users), ("item", items, item_text, num_items)):
+            if cfg.embedding.encoder == "id-hash":
+                profiles = ids.select("id")
+            else:
+                if profiles is None:
+                    raise PrepareError(f"source.format={cfg.source.format}: no {kind} text to embed; give a {kind} text table or set embedding.encoder=id-hash")
+                profiles = profiles.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK)
+                fail_on_missing_text(profiles, kind, f"{cfg.source.format} {kind} text")
+                write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
+            vectors = embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
+            dims[kind] = write_vectors(vectors, count, cfg.embedding.dtype, root, layout.EMBEDDING_FILES[kind], scratch, parts, f"{kind} embeddings")
+        if dims["user"] != dims["item"]:
+            raise PrepareError(f"user and item embeddings differ in dimension: {dims['user']} vs {dims['item']}")
+
+    with log.stage("shards"):
+        shards = write_shards(train.select("user", "item"), root, cfg.shards, cfg.seed, parts)
+
+    total = sum(splits.values())
+    return {
+        "schema_version": layout.SCHEMA_VERSION,
+        "source": raw.name,
+        "inputs": raw.files,
+        "num_users": num_users,
+        "num_items": num_items,
+        "splits": splits,
+        "users_with_interactions": evaluated_users,
+        "density": total / float(num_users * num_items),
+        "embedding": {
+            "encoder": cfg.embedding.encoder,
+            "model": cfg.embedding.model if cfg.embedding.encoder != "id-hash" else "id-hash",
+            "dim": dims["user"],
+            "dtype": cfg.embedding.dtype,
+            "pooling": cfg.embedding.pooling if cfg.embedding.encoder == "hf-decoder" else None,
+        },
+        "graph": {
+            "layers": cfg.graph.layers,
+            "layer_weights": cfg.graph.resolved_layer_weights(),
+            "top_k": cfg.graph.top_k,
+            "rows": num_nodes,
+            "nnz": nnz,
+            "node_order": "users 0..num_users-1, then items num_users..num_users+num_items-1",
+        },
+        "shards": shards,
+        "shard_block_size": cfg.shards.block_size,
+        "config": to_dict(cfg),
+        "spark_version": spark.version,
+    }
+
+
+def _print_summary(manifest: dict, output: Path, log: StageLog) -> None:
+    s = manifest["splits"]
+    log.log(f"dataset written to {output}")
+    log.log(
+        f"users {manifest['num_users']}, items {manifest['num_items']}, interactions train {s['train']} / val {s['val']} / "
+        f"test {s['test']}, density {manifest['density']:.5f}"
+    )
+    log.log(f"graph rows {manifest['graph']['rows']}, nnz {manifest['graph']['nnz']}; shards {len(manifest['shards'])}")
+    log.log("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["timings_s"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        cfg = load_config(PrepareConfig, argv[0], argv[1:])
+        prepare(cfg)
+    except (PrepareError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""One reader per `source.format`; each returns the same `RawSource` shape."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from spark_jobs.config import PrepareConfig
+from spark_jobs.errors import PrepareError
+from spark_jobs.readers.lines import drop_malformed, first_problem, numbered_lines, split_fields
+from spark_jobs.readers.safe_pickle import load_matrix
+from spark_jobs.readers.table import ColumnPositions, parse_interactions, read_delimited_interactions
+from spark_jobs.readers.text_tables import read_metadata_table, read_text_csv
+from spark_jobs.session import StageLog
+
+
+@dataclass
+class RawSource:
+    """What every reader yields.
+
+    interactions: user, item (string raw ids), rating (double), timestamp (long), split (train/val/test or null)
+    item_text: item, title, text (or None); user_text: user, text (or None)
+    user_text_is_profile: True when user texts are finished profiles (use as is); False when they are
+        demographics that the profile stage extends with the user's train items.
+    """
+
+    name: str
+    interactions: DataFrame
+    numeric_ids: bool
+    has_split: bool
+    files: list[str]
+    item_text: DataFrame | None = None
+    user_text: DataFrame | None = None
+    user_text_is_profile: bool = False
+
+
+def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
+    readers = {
+        "movielens-100k": read_movielens_100k,
+        "rlmrec": read_rlmrec,
+        "recbole": read_recbole,
+        "csv": read_csv_source,
+        "lightgcn": read_lightgcn,
+    }
+    if cfg.source.format not in readers:
+        raise PrepareError(f"source.format: unknown format {cfg.source.format!r}; expected one of {sorted(readers)}")
+    return readers[cfg.source.format](spark, cfg, log)
+
+
+def _require_dir(path: str | None, key: str = "source.path") -> Path:
+    if not path:
+        raise PrepareError(f"{key}: required for this source.format")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise PrepareError(f"{key}: {directory} is not a directory")
+    return directory
+
+
+def _require_file(path: Path | str, key: str) -> str:
+    if not Path(path).is_file():
+        raise PrepareError(f"{key}: file {path} not found")
+    return str(Path(path).resolve())
+
+
+# --- MovieLens-100K, obtained from the recbole wheel on PyPI -------------------------------------
+
+RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
+RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+ML100K_MEMBERS = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+
+
+def fetch_movielens_100k(cache_dir: str) -> Path:
+    """The ML-100K atomic files, extracted from the recbole==1.2.1 wheel into the cache (never the repo)."""
+    cache = Path(cache_dir).expanduser()
+    target = cache / "ml-100k"
+    if all((target / m).is_file() for m in ML100K_MEMBERS):
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / RECBOLE_WHEEL
+    if not wheel.is_file():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "recbole==1.2.1", "-d", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0 or not (Path(tmp) / RECBOLE_WHEEL).is_file():
+                raise PrepareError(f"could not download the recbole==1.2.1 wheel for MovieLens-100K:\n{done.stderr[-2000:]}")
+            os.replace(Path(tmp) / RECBOLE_WHEEL, wheel)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != RECBOLE_WHEEL_SHA256:
+        raise PrepareError(f"{wheel}: sha256 {digest} differs from the pinned {RECBOLE_WHEEL_SHA256}; delete it and retry")
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".ml-100k-"))
+    with zipfile.ZipFile(wheel) as archive:
+        for member in ML100K_MEMBERS:
+            with archive.open(f"recbole/dataset_example/ml-100k/{member}") as src, open(staging / member, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def read_movielens_100k(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
+    directory = Path(cfg.source.path).expanduser() if cfg.source.path else fetch_movielens_100k(cfg.cache_dir)
+    return _read_atomic(spark, cfg, log, directory, "ml-100k", name="movielens-100k")
+
+
+# --- RecBole atomic files ------------------------------------------------------------------------
+
+
+def read_recbole(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
+    directory = _require_dir(cfg.source.path)
+    inters = sorted(directory.glob("*.inter"))
+    if len(inters) != 1:
+        raise PrepareError(f"source.path: expected exactly one .inter file in {directory}, found {[p.name for p in inters]}")
+    return _read_atomic(spark, cfg, log, directory, inters[0].stem, name="recbole")
+
+
+def _atomic_header_name(field: str) -> str:
+    return field.split(":")[0]
+
+
+def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directory: Path, stem: str, name: str) -> RawSource:
+    inter_path = _require_file(directory / f"{stem}.inter", "source.path")
+    header = Path(inter_path).open().readline().rstrip("\n").split("\t")
+    names = [_atomic_header_name(h) for h in header]
+    columns = {
+        "user": "user_id",
+        "item": "item_id",
+        "rating": "rating" if "rating" in names else None,
+        "timestamp": "timestamp" if "timestamp" in names else None,
+    }
+    rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, numeric_ids=False, header_parser=_atomic_header_name)
+    interactions, _ = drop_malformed(rows, cfg.malformed, inter_path, log)
+    files = [inter_path]
+    item_text = user_text = None
+    item_path, user_path = directory / f"{stem}.item", directory / f"{stem}.user"
+    if item_path.is_file():
+        item_text = read_metadata_table(spark, str(item_path), "item_id", "item", cfg.malformed, log)
+        files.append(str(item_path))
+    if user_path.is_file():
+        user_text = read_metadata_table(spark, str(user_path), "user_id", "user", cfg.malformed, log).drop("title")
+        files.append(str(user_path))
+    numeric = _all_integer(interactions)
+    return RawSource(
+        name=name,
+        interactions=_standard(interactions, has_split=False),
+        numeric_ids=numeric,
+        has_split=False,
+        files=files,
+        item_text=item_text,
+        user_text=user_text,
+        user_text_is_profile=False,
+    )
+
+
+def _all_integer(interactions: DataFrame) -> bool:
+    pattern = r"^-?[0-9]+$"
+    non_numeric = interactions.where(~F.col("user").rlike(pattern) | ~F.col("item").rlike(pattern)).limit(1).count()
+    return non_numeric == 0
+
+
+def _standard(df: DataFrame, has_split: bool) -> DataFrame:
+    split = F.col("split") if has_split else F.lit(None).cast("string")
+    return df.select(
+        F.col("user").cast("string").alias("user"),
+        F.col("item").cast("string").alias("item"),
+        F.col("rating").cast("double").alias("rating"),
+        F.col("timestamp").cast("long").alias("timestamp"),
+        split.alias("split"),
+    )
+
+
+# --- generic CSV / Parquet ------------------------------------------------------------------------
+
+
+def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
+    src = cfg.source
+    if not src.interactions:
+        raise PrepareError("source.interactions: required for source.format=csv (a .csv or .parquet file)")
+    path = str(Path(src.interactions).expanduser())
+    if not Path(path).exists():
+        raise PrepareError(f"source.interactions: {path} not found")
+    cols = src.columns
+    columns = {"user": cols.user, "item": cols.item, "rating": cols.rating, "timestamp": cols.timestamp}
+    numeric_ids = False
+    if path.endswith(".parquet") or Path(path).is_dir():
+        rows = _parquet_rows(spark, path, columns)
+    else:
+        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=numeric_ids)
+    interactions, _ = drop_malformed(rows, cfg.malformed, path, log)
+    files = [str(Path(path).resolve())]
+    item_text = user_text = None
+    numeric = _all_integer(interactions)
+    if src.item_text:
+        item_path = _require_file(Path(src.item_text).expanduser(), "source.item_text")
+        item_text = read_text_csv(spark, item_path, cols.item, "text", numeric, "item")
+        item_text = item_text.withColumn("title", F.substring("text", 1, 120))
+        files.append(item_path)
+    if src.user_text:
+        user_path = _require_file(Path(src.user_text).expanduser(), "source.user_text")
+        user_text = read_text_csv(spark, user_path, cols.user, "text", numeric, "user")
+        files.append(user_path)
+    return RawSource(
+        name="csv",
+        interactions=_standard(interactions, has_split=False),
+        numeric_ids=numeric,
+        has_split=False,
+        files=files,
+        item_text=item_text,
+        user_text=user_text,
+        user_text_is_profile=user_text is not None,
+    )
+
+
+def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]) -> DataFrame:
+    """Parquet interactions as validated rows: 'line' is the 1-based row number."""
+    table = spark.read.parquet(path)
+    wanted = [c for c in columns.values() if c]
+    missing = [c for c in wanted if c not in table.columns]
+    if missing:
+        raise PrepareError(f"{path}: missing column(s) {missing}; found {table.columns}")
+    as_text = table.select(*[F.col(c).cast("string").alias(c) for c in wanted])
+    numbered = spark.createDataFrame(
+        as_text.rdd.zipWithIndex().map(lambda pair: (path, pair[1] + 1, list(pair[0]))),
+        T.StructType([
+            T.StructField("file", T.StringType()),
+            T.StructField("line", T.LongType()),
+            T.StructField("fields", T.ArrayType(T.StringType())),
+        ]),
+    ).withColumn("value", F.concat_ws(",", F.transform("fields", lambda f: F.coalesce(f, F.lit("null")))))
+    numbered = numbered.withColumn("fields", F.transform("fields", lambda f: F.coalesce(f, F.lit(""))))
+    order = {name: i for i, name in enumerate(wanted)}
+    pos = ColumnPositions(count=len(wanted), **{k: order[v] if v else None for k, v in columns.items()})
+    return parse_interactions(numbered, pos, numeric_ids=False)
+
+
+# --- RLMRec directories (pickled sparse matrices + profile CSVs) -----------------------------------
+
+
+def read_rlmrec(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
+    directory = _require_dir(cfg.source.path)
+    frames, shape, files = [], None, []
+    for split, stem in (("train", "trn_mat"), ("val", "val_mat"), ("test", "tst_mat")):
+        path = directory / f"{stem}.pkl"
+        if split == "val" and not path.is_file():
+            continue
+        matrix = load_matrix(_require_file(path, "source.path"))
+        if shape is not None and matrix.shape != shape:
+            raise PrepareError(f"{path}: shape {matrix.shape} differs from trn_mat.pkl's {shape}")
+        shape = matrix.shape
+        keep = matrix.data != 0
+        frames.append(pd.DataFrame({"user": matrix.row[keep].astype(np.int64), "item": matrix.col[keep].astype(np.int64), "split": split}))
+        files.append(str(path.resolve()))
+    interactions = pd.concat(frames, ignore_index=True)
+    log.log(f"rlmrec: matrices {shape[0]} users x {shape[1]} items, {len(interactions)} interactions")
+    df = spark.createDataFrame(interactions).withColumn("rating", F.lit(None)).withColumn("timestamp", F.lit(None))
+    item_text = user_text = None
+    if (directory / "itm_prf.csv").is_file():
+        item_text = read_text_csv(spark, str(directory / "itm_prf.csv"), "item_id_int", "profile_text", True, "item")
+        item_text = item_text.withColumn("title", F.substring("text", 1, 120))
+        files.append(str((directory / "itm_prf.csv").resolve()))
+    if (directory / "usr_prf.csv").is_file():
+        user_text = read_text_csv(spark, str(directory / "usr_prf.csv"), "user_id_int", "profile_text", True, "user")
+        files.append(str((directory / "usr_prf.csv").resolve()))
+    return RawSource(
+        name="rlmrec",
+        interactions=_standard(df, has_split=True),
+        numeric_ids=True,
+        has_split=True,
+        files=files,
+        item_text=item_text,
+        user_text=user_text,
+        user_text_is_profile=True,
+    )
+
+
+# --- LightGCN txt (one line per user: user item item ...) -----------------------------------------
+
+
+def read_lightgcn(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
+    directory = _require_dir(cfg.source.path)
+    parts, files = [], []
+    for split in ("train", "test"):
+        path = _require_file(directory / f"{split}.txt", "source.path")
+        lines = split_fields(numbered_lines(spark, [path]), r"\s+", regex=True)
+        bad_token = F.exists("fields", lambda t: ~t.rlike(r"^[0-9]+$"))
+        lines = lines.withColumn(
+            "problem",
+            first_problem(
+                (F.trim(F.col("value")) == "", "empty line"),
+                (bad_token, "non-numeric id (expected 'user item item ...')"),
+            ),
+        )
+        good, _ = drop_malformed(lines, cfg.malformed, path, log)
+        exploded = good.select(
+            F.col("fields").getItem(0).alias("user"),
+            F.explode(F.slice("fields", 2, 1_000_000_000)).alias("item"),
+        ).select(
+            F.col("user").cast("long").cast("string").alias("user"),
+            F.col("item").cast("long").cast("string").alias("item"),
+            F.lit(None).cast("double").alias("rating"),
+            F.lit(None).cast("long").alias("timestamp"),
+            F.lit(split).alias("split"),
+        )
+        parts.append(exploded)
+        files.append(path)
+    return RawSource(
+        name="lightgcn",
+        interactions=parts[0].unionByName(parts[1]),
+        numeric_ids=True,
+        has_split=True,
+        files=files,
+    )

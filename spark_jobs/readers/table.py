@@ -1,0 +1,102 @@
+"""Interaction tables (user, item[, rating][, timestamp]) from delimited text, validated row by row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from spark_jobs.errors import PrepareError
+from spark_jobs.readers.lines import first_problem, is_integer, is_number, numbered_lines, split_fields
+
+
+@dataclass
+class ColumnPositions:
+    count: int
+    user: int
+    item: int
+    rating: int | None = None
+    timestamp: int | None = None
+
+
+def header_names(lines: DataFrame, path: str) -> list[str]:
+    first = lines.where(F.col("line") == 1).select("fields").first()
+    if first is None:
+        raise PrepareError(f"{path}: file is empty, expected a header line")
+    return list(first["fields"])
+
+
+def positions_from_header(
+    header: list[str], path: str, user: str, item: str, rating: str | None, timestamp: str | None
+) -> ColumnPositions:
+    wanted = {"user": user, "item": item, "rating": rating, "timestamp": timestamp}
+    missing = [name for name in wanted.values() if name is not None and name not in header]
+    if missing:
+        raise PrepareError(f"{path}: missing column(s) {missing} in header {header}; expected {[n for n in wanted.values() if n]}")
+    index = {key: header.index(name) if name is not None else None for key, name in wanted.items()}
+    return ColumnPositions(count=len(header), **index)
+
+
+def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool) -> DataFrame:
+    """Rows with `fields` -> file, line, value, problem, user, item, rating, timestamp (strings/doubles)."""
+    fields = F.col("fields")
+    n = F.size(fields)
+
+    def field(i):
+        return fields.getItem(i)
+
+    checks = [
+        (F.trim(F.col("value")) == "", "empty line"),
+        (n != pos.count, F.format_string(f"expected {pos.count} columns, got %d", n)),
+        ((field(pos.user) == "") | (field(pos.item) == ""), "empty user or item id"),
+    ]
+    if numeric_ids:
+        checks.append((~is_integer(field(pos.user)), F.format_string("non-numeric user id '%s'", field(pos.user))))
+        checks.append((~is_integer(field(pos.item)), F.format_string("non-numeric item id '%s'", field(pos.item))))
+    if pos.rating is not None:
+        checks.append((~is_number(field(pos.rating)), F.format_string("non-numeric rating '%s'", field(pos.rating))))
+    if pos.timestamp is not None:
+        checks.append((~is_number(field(pos.timestamp)), F.format_string("non-numeric timestamp '%s'", field(pos.timestamp))))
+
+    def numeric(i):
+        return field(i).try_cast("double") if i is not None else F.lit(None).cast("double")
+
+    return rows.select(
+        "file",
+        "line",
+        "value",
+        first_problem(*checks).alias("problem"),
+        _canonical_id(field(pos.user), numeric_ids).alias("user"),
+        _canonical_id(field(pos.item), numeric_ids).alias("item"),
+        numeric(pos.rating).alias("rating"),
+        numeric(pos.timestamp).cast("long").alias("timestamp"),
+    )
+
+
+def _canonical_id(column, numeric_ids: bool):
+    # "007" and "7" are the same numeric id.
+    return column.try_cast("long").cast("string") if numeric_ids else column
+
+
+def read_delimited_interactions(
+    spark: SparkSession,
+    path: str,
+    delimiter: str,
+    header: bool,
+    columns: dict[str, str | None],
+    numeric_ids: bool,
+    header_parser=None,
+) -> DataFrame:
+    """Read one delimited file into validated interaction rows (problem column set, nothing dropped yet)."""
+    lines = split_fields(numbered_lines(spark, [path]), delimiter)
+    if header:
+        names = header_names(lines, path)
+        if header_parser is not None:
+            names = [header_parser(n) for n in names]
+        pos = positions_from_header(names, path, **columns)
+        lines = lines.where(F.col("line") > 1)
+    else:
+        order = [k for k in ("user", "item", "rating", "timestamp") if columns.get(k)]
+        pos = ColumnPositions(count=len(order), **{k: i for i, k in enumerate(order)})
+    return parse_interactions(lines, pos, numeric_ids)

@@ -1,0 +1,84 @@
+"""Per-node text tables: given profiles, or descriptions built from metadata fields."""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from spark_jobs.config import MalformedConfig
+from spark_jobs.errors import PrepareError
+from spark_jobs.readers.lines import drop_malformed, first_problem, numbered_lines, split_fields
+from spark_jobs.session import StageLog
+
+TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
+YEAR_FIELDS = ("release_year", "year")
+
+
+def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str) -> None:
+    dupes = table.groupBy(id_col).count().where(F.col("count") > 1).orderBy(id_col).limit(5).collect()
+    if dupes:
+        listing = ", ".join(f"{r[id_col]!r} ({r['count']} rows)" for r in dupes)
+        raise PrepareError(f"{path}: duplicate ids in column {id_col!r}: {listing}; expected one row per id")
+
+
+def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, numeric_ids: bool, out_id: str) -> DataFrame:
+    """A CSV with a header, one row per node: returns (out_id, text). Quoted multi-line text is allowed."""
+    table = spark.read.csv(path, header=True, multiLine=True, escape='"')
+    missing = [c for c in (id_col, text_col) if c not in table.columns]
+    if missing:
+        raise PrepareError(f"{path}: missing column(s) {missing}; found {table.columns}")
+    if numeric_ids:
+        bad = table.where(~F.trim(F.col(id_col)).rlike(r"^-?[0-9]+$") | F.col(id_col).isNull()).limit(3).collect()
+        if bad:
+            raise PrepareError(f"{path}: non-numeric id(s) in column {id_col!r}: {[r[id_col] for r in bad]}")
+        ids = F.trim(F.col(id_col)).cast("long").cast("string")
+    else:
+        ids = F.trim(F.col(id_col))
+    result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
+    fail_on_duplicate_ids(result, out_id, path)
+    return result
+
+
+def humanise(field_name: str) -> str:
+    return field_name.replace("_", " ")
+
+
+def read_metadata_table(
+    spark: SparkSession, path: str, id_field: str, out_id: str, malformed: MalformedConfig, log: StageLog
+) -> DataFrame:
+    """A RecBole-style `.item` / `.user` atomic file -> (out_id, title, text).
+
+    The text lists every field as `name: value`, so any metadata a dataset has
+    (title, year, genres, tags, description; age, gender, occupation) reaches the encoder.
+    """
+    lines = split_fields(numbered_lines(spark, [path]), "\t")
+    header_row = lines.where(F.col("line") == 1).first()
+    if header_row is None:
+        raise PrepareError(f"{path}: file is empty, expected a header line")
+    names = [h.split(":")[0] for h in header_row["fields"]]
+    if id_field not in names:
+        raise PrepareError(f"{path}: missing column {id_field!r} in header {names}")
+    body = lines.where(F.col("line") > 1)
+    count = F.size("fields")
+    body = body.withColumn(
+        "problem",
+        first_problem(
+            (F.trim(F.col("value")) == "", "empty line"),
+            (count != len(names), F.format_string(f"expected {len(names)} columns, got %d", count)),
+        ),
+    )
+    body, _ = drop_malformed(body, malformed, path, log)
+    values = {name: F.col("fields").getItem(i) for i, name in enumerate(names)}
+    descriptive = [n for n in names if n != id_field]
+    text = F.concat_ws("; ", *[F.when(values[n] != "", F.concat(F.lit(humanise(n) + ": "), values[n])) for n in descriptive])
+    title_field = next((n for n in TITLE_FIELDS if n in names), None)
+    year_field = next((n for n in YEAR_FIELDS if n in names), None)
+    if title_field is None:
+        title = text
+    elif year_field is None:
+        title = values[title_field]
+    else:
+        title = F.concat(values[title_field], F.when(values[year_field] != "", F.concat(F.lit(" ("), values[year_field], F.lit(")"))).otherwise(F.lit("")))
+    table = body.select(values[id_field].alias(out_id), title.alias("title"), text.alias("text"))
+    fail_on_duplicate_ids(table, out_id, path)
+    return table

@@ -1,0 +1,70 @@
+"""Train / validation / test split per user: the source's own, random ratio, leave-one-out or temporal.
+
+Every random choice is a hash of (seed, user, item), so the split is the same on
+every run and every cluster, whatever the partitioning.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from spark_jobs.config import SplitConfig
+from spark_jobs.errors import PrepareError
+
+
+def _seeded_order(seed: int) -> F.Column:
+    return F.xxhash64(F.lit(seed), F.col("user"), F.col("item"))
+
+
+def split_interactions(df: DataFrame, cfg: SplitConfig, has_source_split: bool, seed: int) -> DataFrame:
+    """Returns user, item, rating, timestamp, split with split in {train, val, test}."""
+    method = cfg.method
+    if method == "auto":
+        method = "source" if has_source_split else "ratio"
+    if method == "source":
+        if not has_source_split:
+            raise PrepareError("split.method=source: this source has no split of its own; use ratio, leave-one-out or temporal")
+        if df.where(F.col("split") == "val").limit(1).count() == 0:
+            return _validation_from_train(df, cfg.val_from_train, seed)
+        return df
+    if method == "ratio":
+        return _by_position(df, _seeded_order(seed), cfg.ratios)
+    if df.where(F.col("timestamp").isNull()).limit(1).count() > 0:
+        raise PrepareError(f"split.method={method} needs a timestamp on every interaction; the source has none (or some are missing)")
+    chronological = [F.col("timestamp"), _seeded_order(seed)]
+    if method == "temporal":
+        return _by_position(df, chronological, cfg.ratios)
+    if method == "leave-one-out":
+        return _leave_one_out(df, chronological)
+    raise PrepareError(f"split.method: unknown method {method!r}")
+
+
+def _by_position(df: DataFrame, order, ratios: list[float]) -> DataFrame:
+    """Per user, in `order`: the first part is train, then validation, then test."""
+    total = float(sum(ratios))
+    order = order if isinstance(order, list) else [order]
+    per_user = Window.partitionBy("user")
+    ranked = df.withColumn("_pos", F.row_number().over(Window.partitionBy("user").orderBy(*order)) - 1).withColumn(
+        "_n", F.count(F.lit(1)).over(per_user)
+    )
+    n_test = F.floor(F.col("_n") * ratios[2] / total)
+    n_val = F.floor(F.col("_n") * ratios[1] / total)
+    n_train = F.col("_n") - n_test - n_val
+    split = F.when(F.col("_pos") < n_train, "train").when(F.col("_pos") < n_train + n_val, "val").otherwise("test")
+    return ranked.withColumn("split", split).drop("_pos", "_n")
+
+
+def _leave_one_out(df: DataFrame, order: list) -> DataFrame:
+    """The newest interaction is test, the one before it validation; users with fewer than 3 keep all in train."""
+    latest_first = Window.partitionBy("user").orderBy(*[c.desc() for c in order])
+    ranked = df.withColumn("_back", F.row_number().over(latest_first)).withColumn("_n", F.count(F.lit(1)).over(Window.partitionBy("user")))
+    split = F.when(F.col("_n") < 3, "train").when(F.col("_back") == 1, "test").when(F.col("_back") == 2, "val").otherwise("train")
+    return ranked.withColumn("split", split).drop("_back", "_n")
+
+
+def _validation_from_train(df: DataFrame, fraction: float, seed: int) -> DataFrame:
+    train = df.where(F.col("split") == "train")
+    rest = df.where(F.col("split") != "train")
+    resplit = _by_position(train.drop("split"), _seeded_order(seed), [1.0 - fraction, fraction, 0.0])
+    return resplit.unionByName(rest)

@@ -1,0 +1,58 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from darec_dist.config import ConfigError, from_dict, load_config, parse_override
+from spark_jobs.config import PrepareConfig
+
+
+@dataclass
+class Inner:
+    rate: float = 0.1
+    layers: int = 3
+    name: str | None = None
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    flags: list[int] = field(default_factory=list)
+
+
+def test_overrides_are_typed_by_yaml():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=0.5") == ("a", 0.5)
+    assert parse_override("a=null") == ("a", None)
+    assert parse_override("a=[1, 2]") == ("a", [1, 2])
+
+
+def test_from_dict_builds_nested_dataclasses():
+    cfg = from_dict(Outer, {"inner": {"rate": 1, "name": "x"}, "flags": [1, 2]})
+    assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
+    assert cfg.inner.layers == 3 and cfg.flags == [1, 2]
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) inner.rte"):
+        from_dict(Outer, {"inner": {"rte": 1}}, source="x.yaml")
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"x.yaml: key 'inner.layers': expected an integer"):
+        from_dict(Outer, {"inner": {"layers": "three"}}, source="x.yaml")
+    with pytest.raises(ConfigError, match="expected a list"):
+        from_dict(Outer, {"flags": 3})
+
+
+def test_literal_and_validation_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("source:\n  format: excel\n")
+    with pytest.raises(ConfigError, match=r"key 'source.format': 'excel' is not one of"):
+        load_config(PrepareConfig, path)
+    with pytest.raises(ConfigError, match="malformed.max_fraction must be in"):
+        load_config(PrepareConfig, None, ["malformed.max_fraction=2"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(PrepareConfig, tmp_path / "nope.yaml")
