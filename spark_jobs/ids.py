@@ -11,7 +11,7 @@ from spark_jobs.ranking import with_global_rank
 def build_id_map(interactions: DataFrame, column: str, numeric: bool, partitions: int) -> DataFrame:
     """Columns: id (0-based contiguous), raw (the source's id). One table serves both directions."""
     distinct = interactions.select(F.col(column).alias("raw")).distinct()
-    key = F.col("raw").cast("long") if numeric else F.col("raw")
+    key = F.col("raw").try_cast("long") if numeric else F.col("raw")
     distinct = distinct.withColumn("_key", key)
     return with_global_rank(distinct, ["_key"], partitions, name="id").select("id", "raw")
 

@@ -155,6 +155,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         "schema_version": layout.SCHEMA_VERSION,
         "source": raw.name,
         "inputs": raw.files,
+        "malformed_rows": raw.malformed,
         "num_users": num_users,
         "num_items": num_items,
         "splits": splits,

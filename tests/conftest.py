@@ -24,3 +24,18 @@ def spark():
     session = start_session(SparkConfig(master="local[2]", driver_memory="2g", shuffle_partitions=4, app_name="darec-tests"))
     yield session
     session.stop()
+
+
+SMALL_DATASET_SETTINGS = {"shards.factor": 4, "shards.interactions_per_shard": 50}
+
+
+@pytest.fixture(scope="session")
+def small_dataset(spark, tmp_path_factory):
+    """A prepared csv dataset (60 users, id-hash embeddings, 8+ shards) shared by tests that only read it."""
+    from spark_jobs.prepare import prepare
+    from tests.prepare_helpers import small_config
+    from tests.synthetic import interaction_rows, write_csv_source
+
+    base = tmp_path_factory.mktemp("small")
+    source = write_csv_source(base / "raw", interaction_rows(num_users=60), item_text=False)
+    return prepare(small_config(base / "ds", source, **SMALL_DATASET_SETTINGS), spark=spark), source

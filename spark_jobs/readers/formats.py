@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,8 @@ class RawSource:
     item_text: DataFrame | None = None
     user_text: DataFrame | None = None
     user_text_is_profile: bool = False
+    # file -> {"rows": n, "malformed": m}: what the malformed-row policy counted (and dropped, if tolerated)
+    malformed: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
@@ -141,7 +143,8 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
         "timestamp": "timestamp" if "timestamp" in names else None,
     }
     rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, numeric_ids=False, header_parser=_atomic_header_name)
-    interactions, _ = drop_malformed(rows, cfg.malformed, inter_path, log)
+    interactions, report = drop_malformed(rows, cfg.malformed, inter_path, log)
+    malformed = {inter_path: report.as_dict()}
     files = [inter_path]
     item_text = user_text = None
     item_path, user_path = directory / f"{stem}.item", directory / f"{stem}.user"
@@ -161,6 +164,7 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
         item_text=item_text,
         user_text=user_text,
         user_text_is_profile=False,
+        malformed=malformed,
     )
 
 
@@ -198,7 +202,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
         rows = _parquet_rows(spark, path, columns)
     else:
         rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=numeric_ids)
-    interactions, _ = drop_malformed(rows, cfg.malformed, path, log)
+    interactions, report = drop_malformed(rows, cfg.malformed, path, log)
     files = [str(Path(path).resolve())]
     item_text = user_text = None
     numeric = _all_integer(interactions)
@@ -220,6 +224,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
         item_text=item_text,
         user_text=user_text,
         user_text_is_profile=user_text is not None,
+        malformed={files[0]: report.as_dict()},
     )
 
 
@@ -290,7 +295,7 @@ def read_rlmrec(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
 
 def read_lightgcn(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
     directory = _require_dir(cfg.source.path)
-    parts, files = [], []
+    parts, files, malformed = [], [], {}
     for split in ("train", "test"):
         path = _require_file(directory / f"{split}.txt", "source.path")
         lines = split_fields(numbered_lines(spark, [path]), r"\s+", regex=True)
@@ -302,13 +307,14 @@ def read_lightgcn(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> Raw
                 (bad_token, "non-numeric id (expected 'user item item ...')"),
             ),
         )
-        good, _ = drop_malformed(lines, cfg.malformed, path, log)
+        good, report = drop_malformed(lines, cfg.malformed, path, log)
+        malformed[path] = report.as_dict()
         exploded = good.select(
             F.col("fields").getItem(0).alias("user"),
             F.explode(F.slice("fields", 2, 1_000_000_000)).alias("item"),
         ).select(
-            F.col("user").cast("long").cast("string").alias("user"),
-            F.col("item").cast("long").cast("string").alias("item"),
+            F.col("user").try_cast("long").cast("string").alias("user"),
+            F.col("item").try_cast("long").cast("string").alias("item"),
             F.lit(None).cast("double").alias("rating"),
             F.lit(None).cast("long").alias("timestamp"),
             F.lit(split).alias("split"),
@@ -321,4 +327,5 @@ def read_lightgcn(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> Raw
         numeric_ids=True,
         has_split=True,
         files=files,
+        malformed=malformed,
     )

@@ -64,6 +64,9 @@ class MalformedReport:
     total: int
     malformed: int
 
+    def as_dict(self) -> dict[str, int]:
+        return {"rows": self.total, "malformed": self.malformed}
+
 
 def drop_malformed(rows: DataFrame, cfg: MalformedConfig, what: str, log: StageLog) -> tuple[DataFrame, MalformedReport]:
     """`rows` has file, line, value and `problem` (null when the row is fine).

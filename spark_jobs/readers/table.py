@@ -44,7 +44,7 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool)
     n = F.size(fields)
 
     def field(i):
-        return fields.getItem(i)
+        return F.get(fields, i)
 
     checks = [
         (F.trim(F.col("value")) == "", "empty line"),
@@ -70,7 +70,7 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool)
         _canonical_id(field(pos.user), numeric_ids).alias("user"),
         _canonical_id(field(pos.item), numeric_ids).alias("item"),
         numeric(pos.rating).alias("rating"),
-        numeric(pos.timestamp).cast("long").alias("timestamp"),
+        numeric(pos.timestamp).try_cast("long").alias("timestamp"),
     )
 
 

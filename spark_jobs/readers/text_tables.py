@@ -31,7 +31,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
         bad = table.where(~F.trim(F.col(id_col)).rlike(r"^-?[0-9]+$") | F.col(id_col).isNull()).limit(3).collect()
         if bad:
             raise PrepareError(f"{path}: non-numeric id(s) in column {id_col!r}: {[r[id_col] for r in bad]}")
-        ids = F.trim(F.col(id_col)).cast("long").cast("string")
+        ids = F.trim(F.col(id_col)).try_cast("long").cast("string")
     else:
         ids = F.trim(F.col(id_col))
     result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
@@ -68,7 +68,7 @@ def read_metadata_table(
         ),
     )
     body, _ = drop_malformed(body, malformed, path, log)
-    values = {name: F.col("fields").getItem(i) for i, name in enumerate(names)}
+    values = {name: F.get(F.col("fields"), i) for i, name in enumerate(names)}
     descriptive = [n for n in names if n != id_field]
     text = F.concat_ws("; ", *[F.when(values[n] != "", F.concat(F.lit(humanise(n) + ": "), values[n])) for n in descriptive])
     title_field = next((n for n in TITLE_FIELDS if n in names), None)

@@ -1,0 +1,126 @@
+"""Open a prepared dataset directory: check its manifest and files, hand out lazy arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from darec_dist.data import layout
+
+
+class DatasetError(ValueError):
+    """A dataset directory that is missing, incomplete, corrupted or of another schema."""
+
+
+REQUIRED_KEYS = ("schema_version", "num_users", "num_items", "splits", "embedding", "graph", "shards")
+
+
+@dataclass
+class CSR:
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray | None = None
+
+    def row(self, r: int) -> np.ndarray:
+        return self.indices[self.indptr[r] : self.indptr[r + 1]]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indptr) - 1
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | Path, verify_shards: bool = True) -> "PreparedDataset":
+        root = Path(root).expanduser()
+        path = root / layout.MANIFEST
+        if not path.is_file():
+            raise DatasetError(f"{root}: no {layout.MANIFEST}; not a finished dataset (run spark_jobs.prepare first)")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: not valid JSON ({err})") from err
+        missing = [k for k in REQUIRED_KEYS if k not in manifest]
+        if missing:
+            raise DatasetError(f"{path}: missing key(s) {missing}")
+        if manifest["schema_version"] != layout.SCHEMA_VERSION:
+            raise DatasetError(
+                f"{path}: schema_version {manifest['schema_version']} but this trainer reads {layout.SCHEMA_VERSION}; re-run prepare"
+            )
+        dataset = cls(root=root, manifest=manifest)
+        dataset._check_files(verify_shards)
+        return dataset
+
+    def _check_files(self, verify_shards: bool) -> None:
+        arrays = [layout.GRAPH_INDPTR, layout.GRAPH_INDICES, layout.GRAPH_WEIGHTS, *layout.EMBEDDING_FILES.values()]
+        arrays += [f(s) for s in layout.SPLITS for f in (layout.split_indptr, layout.split_items)]
+        for rel in arrays:
+            if not (self.root / rel).is_file():
+                raise DatasetError(f"{self.root}: missing file {rel}")
+        for kind, count in (("user", self.num_users), ("item", self.num_items)):
+            shape = self.embeddings(kind).shape
+            if shape != (count, self.embedding_dim):
+                raise DatasetError(f"{self.root / layout.EMBEDDING_FILES[kind]}: shape {shape}, manifest says ({count}, {self.embedding_dim})")
+        if self.graph.num_rows != self.num_nodes:
+            raise DatasetError(f"{self.root / layout.GRAPH_INDPTR}: {self.graph.num_rows} rows, manifest says {self.num_nodes} nodes")
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["path"]
+            if not path.is_file():
+                raise DatasetError(f"{path}: shard listed in the manifest is missing")
+            if verify_shards and sha256_of(path) != shard["sha256"]:
+                raise DatasetError(f"{path}: sha256 differs from the manifest; the shard is corrupted or was replaced")
+
+    @property
+    def num_users(self) -> int:
+        return int(self.manifest["num_users"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_users + self.num_items
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["embedding"]["dim"])
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    def shard_urls(self) -> list[str]:
+        return [str(self.root / s["path"]) for s in self.shards]
+
+    def _load(self, rel: str) -> np.ndarray:
+        return np.load(self.root / rel, mmap_mode="r")
+
+    def interactions(self, split: str) -> CSR:
+        """Per-user sorted item ids of a split (memory-mapped)."""
+        return CSR(self._load(layout.split_indptr(split)), self._load(layout.split_items(split)))
+
+    @cached_property
+    def graph(self) -> CSR:
+        """Propagation rows over node ids (memory-mapped; only touched rows are read)."""
+        return CSR(self._load(layout.GRAPH_INDPTR), self._load(layout.GRAPH_INDICES), self._load(layout.GRAPH_WEIGHTS))
+
+    def embeddings(self, kind: str) -> np.ndarray:
+        return self._load(layout.EMBEDDING_FILES[kind])

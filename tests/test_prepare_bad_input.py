@@ -1,0 +1,157 @@
+"""Each kind of bad input fails with an error that names the place, and leaves no output behind."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from darec_dist.config import ConfigError, load_config
+from spark_jobs.config import PrepareConfig
+from spark_jobs.errors import PrepareError
+from spark_jobs.prepare import prepare
+from spark_jobs.readers.safe_pickle import load_matrix
+from spark_jobs.write import write_vectors
+from tests.conftest import REPO
+from tests.prepare_helpers import small_config
+from tests.synthetic import interaction_rows, write_csv_source
+
+
+def assert_nothing_left(tmp_path):
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "raw")
+    assert leftovers == [], leftovers
+
+
+def fails(spark, tmp_path, source, match, **extra):
+    with pytest.raises(PrepareError, match=match):
+        prepare(small_config(tmp_path / "out", source, **extra), spark=spark)
+    assert_nothing_left(tmp_path)
+
+
+def csv_with_lines(tmp_path, body_lines, header="user,item,rating,timestamp", **kwargs):
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), header=header, **kwargs)
+    path = tmp_path / "raw" / "interactions.csv"
+    lines = path.read_text().splitlines()
+    lines[5:5] = body_lines  # lines 6.. of the file
+    path.write_text("\n".join(lines) + "\n")
+    return source, path
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("101,501,4", "expected 4 columns, got 3"),
+        ("101,501,four,881250949", "non-numeric rating 'four'"),
+        ("101,501,4,yesterday", "non-numeric timestamp 'yesterday'"),
+        ("", "empty line"),
+    ],
+)
+def test_malformed_rows_fail_with_file_and_line(spark, tmp_path, bad_line, message):
+    source, path = csv_with_lines(tmp_path, [bad_line], item_text=False)
+    fails(spark, tmp_path, source, rf"1 of 161 rows are malformed[\s\S]*{path}:6: {message}")
+
+
+def test_malformed_fraction_can_be_tolerated_and_is_reported(spark, tmp_path):
+    import json
+
+    source, path = csv_with_lines(tmp_path, ["101,501,x,1", "oops"], item_text=False)
+    with pytest.raises(PrepareError, match="2 of 162 rows"):
+        prepare(small_config(tmp_path / "out", source, **{"malformed.max_fraction": 0.01}), spark=spark)
+    out = prepare(small_config(tmp_path / "out", source, **{"malformed.max_fraction": 0.02}), spark=spark)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["malformed_rows"] == {str(path): {"rows": 162, "malformed": 2}}
+    assert sum(manifest["splits"].values()) == 160
+
+
+def test_non_numeric_id_in_lightgcn_format(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.txt").write_text("".join(f"{u} {u % 7} {u % 7 + 1} {u % 7 + 2}\n" for u in range(30)) + "x7 1 2\n")
+    (raw / "test.txt").write_text("".join(f"{u} {u % 7 + 3}\n" for u in range(30)))
+    fails(spark, tmp_path, {"source.format": "lightgcn", "source.path": str(raw)}, rf"{raw / 'train.txt'}:31: non-numeric id")
+
+
+def test_missing_columns(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], header="user,product,rating,timestamp", item_text=False)
+    fails(spark, tmp_path, source, r"interactions.csv: missing column\(s\) \['item'\]")
+
+
+def test_empty_after_filtering(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=False)
+    fails(spark, tmp_path, source, "no interactions left after cleaning", **{"clean.rating_threshold": 10})
+
+
+def test_duplicate_ids_in_text_table(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=True)
+    items = tmp_path / "raw" / "items.csv"
+    first_item = items.read_text().splitlines()[1]
+    items.write_text(items.read_text() + first_item + "\n")
+    fails(spark, tmp_path, source, rf"items.csv: duplicate ids in column 'item': '{first_item.split(',')[0]}' \(2 rows\)",
+          **{"embedding.encoder": "sentence-transformers"})
+
+
+def test_missing_text_for_some_items(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=True)
+    items = tmp_path / "raw" / "items.csv"
+    items.write_text("\n".join(items.read_text().splitlines()[:-3]) + "\n")
+    fails(spark, tmp_path, source, r"3 item\(s\) have no text to embed", **{"embedding.encoder": "sentence-transformers"})
+
+
+def test_source_without_text_needs_id_hash(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=False)
+    fails(spark, tmp_path, source, "no item text to embed", **{"embedding.encoder": "sentence-transformers"})
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_pickle_with_code_is_refused(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    matrix = sp.coo_matrix(np.eye(6))
+    for name in ("val_mat.pkl", "tst_mat.pkl"):
+        (raw / name).write_bytes(pickle.dumps(matrix))
+    marker = tmp_path / "raw" / "pwned"
+    (raw / "trn_mat.pkl").write_bytes(pickle.dumps({"matrix": matrix, "x": _Payload(str(marker))}))
+    fails(spark, tmp_path, {"source.format": "rlmrec", "source.path": str(raw)}, r"trn_mat.pkl: refusing to unpickle (builtins.dict|os.makedirs)")
+    assert not marker.exists()
+    (raw / "trn_mat.pkl").write_bytes(pickle.dumps({"matrix": matrix}))
+    with pytest.raises(PrepareError, match="expected a scipy sparse matrix or numpy array, got dict"):
+        load_matrix(raw / "trn_mat.pkl")
+    (raw / "trn_mat.pkl").write_bytes(pickle.dumps(matrix.tocsr()))
+    assert load_matrix(raw / "trn_mat.pkl").nnz == 6
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([(0, [1.0, 2.0]), (2, [1.0, 2.0]), (1, [0.0, 1.0])], "3 embeddings for 4 ids"),
+        ([(0, [1.0, 2.0]), (1, [1.0, 2.0]), (3, [1.0, 2.0]), (4, [1.0, 2.0])], "expected id 2, found 3"),
+        ([(0, [1.0, 2.0]), (1, [1.0]), (2, [1.0, 2.0]), (3, [1.0, 2.0])], r"ids \[1\] have \[1\], expected 2"),
+        ([(0, [1.0, 2.0]), (1, [float("nan"), 2.0]), (2, [1.0, 2.0]), (3, [1.0, 2.0])], r"NaN or inf in the embeddings of ids \[1\]"),
+        ([(0, [1.0, 2.0]), (1, [1e6, 2.0]), (2, [1.0, 2.0]), (3, [1.0, 2.0])], r"overflow float16 \(ids \[1\]\)"),
+    ],
+)
+def test_embeddings_that_disagree_with_the_ids(spark, tmp_path, rows, message):
+    df = spark.createDataFrame(rows, "id long, vector array<float>")
+    with pytest.raises(PrepareError, match=message):
+        write_vectors(df, 4, "float16", tmp_path, "user.npy", tmp_path / "scratch", 2, "user embeddings")
+
+
+def test_unknown_format_and_keys_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'source.format': 'xlsx' is not one of"):
+        load_config(PrepareConfig, None, ["source.format=xlsx"])
+    done = subprocess.run(
+        [sys.executable, "-m", "spark_jobs.prepare", str(REPO / "configs/data/ml-100k.yaml"), "grph.layers=2"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert done.returncode == 2
+    assert "unknown key(s) grph" in done.stderr
