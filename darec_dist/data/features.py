@@ -1,0 +1,134 @@
+"""Batches as KeyedJaggedTensors: each batch node becomes a weighted bag over the user and item tables.
+
+A node's collaborative embedding is sum_j w_vj E_j over its row (see
+architecture.md): for MF the row is the node itself, for LightGCN its
+precomputed propagation row. The row's user entries form a bag on the user
+table (feature `<group>_via_user`) and its item entries a bag on the item table
+(`<group>_via_item`); the pooled sums of both bags add up to the node's embedding.
+Groups: `user` (the batch users), `pos` (their positives), `neg` (the negatives).
+Backbones whose rows are not the identity also look up the batch nodes' own
+rows (`<group>_ego`) for the L2 penalty on the input embeddings.
+
+A KeyedJaggedTensor has the same number of bags for every key, so groups with
+fewer nodes than the largest (the negatives) are padded with empty bags, and
+their pooled outputs are cut back to size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from darec_dist.data.dataset import CSR
+from darec_dist.data.sampling import gather_rows
+
+GROUPS = ("user", "pos", "neg")
+TABLES = ("user", "item")
+
+
+def via(group: str, table: str) -> str:
+    return f"{group}_via_{table}"
+
+
+EGO_FEATURES = {"user": "user_ego", "pos": "pos_ego", "neg": "neg_ego"}
+EGO_TABLE = {"user": "user", "pos": "item", "neg": "item"}
+LLM_FEATURES = {"user": "llm_user", "pos": "llm_pos", "neg": "llm_neg"}
+
+
+class NodeRows:
+    """Rows of node ids (users 0..U-1, items U..U+I-1); None means identity rows (MF)."""
+
+    def __init__(self, num_users: int, graph: CSR | None):
+        self.num_users, self.graph = num_users, graph
+
+    def gather(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.graph is None:
+            return np.ones(len(nodes), np.int64), nodes.astype(np.int64), np.ones(len(nodes), np.float32)
+        return gather_rows(self.graph, nodes)
+
+    def split_by_table(self, nodes: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per table: (bag lengths, table-local ids, weights) for the given nodes' rows."""
+        lengths, columns, weights = self.gather(nodes)
+        is_user = columns < self.num_users
+        row_of_entry = np.repeat(np.arange(len(nodes)), lengths)
+        user_lengths = np.bincount(row_of_entry[is_user], minlength=len(nodes)).astype(np.int64)
+        return {
+            "user": (user_lengths, columns[is_user], weights[is_user]),
+            "item": (lengths - user_lengths, columns[~is_user] - self.num_users, weights[~is_user]),
+        }
+
+
+@dataclass
+class BatchFeatures:
+    """One local batch: ids, and the KJTs for the trainable tables and (optionally) the frozen LLM tables."""
+
+    users: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+    sparse: KeyedJaggedTensor
+    llm: KeyedJaggedTensor | None
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def group_sizes(self) -> dict[str, int]:
+        return {"user": len(self.users), "pos": len(self.pos), "neg": len(self.neg)}
+
+
+def _kjt(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], keys: list[str]) -> KeyedJaggedTensor:
+    """One KJT; every key padded with empty bags up to the largest key's bag count."""
+    stride = max(len(parts[k][0]) for k in keys)
+    lengths = [np.pad(parts[k][0], (0, stride - len(parts[k][0]))) for k in keys]
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate([parts[k][1] for k in keys]).astype(np.int64)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)),
+        weights=torch.from_numpy(np.concatenate([parts[k][2] for k in keys]).astype(np.float32)),
+    )
+
+
+def _single(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.ones(len(ids), np.int64), ids, np.ones(len(ids), np.float32)
+
+
+class FeatureBuilder:
+    """Turns (users, positives, negatives) into BatchFeatures; runs inside DataLoader workers."""
+
+    def __init__(self, num_users: int, graph: CSR | None, with_llm: bool):
+        self.rows = NodeRows(num_users, graph)
+        self.num_users, self.with_llm = num_users, with_llm
+        self.with_ego = graph is not None
+
+    def feature_names(self, table: str) -> list[str]:
+        """The trainable-table features served by `table` ("user" or "item")."""
+        names = [via(g, table) for g in GROUPS]
+        if self.with_ego:
+            names += [EGO_FEATURES[g] for g in GROUPS if EGO_TABLE[g] == table]
+        return names
+
+    @property
+    def keys(self) -> list[str]:
+        return self.feature_names("user") + self.feature_names("item")
+
+    def node_features(self, nodes: dict[str, np.ndarray], ego: dict[str, np.ndarray] | None = None) -> KeyedJaggedTensor:
+        """The trainable-table KJT for node ids per group (and table-local ego ids per group); missing ones are empty."""
+        empty = np.zeros(0, np.int64)
+        parts = {}
+        for group in GROUPS:
+            for table, part in self.rows.split_by_table(nodes.get(group, empty)).items():
+                parts[via(group, table)] = part
+            if self.with_ego:
+                parts[EGO_FEATURES[group]] = _single((ego or {}).get(group, empty))
+        return _kjt(parts, self.keys)
+
+    def build(self, users: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> BatchFeatures:
+        local_ids = {"user": users, "pos": pos, "neg": neg}
+        nodes = {"user": users, "pos": pos + self.num_users, "neg": neg + self.num_users}
+        sparse = self.node_features(nodes, ego=local_ids)
+        llm = None
+        if self.with_llm:
+            llm = _kjt({LLM_FEATURES[g]: _single(ids) for g, ids in local_ids.items()}, list(LLM_FEATURES.values()))
+        return BatchFeatures(torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg), sparse, llm)

@@ -1,0 +1,36 @@
+"""Collectives that carry gradients.
+
+Convention that makes W ranks equal one process on the same global batch: each
+rank's loss is the mean over its local batch plus the coupled losses computed
+over the gathered global batch (the same value on every rank). DeepSpeed
+averages dense gradients over ranks, and TorchRec's sharded-embedding
+collectives divide embedding gradients by W in their backward
+(comm_ops.GRADIENT_DIVISION, on by default); a gather's backward sums the
+gradients every rank sends back to a piece's owner. Together this yields exactly
+the gradient of (global mean loss + coupled losses).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's equally shaped `x` along dim 0, rank order; gradients flow back to each owner."""
+    if world_size() == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, without gradient (metrics, counts)."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x

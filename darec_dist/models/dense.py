@@ -1,0 +1,26 @@
+"""The dense part: everything outside the embedding tables, trained by a DeepSpeed engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from darec_dist.models.aligners.base import Aligner, NodeEmbeddings
+from darec_dist.models.losses import bpr_loss, l2_penalty
+
+
+class DenseArch(nn.Module):
+    """Collaborative losses (BPR + L2) plus the aligner's losses; returns them by name with their `total`."""
+
+    def __init__(self, aligner: Aligner, reg: float):
+        super().__init__()
+        self.aligner, self.reg = aligner, reg
+
+    def forward(self, collab: NodeEmbeddings, ego: NodeEmbeddings, llm: NodeEmbeddings | None) -> dict[str, torch.Tensor]:
+        batch = collab["user"].shape[0]
+        losses = {"bpr": bpr_loss(collab["user"], collab["pos"], collab["neg"])}
+        if self.reg > 0:
+            losses["reg"] = self.reg * l2_penalty(batch, ego["user"], ego["pos"], ego["neg"])
+        losses.update(self.aligner(collab, llm))
+        losses["total"] = sum(losses.values())
+        return losses

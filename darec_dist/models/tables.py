@@ -1,0 +1,243 @@
+"""The sparse part: TorchRec embedding tables sharded by DistributedModelParallel.
+
+Two sharded modules: the trainable user/item tables (fused optimizer in the
+backward pass) and the frozen LLM-embedding tables loaded from the dataset. The
+sharding is decided here, in one place: TorchRec's planner, or a plan fixed in
+config. Tables are built on the meta device so each rank only ever allocates its
+own shards, and filled chunk by chunk, so no process holds a whole table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, data_parallel, row_wise, table_wise
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from darec_dist.distributed.env import DistEnv
+
+Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
+FILL_CHUNK_ROWS = 65536
+
+
+@dataclass
+class SparseConfig:
+    # adam: fused on GPU; on CPU fbgemm has no fused Adam, so the tables use the dense kernel and torch Adam.
+    optimizer: Literal["adam", "rowwise_adagrad", "adagrad", "sgd"] = "adam"
+    lr: float = 1e-3
+    eps: float = 1e-8
+    sharding: Sharding = "auto"
+    llm_sharding: Sharding = "row_wise"
+    # RLMRec initialises its tables with xavier_uniform; LightGCN's paper with normal(0, 0.1).
+    init: Literal["xavier_uniform", "normal"] = "xavier_uniform"
+    init_std: float = 0.1
+
+
+class TableModule(nn.Module):
+    """What DMP shards: one weighted, sum-pooled EmbeddingBagCollection."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig]):
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device("meta"))
+
+    def forward(self, features: KeyedJaggedTensor):
+        return self.ebc(features)
+
+
+@dataclass
+class ShardedTables:
+    """A DMP-sharded TableModule, with the torch optimizer of its dense-kernel tables (if any)."""
+
+    module: DistributedModelParallel
+    dense_optimizer: KeyedOptimizerWrapper | None
+    plan: dict[str, tuple[str, str, list[int] | None]]
+
+    def lookup(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """Pooled embedding per feature name."""
+        return self.module(features).to_dict()
+
+    def step(self) -> None:
+        """Fused tables were updated in the backward pass; dense-kernel tables are stepped here."""
+        if self.dense_optimizer is not None:
+            self.dense_optimizer.step()
+            self.dense_optimizer.zero_grad()
+
+    def local_shards(self, table: str):
+        """(row offset, column offset, tensor view) of each shard of `table` held by this rank."""
+        for key, value in self.module.state_dict().items():
+            if key.endswith(f"embedding_bags.{table}.weight"):
+                if isinstance(value, ShardedTensor):
+                    for shard in value.local_shards():
+                        (r0, c0) = shard.metadata.shard_offsets
+                        yield r0, c0, shard.tensor
+                else:  # data-parallel: every rank holds the whole table
+                    yield 0, 0, value
+
+    def fill(self, table: str, rows: Callable[[int, int], np.ndarray]) -> None:
+        """Write rows[start:end] (a function returning a float array) into this rank's shards, chunk by chunk."""
+        with torch.no_grad():
+            for r0, c0, tensor in self.local_shards(table):
+                num_rows, num_cols = tensor.shape
+                for start in range(0, num_rows, FILL_CHUNK_ROWS):
+                    end = min(num_rows, start + FILL_CHUNK_ROWS)
+                    block = rows(r0 + start, r0 + end)[:, c0 : c0 + num_cols]
+                    tensor[start:end].copy_(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
+
+    def full_table(self, table: str, num_rows: int, dim: int) -> torch.Tensor:
+        """The whole table on every rank (tests and small exports only)."""
+        out = torch.zeros(num_rows, dim)
+        for r0, c0, tensor in self.local_shards(table):
+            out[r0 : r0 + tensor.shape[0], c0 : c0 + tensor.shape[1]] = tensor.detach()
+        if dist.is_initialized() and self.plan[table][0] != "data_parallel":
+            dist.all_reduce(out)
+        return out
+
+
+def _fused_optimizer(cfg: SparseConfig, device: torch.device) -> dict:
+    kinds = {
+        "sgd": EmbOptimType.EXACT_SGD,
+        "adagrad": EmbOptimType.EXACT_ADAGRAD,
+        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "adam": EmbOptimType.ADAM,
+    }
+    params = {"optimizer": kinds[cfg.optimizer], "learning_rate": cfg.lr, "eps": cfg.eps}
+    if cfg.optimizer == "adam":
+        params.update(beta1=0.9, beta2=0.999, weight_decay=0.0)
+    return params
+
+
+def _torch_optimizer(cfg: SparseConfig):
+    makers = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=cfg.lr),
+        "adagrad": lambda p: torch.optim.Adagrad(p, lr=cfg.lr, eps=cfg.eps),
+        "rowwise_adagrad": lambda p: RowWiseAdagrad(p, lr=cfg.lr, eps=cfg.eps),
+        "adam": lambda p: torch.optim.Adam(p, lr=cfg.lr, eps=cfg.eps),
+    }
+    return makers[cfg.optimizer]
+
+
+def compute_kernel(cfg: SparseConfig, sharding: Sharding, device: torch.device) -> str:
+    if sharding == "data_parallel" or (cfg.optimizer == "adam" and device.type == "cpu"):
+        return EmbeddingComputeKernel.DENSE.value
+    return EmbeddingComputeKernel.FUSED.value
+
+
+def make_plan(module: TableModule, sharding: Sharding, kernel: str, sharder, env: DistEnv) -> ShardingPlan:
+    tables = [cfg.name for cfg in module.ebc.embedding_bag_configs()]
+    if sharding == "auto":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type),
+            constraints={t: ParameterConstraints(compute_kernels=[kernel]) for t in tables},
+        )
+        return planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
+    fixed = {
+        "table_wise": lambda i: table_wise(rank=i % env.world_size, compute_kernel=kernel),
+        "row_wise": lambda i: row_wise(compute_kernel=kernel),
+        "column_wise": lambda i: column_wise(ranks=list(range(env.world_size)), compute_kernel=kernel),
+        "data_parallel": lambda i: data_parallel(),
+    }[sharding]
+    per_table = {name: fixed(i) for i, name in enumerate(tables)}
+    plan = construct_module_sharding_plan(
+        module.ebc, per_table, sharder=sharder, local_size=env.world_size, world_size=env.world_size, device_type=env.device.type
+    )
+    return ShardingPlan({"ebc": plan})
+
+
+def shard(module: TableModule, sharding: Sharding, cfg: SparseConfig, env: DistEnv, frozen: bool = False) -> ShardedTables:
+    if frozen:
+        # Frozen tables: fused kernel with a stateless optimizer that never runs (no backward reaches them).
+        kernel = EmbeddingComputeKernel.FUSED.value if sharding != "data_parallel" else EmbeddingComputeKernel.DENSE.value
+        fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
+    else:
+        kernel = compute_kernel(cfg, sharding, env.device)
+        fused = _fused_optimizer(cfg, env.device)
+    sharder = EmbeddingBagCollectionSharder(fused_params=fused)
+    plan = make_plan(module, sharding, kernel, sharder, env)
+    dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=[sharder])
+    summary = {name: (p.sharding_type, p.compute_kernel, p.ranks) for name, p in plan.plan["ebc"].items()}
+    dense_tables = [name for name, (_, k, _) in summary.items() if k == EmbeddingComputeKernel.DENSE.value]
+    optimizer = None
+    if dense_tables and not frozen:
+        params = {n: p for n, p in dmp.named_parameters() if p.numel() > 0 and any(f".{t}." in n for t in dense_tables)}
+        optimizer = KeyedOptimizerWrapper(params, _torch_optimizer(cfg))
+    tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary)
+    if frozen:
+        _freeze(dmp)
+    return tables
+
+
+def _freeze(dmp: DistributedModelParallel) -> None:
+    """Stop autograd at the frozen tables' storage, so no backward runs through them."""
+    for lookup in dmp._dmp_wrapped_module.ebc._lookups:
+        for emb in lookup._emb_modules:
+            for param in emb._emb_module.parameters(recurse=False):
+                param.requires_grad_(False)
+
+
+def init_rows(seed: int, table: str, num_rows: int, dim: int, cfg: SparseConfig) -> Callable[[int, int], np.ndarray]:
+    """Initial values of rows [start, end), the same whatever the sharding and world size.
+
+    Rows come in fixed chunks, each drawn from a generator seeded by (seed, table, chunk).
+    """
+    bound = float(np.sqrt(6.0 / (num_rows + dim)))
+
+    def chunk(index: int) -> np.ndarray:
+        digest = hashlib.blake2b(f"{seed}:{table}:{index}".encode(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
+        rows = min(FILL_CHUNK_ROWS, num_rows - index * FILL_CHUNK_ROWS)
+        if cfg.init == "xavier_uniform":
+            return rng.uniform(-bound, bound, size=(rows, dim)).astype(np.float32)
+        return (rng.standard_normal((rows, dim)) * cfg.init_std).astype(np.float32)
+
+    def rows(start: int, end: int) -> np.ndarray:
+        first, last = start // FILL_CHUNK_ROWS, (end - 1) // FILL_CHUNK_ROWS
+        block = np.concatenate([chunk(i) for i in range(first, last + 1)])
+        offset = first * FILL_CHUNK_ROWS
+        return block[start - offset : end - offset]
+
+    return rows
+
+
+def trainable_tables(
+    num_users: int, num_items: int, dim: int, features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv, seed: int
+) -> ShardedTables:
+    """The user and item tables (names user_id / item_id), sharded, initialised from the seed."""
+    sizes = {"user_id": num_users, "item_id": num_items}
+    configs = [
+        EmbeddingBagConfig(name=f"{kind}_id", embedding_dim=dim, num_embeddings=sizes[f"{kind}_id"], feature_names=features[kind], pooling=PoolingType.SUM)
+        for kind in ("user", "item")
+    ]
+    tables = shard(TableModule(configs), cfg.sharding, cfg, env)
+    for name, count in sizes.items():
+        tables.fill(name, init_rows(seed, name, count, dim, cfg))
+    return tables
+
+
+def llm_tables(embeddings: dict[str, np.ndarray], features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv) -> ShardedTables:
+    """The frozen LLM-embedding tables (user_llm / item_llm), each rank loading only its shard rows."""
+    configs = [
+        EmbeddingBagConfig(name=f"{kind}_llm", embedding_dim=matrix.shape[1], num_embeddings=matrix.shape[0], feature_names=features[kind], pooling=PoolingType.SUM)
+        for kind, matrix in embeddings.items()
+    ]
+    tables = shard(TableModule(configs), cfg.llm_sharding, cfg, env, frozen=True)
+    for kind, matrix in embeddings.items():
+        tables.fill(f"{kind}_llm", lambda start, end, m=matrix: np.asarray(m[start:end], dtype=np.float32))
+    return tables

@@ -1,0 +1,123 @@
+"""Sharded checkpoints: tables and their optimizer state by torch.distributed.checkpoint, the dense
+part by DeepSpeed, plus the loop position and every rank's RNG state.
+
+A checkpoint is written under `.tmp-<name>`, marked COMPLETE and renamed only
+after every rank has finished writing, so a crash mid-save never leaves a
+directory that `latest()` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torchrec.optim.keyed import CombinedOptimizer
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE = "state.json"
+BEST = "best"
+_STEP_NAME = re.compile(r"^step-(\d+)$")
+
+
+def step_name(global_step: int) -> str:
+    return f"step-{global_step:09d}"
+
+
+def _table_optimizer(trainer) -> CombinedOptimizer:
+    parts = [("fused", trainer.tables.module.fused_optimizer)]
+    if trainer.tables.dense_optimizer is not None:
+        parts.append(("dense", trainer.tables.dense_optimizer))
+    return CombinedOptimizer(parts)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    root = Path(run_dir) / CHECKPOINTS
+    final, staging = root / name, root / f".tmp-{name}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier()
+    dcp.save({"tables": trainer.tables.module.state_dict(), "table_optim": _table_optimizer(trainer).state_dict()}, checkpoint_id=str(staging / "tables"))
+    if trainer.engine is not None:
+        trainer.engine.save_checkpoint(str(staging / "dense"), tag="engine", save_latest=False)
+    torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        (staging / STATE).write_text(json.dumps(state, indent=2))
+        (staging / COMPLETE).write_text("")
+        retired = None
+        if final.exists():
+            retired = root / f".old-{name}"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(final, retired)
+        os.replace(staging, final)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        if keep is not None:
+            _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete step checkpoint of a run, or None."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
+    return done[-1] if done else None
+
+
+def load(trainer, path: str | Path) -> dict:
+    """Collective: restore tables, table optimizer, dense engine and this rank's RNG; returns the loop state."""
+    path = Path(path)
+    if not (path / COMPLETE).exists():
+        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
+    optimizer = _table_optimizer(trainer)
+    # Lazily created optimizer state (torch Adam) must exist before it can be loaded into.
+    optimizer.init_state()
+    state = {"tables": trainer.tables.module.state_dict(), "table_optim": optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=str(path / "tables"))
+    trainer.tables.module.load_state_dict(state["tables"])
+    optimizer.load_state_dict(state["table_optim"])
+    if trainer.engine is not None:
+        loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine")
+        if loaded is None:
+            raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / STATE).read_text())

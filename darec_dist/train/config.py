@@ -1,0 +1,91 @@
+"""The trainer's settings (configs/train/*.yaml), as typed dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from darec_dist.data.loader import LoaderConfig
+from darec_dist.models.aligners import AlignConfig
+from darec_dist.models.backbones import ModelConfig
+from darec_dist.models.tables import SparseConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    # Check every shard's sha256 against the manifest before training.
+    verify_shards: bool = True
+
+
+@dataclass
+class DenseConfig:
+    # DeepSpeed JSON (ZeRO stage, optimizer); batch sizes are filled in from loader.batch_size.
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = 100
+    eval_every: int = 1
+    # Stop after this many evaluations without a better validation Recall@20.
+    patience: int = 10
+    log_every: int = 20
+    # Cap on steps per epoch (smoke tests, benchmarks); null = the full epoch.
+    max_steps_per_epoch: int | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1:
+            raise ValueError("train.epochs, train.eval_every and train.patience must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    # The metric that picks the best epoch (validation) and drives early stopping.
+    monitor: str = "recall@20"
+    user_chunk: int = 1024
+    node_chunk: int = 8192
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    # Also checkpoint inside an epoch every N steps (null = only at epoch ends).
+    every_steps: int | None = None
+    keep: int = 2
+
+
+@dataclass
+class OutputConfig:
+    export_embeddings: bool = True
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 2024
+    run_dir: str = "runs/default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (so configs work from any directory)."""
+    candidate = Path(path).expanduser()
+    if candidate.exists() or candidate.is_absolute():
+        return candidate
+    return REPO_ROOT / candidate

@@ -1,0 +1,88 @@
+"""What a run leaves in run_dir: metrics.jsonl, results.json/.md, curves.png, config.yaml, exported vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from darec_dist.config import to_dict
+from darec_dist.data import layout
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, cfg) -> None:
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as stream:
+        stream.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def markdown_table(results: dict, ks: list[int]) -> str:
+    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
+    lines = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for split in ("val", "test"):
+        if split in results:
+            lines.append(f"| {split} | " + " | ".join(f"{results[split][n]:.4f}" for n in names) + " |")
+    header = f"best epoch {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {results.get('seconds_per_epoch', 0):.2f} s/epoch\n\n"
+    return header + "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    table = markdown_table(results, ks)
+    write_atomic(run_dir / "results.md", table)
+    return table
+
+
+def plot_curves(run_dir: Path, monitor: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([r["epoch"] for r in train], [r["loss"] for r in train], marker=".")
+    left.set(xlabel="epoch", ylabel="train loss (total)", title="loss")
+    right.plot([r["epoch"] for r in val], [r[monitor] for r in val], marker=".")
+    right.set(xlabel="epoch", ylabel=f"validation {monitor}", title=monitor)
+    fig.tight_layout()
+    tmp = run_dir / ".curves.png.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run_dir / "curves.png")
+
+
+def export_vectors(run_dir: Path, dataset_root: Path, users: np.ndarray, items: np.ndarray) -> None:
+    """Scoring vectors, row i = contiguous id i, with the id maps that give each row's original id."""
+    out = run_dir / "export"
+    staging = run_dir / ".export.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    np.save(staging / "user_vectors.npy", users)
+    np.save(staging / "item_vectors.npy", items)
+    for kind in ("user", "item"):
+        shutil.copyfile(dataset_root / layout.id_map(kind), staging / f"{kind}_ids.parquet")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)

@@ -1,0 +1,102 @@
+"""The model in one place: sharded tables (TorchRec) + dense part (DeepSpeed), and one training step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from darec_dist.data.dataset import PreparedDataset
+from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, via
+from darec_dist.distributed.env import DistEnv
+from darec_dist.models.aligners import build_aligner
+from darec_dist.models.backbones import propagation_rows
+from darec_dist.models.dense import DenseArch
+from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
+from darec_dist.train.config import TrainConfig, resolve_path
+
+LLM_TABLE_FEATURES = {"user": [LLM_FEATURES["user"]], "item": [LLM_FEATURES["pos"], LLM_FEATURES["neg"]]}
+
+
+def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
+    """A DeepSpeed engine that owns every dense parameter; None when there are none (plain backbones)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return None
+    import deepspeed
+    import deepspeed.ops
+
+    if env.device.type == "cpu":
+        # Skips a ~60 s JIT build of DeepSpeed's shared-memory all-reduce; gloo does the work on CPU.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_config = json.loads(resolve_path(cfg.dense.deepspeed_config).read_text())
+    ds_config.update(
+        train_batch_size=cfg.loader.batch_size,
+        train_micro_batch_size_per_gpu=cfg.loader.batch_size // env.world_size,
+        gradient_accumulation_steps=1,
+    )
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config, dist_init_required=False)
+    return engine
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
+        self.cfg, self.env, self.dataset = cfg, env, dataset
+        self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim)
+        self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), with_llm=self.aligner.uses_llm)
+        table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
+        self.tables: ShardedTables = trainable_tables(
+            dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed
+        )
+        self.llm: ShardedTables | None = None
+        if self.aligner.uses_llm:
+            embeddings = {"user": dataset.embeddings("user"), "item": dataset.embeddings("item")}
+            self.llm = llm_tables(embeddings, LLM_TABLE_FEATURES, cfg.sparse, env)
+        # The same dense initialisation on every rank and for every world size.
+        torch.manual_seed(cfg.seed)
+        self.dense = DenseArch(self.aligner, cfg.model.reg).to(env.device)
+        self.engine = deepspeed_engine(self.dense, cfg, env)
+
+    def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
+        sizes = batch.group_sizes()
+        pooled = self.tables.lookup(batch.sparse.to(self.env.device))
+        collab = {g: (pooled[via(g, "user")] + pooled[via(g, "item")])[: sizes[g]] for g in GROUPS}
+        if self.features.with_ego:
+            ego = {g: pooled[EGO_FEATURES[g]][: sizes[g]] for g in GROUPS}
+        else:  # identity rows: the input embeddings are the collaborative ones
+            ego = collab
+        llm = None
+        if self.llm is not None:
+            with torch.no_grad():
+                looked_up = self.llm.lookup(batch.llm.to(self.env.device))
+            llm = {g: looked_up[LLM_FEATURES[g]][: sizes[g]] for g in GROUPS}
+        return (self.engine or self.dense)(collab, ego, llm)
+
+    def train_step(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
+        """One step: forward, one backward through dense and sparse parts, optimizer steps."""
+        losses = self.losses(batch)
+        if self.engine is not None:
+            self.engine.backward(losses["total"])
+            self.engine.step()
+        else:
+            losses["total"].backward()
+        # Fused tables already stepped inside the backward; dense-kernel tables step now.
+        self.tables.step()
+        return {name: value.detach() for name, value in losses.items()}
+
+    @torch.no_grad()
+    def node_embeddings(self, nodes: np.ndarray, calls: int) -> torch.Tensor:
+        """Collaborative embeddings of node ids, in `calls` chunked lookups (equal on all ranks: they are collective)."""
+        chunk = self.cfg.eval.node_chunk
+        out = []
+        for c in range(calls):
+            part = nodes[c * chunk : (c + 1) * chunk]
+            pooled = self.tables.lookup(self.features.node_features({"user": part}).to(self.env.device))
+            out.append((pooled[via("user", "user")] + pooled[via("user", "item")])[: len(part)])
+        return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.cfg.model.dim)
+
+    def set_train(self, mode: bool) -> None:
+        self.dense.train(mode)
+        self.tables.module.train(mode)
+

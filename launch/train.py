@@ -1,0 +1,192 @@
+"""Train a recommender (optionally aligned with LLM embeddings) on a prepared dataset.
+
+    torchrun --nproc_per_node=N launch/train.py configs/train/default.yaml data.path=DIR [key=value ...] [--resume auto|PATH]
+    python launch/train.py ...           (one process)
+
+The story of a run: open and check the dataset, build the sharded tables and the
+DeepSpeed engine, then per epoch stream the rank's batches through train_step,
+evaluate on validation, keep the best model and a resumable checkpoint, and stop
+early when validation stops improving; finally test the best model once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# DeepSpeed picks its accelerator at import time.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1") else "cpu")
+
+import torch
+from tqdm import tqdm
+
+from darec_dist.config import ConfigError, load_config
+from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.data.loader import check_world_fits, epoch_batches, local_batch_size, steps_per_epoch
+from darec_dist.distributed.collectives import all_reduce_sum
+from darec_dist.distributed.env import DistEnv, distributed, seed_everything
+from darec_dist.train import checkpoint, report
+from darec_dist.train.config import TrainConfig, resolve_path
+from darec_dist.train.evaluate import evaluate, final_embeddings, gather_rows_to_all
+from darec_dist.train.trainer import Trainer
+
+
+def fresh_state() -> dict:
+    return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0, "epoch_seconds": []}
+
+
+def open_dataset(cfg: TrainConfig, env: DistEnv) -> PreparedDataset:
+    if not cfg.data.path:
+        raise ConfigError("data.path: required (a directory made by spark_jobs.prepare)")
+    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_shards=cfg.data.verify_shards)
+    check_world_fits(dataset, env.world_size, cfg.loader.num_workers)
+    local_batch_size(cfg.loader, env.world_size)
+    if dataset.manifest["splits"]["val"] == 0:
+        raise DatasetError(f"{dataset.root}: no validation interactions; early stopping needs a validation split")
+    if cfg.eval.monitor not in [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.eval.ks]:
+        raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
+    return dataset
+
+
+def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, run_dir: Path) -> dict[str, float]:
+    """One epoch (or its rest, after a resume); returns the mean losses over all ranks and steps."""
+    epoch = state["epoch"]
+    steps = steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, epoch, env.world_size)
+    if cfg.train.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in state["epoch_loss_sums"].items()}
+    trainer.set_train(True)
+    batches = epoch_batches(trainer.dataset, cfg.loader, trainer.features, cfg.seed, epoch, env.world_size, skip=state["step_in_epoch"])
+    bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch}", disable=not (env.is_main and cfg.train.progress_bar), leave=False)
+    for batch in batches:
+        if state["step_in_epoch"] >= steps:
+            break
+        losses = trainer.train_step(batch)
+        for name, value in losses.items():
+            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
+        state["step_in_epoch"] += 1
+        state["global_step"] += 1
+        if state["step_in_epoch"] % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{losses['total'].item():.4f}")
+        bar.update(1)
+        every = cfg.checkpoint.every_steps
+        if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps:
+            state["epoch_loss_sums"] = {k: v.item() for k, v in sums.items()}
+            checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
+    bar.close()
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.stack([sums[n] for n in names]).to(env.device)).cpu() if names else torch.zeros(0)
+    return {name: totals[i].item() / (steps * env.world_size) for i, name in enumerate(names)}
+
+
+def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, state: dict) -> dict:
+    checkpoint.load(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+    trainer.set_train(False)
+    test = evaluate(trainer, "test", env.world_size, env.rank)
+    results = {
+        "best_epoch": state["best"]["epoch"],
+        "val": state["best"]["metrics"],
+        "test": test,
+        "epochs_run": state["epoch"],
+        "seconds_per_epoch": sum(state["epoch_seconds"]) / max(1, len(state["epoch_seconds"])),
+        "steps_per_epoch": steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, 0, env.world_size),
+        "world_size": env.world_size,
+        "backbone": cfg.model.backbone,
+        "align": cfg.align.method,
+        "dataset": str(trainer.dataset.root),
+        "embedding_model": trainer.dataset.manifest["embedding"]["model"],
+        "sharding_plan": {t: list(p[:2]) for t, p in trainer.tables.plan.items()},
+    }
+    if cfg.output.export_embeddings:
+        users, items, _ = final_embeddings(trainer, env.world_size, env.rank)
+        users = gather_rows_to_all(users, trainer.dataset.num_users, env.world_size)
+        if env.is_main:
+            report.export_vectors(run_dir, trainer.dataset.root, users.cpu().numpy(), items.cpu().numpy())
+    return results
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Run a whole training job in this process (one rank of torchrun, or alone); returns results.json's content."""
+    with distributed(cfg.device) as env:
+        seed_everything(cfg.seed, env.rank)
+        dataset = open_dataset(cfg, env)
+        run_dir = Path(cfg.run_dir).expanduser()
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report.write_config(run_dir, cfg)
+        trainer = Trainer(cfg, env, dataset)
+        state = fresh_state()
+        source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+        if source is not None:
+            state = checkpoint.load(trainer, source)
+            if env.is_main:
+                print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
+        elif env.is_main:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+        while state["epoch"] < cfg.train.epochs:
+            started = time.perf_counter()
+            losses = train_epoch(trainer, cfg, env, state, run_dir)
+            state["epoch_seconds"].append(time.perf_counter() - started)
+            epoch = state["epoch"]
+            if env.is_main:
+                report.append_metrics(run_dir, {"kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses, "seconds": state["epoch_seconds"][-1]})
+            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={})
+            stop = False
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+                trainer.set_train(False)
+                val = evaluate(trainer, "val", env.world_size, env.rank)
+                if env.is_main:
+                    report.append_metrics(run_dir, {"kind": "val", "epoch": epoch, **val})
+                    print(f"epoch {epoch}: loss {losses.get('total', math.nan):.4f}  val " + "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "users"), flush=True)
+                if state["best"] is None or val[cfg.eval.monitor] > state["best"]["metrics"][cfg.eval.monitor]:
+                    state["best"], state["bad_evals"] = {"epoch": epoch, "metrics": val}, 0
+                    checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
+                else:
+                    state["bad_evals"] += 1
+                    stop = state["bad_evals"] >= cfg.train.patience
+            if stop or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or state["epoch"] == cfg.train.epochs:
+                checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
+            if stop:
+                if env.is_main:
+                    print(f"early stop: no better validation {cfg.eval.monitor} for {cfg.train.patience} evaluations", flush=True)
+                break
+
+        results = test_best(trainer, cfg, env, run_dir, state)
+        if env.is_main:
+            table = report.write_results(run_dir, results, cfg.eval.ks)
+            if cfg.output.plot:
+                report.plot_curves(run_dir, cfg.eval.monitor)
+            print(table, flush=True)
+        return results
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], str | None]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config, e.g. configs/train/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=data/ml-100k train.epochs=5")
+    parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in run_dir) or a checkpoint directory")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides, args.resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, overrides, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(TrainConfig, config, overrides)
+        train(cfg, resume)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
