@@ -39,3 +39,16 @@ def small_dataset(spark, tmp_path_factory):
     base = tmp_path_factory.mktemp("small")
     source = write_csv_source(base / "raw", interaction_rows(num_users=60), item_text=False)
     return prepare(small_config(base / "ds", source, **SMALL_DATASET_SETTINGS), spark=spark), source
+
+
+@pytest.fixture(scope="session")
+def exact_dataset(spark, tmp_path_factory):
+    """A prepared csv dataset with exact 3-layer propagation rows (no top-K)."""
+    from spark_jobs.prepare import prepare
+    from tests.prepare_helpers import small_config
+    from tests.synthetic import interaction_rows, write_csv_source
+
+    base = tmp_path_factory.mktemp("exact")
+    source = write_csv_source(base / "raw", interaction_rows(num_users=30, num_items=25, per_user=6, seed=3), item_text=False)
+    settings = {"graph.layers": 3, "graph.top_k": "null", "shards.factor": 2, "embedding.dim": 16}
+    return prepare(small_config(base / "ds", source, **settings), spark=spark)
