@@ -1,0 +1,74 @@
+"""Recovery: a rank killed after a checkpoint, restarted by torchrun --max-restarts with --resume auto,
+ends with the same metrics as an uninterrupted run with the same seed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from darec_dist.train import checkpoint
+from tests.conftest import REPO
+
+SETTINGS = [
+    "device=cpu", "model.dim=8", "loader.batch_size=64", "loader.num_workers=1", "train.epochs=5",
+    "train.progress_bar=false", "train.patience=10", "checkpoint.every_steps=2", "checkpoint.keep=3",
+    "output.plot=false", "sparse.optimizer=adam", "sparse.lr=0.01",
+]
+
+
+def torchrun(dataset, run_dir, *extra):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5",
+        "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}", *SETTINGS, *extra,
+    ]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(process, timeout=600):
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("backbone", ["lightgcn"])
+def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, backbone):
+    root, _ = small_dataset
+    reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
+    finish(torchrun(root, reference_dir, f"model.backbone={backbone}"))
+
+    process = torchrun(root, crashed_dir, f"model.backbone={backbone}", "--resume", "auto")
+    deadline = time.time() + 300
+    while checkpoint.latest(crashed_dir) is None:
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(process.pid).children() if "launch/train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)
+    killed_at = checkpoint.latest(crashed_dir)
+    out = finish(process)
+    assert "resumed from" in out, out[-3000:]
+    assert killed_at.name != checkpoint.latest(crashed_dir).name
+
+    reference = json.loads((reference_dir / "results.json").read_text())
+    recovered = json.loads((crashed_dir / "results.json").read_text())
+    assert recovered["best_epoch"] == reference["best_epoch"]
+    for split in ("val", "test"):
+        for metric, value in reference[split].items():
+            assert recovered[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+
+
+def test_half_written_checkpoint_is_never_loaded(tmp_path):
+    root = tmp_path / checkpoint.CHECKPOINTS
+    (root / checkpoint.step_name(4)).mkdir(parents=True)
+    (root / checkpoint.step_name(4) / checkpoint.COMPLETE).write_text("")
+    (root / checkpoint.step_name(9)).mkdir()  # written, never marked complete
+    (root / f".tmp-{checkpoint.step_name(12)}").mkdir()
+    assert checkpoint.latest(tmp_path).name == checkpoint.step_name(4)
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.load(None, root / checkpoint.step_name(9))

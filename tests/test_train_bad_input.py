@@ -1,0 +1,89 @@
+"""Bad training inputs fail before training starts, with an error that names the file or key."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from darec_dist.config import ConfigError, load_config
+from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.data.loader import LoaderConfig, check_world_fits, local_batch_size, steps_per_epoch
+from darec_dist.train.config import TrainConfig
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def dataset_copy(small_dataset, tmp_path):
+    root, _ = small_dataset
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def test_schema_mismatch(dataset_copy):
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="schema_version 99 but this trainer reads 1"):
+        PreparedDataset.open(dataset_copy)
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DatasetError, match="no manifest.json; not a finished dataset"):
+        PreparedDataset.open(tmp_path)
+
+
+def test_missing_shard(dataset_copy):
+    (dataset_copy / "train" / "shard-00003.tar").unlink()
+    with pytest.raises(DatasetError, match=r"shard-00003.tar: shard listed in the manifest is missing"):
+        PreparedDataset.open(dataset_copy)
+
+
+def test_corrupted_shard(dataset_copy):
+    path = dataset_copy / "train" / "shard-00001.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"shard-00001.tar: sha256 differs from the manifest"):
+        PreparedDataset.open(dataset_copy)
+
+
+def test_embedding_shape_disagrees_with_manifest(dataset_copy):
+    import numpy as np
+
+    np.save(dataset_copy / "embeddings" / "item.npy", np.zeros((3, 8), np.float32))
+    with pytest.raises(DatasetError, match=r"item.npy: shape \(3, 8\)"):
+        PreparedDataset.open(dataset_copy)
+
+
+def test_world_size_the_shards_cannot_serve(small_dataset):
+    dataset = PreparedDataset.open(small_dataset[0])
+    shards = len(dataset.shards)
+    check_world_fits(dataset, 2, shards // 2)
+    with pytest.raises(DatasetError, match=f"{shards} shards cannot feed 2 ranks x {shards} workers"):
+        check_world_fits(dataset, 2, shards)
+    with pytest.raises(ConfigError, match="loader.batch_size=7 is not divisible by the world size 2"):
+        local_batch_size(LoaderConfig(batch_size=7), 2)
+    with pytest.raises(DatasetError, match="fewer than one local batch"):
+        steps_per_epoch(dataset, LoaderConfig(batch_size=10**6), 0, 0, 2)
+
+
+def test_unknown_keys_and_wrong_types():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) model.layers"):
+        load_config(TrainConfig, None, ["model.layers=3"])
+    with pytest.raises(ConfigError, match=r"'train.epochs': expected an integer, got 'ten'"):
+        load_config(TrainConfig, None, ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match=r"'model.backbone': 'ngcf' is not one of"):
+        load_config(TrainConfig, None, ["model.backbone=ngcf"])
+
+
+def test_cli_reports_errors_before_training(dataset_copy):
+    (dataset_copy / "train" / "shard-00000.tar").write_bytes(b"not a tar")
+    done = subprocess.run(
+        [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset_copy}", "device=cpu"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "shard-00000.tar: sha256 differs from the manifest" in done.stderr
