@@ -22,6 +22,10 @@ CASES = {
     "mf-sgd-table_wise": ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=table_wise"],
     "mf-rowwise_adagrad-row_wise": ["model.backbone=mf", "sparse.optimizer=rowwise_adagrad", "sparse.lr=0.5", "sparse.sharding=row_wise"],
     "lightgcn-adagrad-column_wise": ["model.backbone=lightgcn", "sparse.optimizer=adagrad", "sparse.lr=0.5", "sparse.sharding=column_wise"],
+    # Dense parameters owned by DeepSpeed; samples cover the whole batch so no draw depends on the world size.
+    "lightgcn-sgd-row_wise-darec": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=darec", "align.darec.sample_size=64", "align.darec.structure_weight=1.0", "align.darec.regulariser_weight=1.0"],
+    "mf-sgd-row_wise-rlmrec_con": ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=rlmrec-con", "align.con.weight=1.0"],
+    "lightgcn-sgd-table_wise-rlmrec_gen": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=table_wise", "align.method=rlmrec-gen", "align.gen.mask_ratio=1.0", "align.gen.weight=1.0"],
     "lightgcn-adam-planner": ["model.backbone=lightgcn", "sparse.optimizer=adam", "sparse.lr=0.05", "sparse.sharding=auto"],
 }
 GLOBAL_BATCH = 16
@@ -69,6 +73,7 @@ def test_two_processes_equal_one(step_results, case, small_dataset):
     for table in ("user_id", "item_id"):
         np.testing.assert_allclose(two[table].numpy(), one[table].numpy(), rtol=1e-5, atol=atol)
     assert one["dense"].keys() == two["dense"].keys()
+    assert ("rlmrec" in case or "darec" in case) == bool(one["dense"]), "aligners, and only they, have dense parameters"
     for name in one["dense"]:
         np.testing.assert_allclose(two["dense"][name].numpy(), one["dense"][name].numpy(), rtol=1e-5, atol=1e-6)
     expected_type = {"row_wise": "row_wise", "table_wise": "table_wise", "column_wise": "column_wise"}

@@ -49,16 +49,19 @@ class NodeRows:
             return np.ones(len(nodes), np.int64), nodes.astype(np.int64), np.ones(len(nodes), np.float32)
         return gather_rows(self.graph, nodes)
 
-    def split_by_table(self, nodes: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per table: (bag lengths, table-local ids, weights) for the given nodes' rows."""
+    def split_by_table(self, nodes: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+        """Per table: (bag lengths, table-local ids, weights) of the nodes' rows; and each node's self weight P_vv."""
         lengths, columns, weights = self.gather(nodes)
         is_user = columns < self.num_users
         row_of_entry = np.repeat(np.arange(len(nodes)), lengths)
         user_lengths = np.bincount(row_of_entry[is_user], minlength=len(nodes)).astype(np.int64)
-        return {
+        is_self = columns == np.repeat(nodes, lengths)
+        self_weight = np.bincount(row_of_entry[is_self], weights=weights[is_self], minlength=len(nodes)).astype(np.float32)
+        parts = {
             "user": (user_lengths, columns[is_user], weights[is_user]),
             "item": (lengths - user_lengths, columns[~is_user] - self.num_users, weights[~is_user]),
         }
+        return parts, self_weight
 
 
 @dataclass
@@ -70,6 +73,8 @@ class BatchFeatures:
     neg: torch.Tensor
     sparse: KeyedJaggedTensor
     llm: KeyedJaggedTensor | None
+    # P_vv per group: how much of a node's own input row its embedding holds (used by masking aligners).
+    self_weight: dict[str, torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.users)
@@ -113,22 +118,24 @@ class FeatureBuilder:
     def keys(self) -> list[str]:
         return self.feature_names("user") + self.feature_names("item")
 
-    def node_features(self, nodes: dict[str, np.ndarray], ego: dict[str, np.ndarray] | None = None) -> KeyedJaggedTensor:
-        """The trainable-table KJT for node ids per group (and table-local ego ids per group); missing ones are empty."""
+    def node_features(self, nodes: dict[str, np.ndarray], ego: dict[str, np.ndarray] | None = None) -> tuple[KeyedJaggedTensor, dict[str, np.ndarray]]:
+        """The trainable-table KJT for node ids per group (and table-local ego ids per group), and the self weights."""
         empty = np.zeros(0, np.int64)
-        parts = {}
+        parts, self_weight = {}, {}
         for group in GROUPS:
-            for table, part in self.rows.split_by_table(nodes.get(group, empty)).items():
+            by_table, self_weight[group] = self.rows.split_by_table(nodes.get(group, empty))
+            for table, part in by_table.items():
                 parts[via(group, table)] = part
             if self.with_ego:
                 parts[EGO_FEATURES[group]] = _single((ego or {}).get(group, empty))
-        return _kjt(parts, self.keys)
+        return _kjt(parts, self.keys), self_weight
 
     def build(self, users: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> BatchFeatures:
         local_ids = {"user": users, "pos": pos, "neg": neg}
         nodes = {"user": users, "pos": pos + self.num_users, "neg": neg + self.num_users}
-        sparse = self.node_features(nodes, ego=local_ids)
+        sparse, self_weight = self.node_features(nodes, ego=local_ids)
         llm = None
         if self.with_llm:
             llm = _kjt({LLM_FEATURES[g]: _single(ids) for g, ids in local_ids.items()}, list(LLM_FEATURES.values()))
-        return BatchFeatures(torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg), sparse, llm)
+        weights = {g: torch.from_numpy(w) for g, w in self_weight.items()}
+        return BatchFeatures(torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg), sparse, llm, weights)

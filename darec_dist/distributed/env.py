@@ -51,9 +51,12 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
     Without torchrun's variables this is a world of one, still with a (gloo or nccl)
     process group so that every code path runs the same collectives.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Plain `python launch/train.py` is a world of one; DeepSpeed insists on these variables.
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(name, default)
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     torch_device = pick_device(device, local_rank)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     created = False

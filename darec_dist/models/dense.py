@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from darec_dist.models.aligners.base import Aligner, NodeEmbeddings
+from darec_dist.models.aligners.base import Aligner, AlignInputs
 from darec_dist.models.losses import bpr_loss, l2_penalty
 
 
@@ -16,11 +16,11 @@ class DenseArch(nn.Module):
         super().__init__()
         self.aligner, self.reg = aligner, reg
 
-    def forward(self, collab: NodeEmbeddings, ego: NodeEmbeddings, llm: NodeEmbeddings | None) -> dict[str, torch.Tensor]:
-        batch = collab["user"].shape[0]
+    def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
+        collab, ego = inputs.collab, inputs.ego
         losses = {"bpr": bpr_loss(collab["user"], collab["pos"], collab["neg"])}
         if self.reg > 0:
-            losses["reg"] = self.reg * l2_penalty(batch, ego["user"], ego["pos"], ego["neg"])
-        losses.update(self.aligner(collab, llm))
+            losses["reg"] = self.reg * l2_penalty(collab["user"].shape[0], ego["user"], ego["pos"], ego["neg"])
+        losses.update(self.aligner(inputs))
         losses["total"] = sum(losses.values())
         return losses

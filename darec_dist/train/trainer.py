@@ -10,7 +10,7 @@ import torch
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, via
 from darec_dist.distributed.env import DistEnv
-from darec_dist.models.aligners import build_aligner
+from darec_dist.models.aligners import AlignInputs, build_aligner
 from darec_dist.models.backbones import propagation_rows
 from darec_dist.models.dense import DenseArch
 from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
@@ -43,7 +43,7 @@ def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
         self.cfg, self.env, self.dataset = cfg, env, dataset
-        self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim)
+        self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim, cfg.seed)
         self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), with_llm=self.aligner.uses_llm)
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
@@ -71,7 +71,8 @@ class Trainer:
             with torch.no_grad():
                 looked_up = self.llm.lookup(batch.llm.to(self.env.device))
             llm = {g: looked_up[LLM_FEATURES[g]][: sizes[g]] for g in GROUPS}
-        return (self.engine or self.dense)(collab, ego, llm)
+        self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
+        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight))
 
     def train_step(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         """One step: forward, one backward through dense and sparse parts, optimizer steps."""
@@ -92,7 +93,8 @@ class Trainer:
         out = []
         for c in range(calls):
             part = nodes[c * chunk : (c + 1) * chunk]
-            pooled = self.tables.lookup(self.features.node_features({"user": part}).to(self.env.device))
+            features, _ = self.features.node_features({"user": part})
+            pooled = self.tables.lookup(features.to(self.env.device))
             out.append((pooled[via("user", "user")] + pooled[via("user", "item")])[: len(part)])
         return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.cfg.model.dim)
 

@@ -1,11 +1,14 @@
 """The aligner interface: what every alignment method (none, RLMRec-Con/Gen, DaRec) implements.
 
-An aligner sees the batch's collaborative embeddings c (from any backbone) and
-the frozen LLM embeddings l of the same nodes, per group (`user`, `pos`, `neg`),
-and returns its weighted losses by name. It never looks at which backbone made c.
+An aligner sees, per group of the batch (`user`, `pos`, `neg`), the collaborative
+embeddings c from any backbone, the frozen LLM embeddings l of the same nodes,
+the nodes' input rows and how much of its own input each c holds (P_vv); it
+returns its weighted losses by name. It never looks at which backbone made c.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,11 +16,56 @@ from torch import nn
 NodeEmbeddings = dict[str, torch.Tensor]
 
 
+@dataclass
+class AlignInputs:
+    collab: NodeEmbeddings
+    llm: NodeEmbeddings | None
+    # The nodes' own input rows E_v and self weights P_vv (1 for MF), for aligners that mask inputs.
+    ego: NodeEmbeddings
+    self_weight: NodeEmbeddings
+
+    def nodes(self, groups: tuple[str, ...] = ("user", "pos")) -> "AlignInputs":
+        """The listed groups concatenated into one group `all` (users and their positive items by default)."""
+
+        def join(parts: NodeEmbeddings | None) -> NodeEmbeddings | None:
+            return None if parts is None else {"all": torch.cat([parts[g] for g in groups])}
+
+        return AlignInputs(join(self.collab), join(self.llm), join(self.ego), join(self.self_weight))
+
+    def rows(self, index: torch.Tensor) -> "AlignInputs":
+        """A subset of the `all` group's rows."""
+
+        def pick(parts: NodeEmbeddings | None) -> NodeEmbeddings | None:
+            return None if parts is None else {"all": parts["all"][index]}
+
+        return AlignInputs(pick(self.collab), pick(self.llm), pick(self.ego), pick(self.self_weight))
+
+
+def projector(d_in: int, d_out: int) -> nn.Module:
+    """RLMRec's projector shape: Linear -> LeakyReLU -> Linear, hidden width (d_in + d_out) / 2."""
+    hidden = (d_in + d_out) // 2
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(), nn.Linear(hidden, d_out))
+
+
+def sample_count(available: int, requested: int) -> int:
+    return min(available, max(1, requested))
+
+
+def sample_index(available: int, count: int, device: torch.device) -> torch.Tensor:
+    """`count` distinct rows, drawn from the global torch RNG (saved in checkpoints, so a resume redraws alike).
+
+    Taking every row needs no draw, which keeps such a step independent of the world size.
+    """
+    if count >= available:
+        return torch.arange(available, device=device)
+    return torch.randperm(available)[:count].to(device)
+
+
 class Aligner(nn.Module):
     # Whether the trainer must look up the frozen LLM embeddings for this aligner.
     uses_llm: bool = True
 
-    def forward(self, collab: NodeEmbeddings, llm: NodeEmbeddings | None) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def scoring_vectors(self, collab: torch.Tensor, kind: str) -> torch.Tensor:
@@ -30,5 +78,5 @@ class NoAlignment(Aligner):
 
     uses_llm = False
 
-    def forward(self, collab: NodeEmbeddings, llm: NodeEmbeddings | None) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         return {}

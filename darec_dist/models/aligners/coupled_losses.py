@@ -1,0 +1,105 @@
+"""Losses that couple samples, computed over the global batch (every rank's rows) with gradients.
+
+Each function takes this rank's rows and gathers the others' with
+`gather_with_grad`. A loss that is a mean over anchors returns the mean over
+this rank's anchors against the global pool; with equal row counts per rank the
+trainer's convention (objective = mean over ranks of each rank's loss, see
+darec_dist/distributed/collectives.py) then equals the one-process loss over the
+whole batch. A loss that is not a mean of per-anchor terms (uniformity's log of a
+mean) combines the per-rank partial sums with a differentiable gather first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from darec_dist.distributed.collectives import gather_with_grad
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def info_nce(anchors: torch.Tensor, positives: torch.Tensor, pool: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over local anchors of -log softmax of cos(anchor, its positive) among cos(anchor, global pool) / tau.
+
+    `pool` is this rank's share of the candidates (typically the positives themselves); it is gathered.
+    """
+    a = F.normalize(anchors, dim=-1)
+    p = F.normalize(positives, dim=-1)
+    everyone = gather_with_grad(F.normalize(pool, dim=-1))
+    logits = a @ everyone.T / temperature
+    return (torch.logsumexp(logits, dim=-1) - (a * p).sum(-1) / temperature).mean()
+
+
+def global_similarity_loss(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
+    """mean((S_C - S_L)^2) of the cosine-similarity matrices of the global sample; this rank computes its rows."""
+    c = F.normalize(collab, dim=-1)
+    l = F.normalize(llm, dim=-1)
+    return ((c @ gather_with_grad(c).T - l @ gather_with_grad(l).T) ** 2).mean()
+
+
+def uniformity_loss(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang-Isola uniformity of the global sample: log mean_{i != j} exp(-t ||z_i - z_j||^2), z l2-normalised."""
+    local = F.normalize(z, dim=-1)
+    everyone = gather_with_grad(local)
+    # ||a - b||^2 = 2 - 2 a.b on the unit sphere.
+    kernel = torch.exp(-t * (2.0 - 2.0 * local @ everyone.T))
+    offset = _rank() * local.shape[0]
+    own = torch.arange(local.shape[0], device=z.device)
+    kernel = kernel.index_put((own, own + offset), torch.zeros_like(own, dtype=kernel.dtype))
+    total = gather_with_grad(kernel.sum().reshape(1)).sum()
+    n = everyone.shape[0]
+    return torch.log(total / (n * (n - 1)))
+
+
+def orthogonality_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean_v cos(a_v, b_v)^2 over local rows."""
+    return F.cosine_similarity(a, b, dim=-1).pow(2).mean()
+
+
+def soft_assignments(x: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(F.normalize(x, dim=-1) @ F.normalize(centres, dim=-1).T / temperature, dim=-1)
+
+
+def cluster_alignment_loss(collab: torch.Tensor, llm: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric KL between the two sides' soft assignments to the shared preference centres, mean over local rows."""
+    q_c = soft_assignments(collab, centres, temperature).clamp_min(1e-12)
+    q_l = soft_assignments(llm, centres, temperature).clamp_min(1e-12)
+    kl_cl = (q_c * (q_c.log() - q_l.log())).sum(-1)
+    kl_lc = (q_l * (q_l.log() - q_c.log())).sum(-1)
+    return (kl_cl + kl_lc).mean()
+
+
+def centre_separation_loss(centres: torch.Tensor) -> torch.Tensor:
+    """mean over centre pairs of cos^2: keeps the K preference centres apart (parameters only, same on all ranks)."""
+    k = centres.shape[0]
+    if k < 2:
+        return centres.sum() * 0.0
+    unit = F.normalize(centres, dim=-1)
+    cos = unit @ unit.T
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=centres.device)
+    return cos[off_diagonal].pow(2).mean()
+
+
+def kmeans(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
+    """Spherical k-means (cosine) with a seeded start; used once to initialise the centres from gathered l_sh.
+
+    Points are first put in a canonical order (by a fixed random projection), so the result does not
+    depend on how ranks ordered the gathered rows.
+    """
+    unit = F.normalize(points, dim=-1)
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(unit.shape[1], generator=generator, dtype=unit.dtype)
+    unit = unit[torch.argsort(unit.cpu() @ projection).to(unit.device)]
+    centres = unit[torch.randperm(unit.shape[0], generator=generator)[:k].to(unit.device)].clone()
+    for _ in range(iterations):
+        assign = (unit @ centres.T).argmax(-1)
+        for c in range(k):
+            members = unit[assign == c]
+            if len(members):
+                centres[c] = F.normalize(members.mean(0), dim=-1)
+    return centres
+

@@ -1,0 +1,122 @@
+"""Every loss that couples samples gives the same value and gradients for world size 1 and 2 on the same
+global data, under the trainer's convention: a rank's gradient for its own rows counts 1/W (TorchRec's
+gradient division), and parameter gradients are averaged over ranks (DeepSpeed)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from darec_dist.models.aligners.base import AlignInputs
+from darec_dist.models.aligners.coupled_losses import (
+    cluster_alignment_loss,
+    global_similarity_loss,
+    info_nce,
+    orthogonality_loss,
+    uniformity_loss,
+)
+from darec_dist.models.aligners.darec import DaRec, DaRecConfig
+from darec_dist.models.aligners.rlmrec_con import ConConfig, RLMRecCon
+from darec_dist.models.aligners.rlmrec_gen import GenConfig, RLMRecGen
+from tests.dist_helpers import run_distributed
+
+N, D, DL, K = 16, 6, 10, 3
+
+
+def global_data():
+    g = torch.Generator().manual_seed(11)
+    return {
+        "c": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "l": torch.randn(N, DL, generator=g, dtype=torch.float64),
+        "c2": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "l2": torch.randn(N, DL, generator=g, dtype=torch.float64),
+        "l3": torch.randn(N, DL, generator=g, dtype=torch.float64),
+        "ego": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "w": torch.rand(N, generator=g, dtype=torch.float64),
+        "centres": torch.randn(K, D, generator=g, dtype=torch.float64),
+    }
+
+
+def modules():
+    torch.manual_seed(3)
+    darec = DaRec(DaRecConfig(clusters=K, sample_size=N), D, DL, seed=1).double()
+    con = RLMRecCon(ConConfig(), D, DL).double()
+    gen = RLMRecGen(GenConfig(), D, DL).double()
+    with torch.no_grad():
+        gen.mask_token.normal_()
+    return {"darec": darec, "con": con, "gen": gen}
+
+
+def cases(x, mods):
+    """name -> (loss, module or None); x holds this rank's rows (requires_grad)."""
+    inputs = AlignInputs(
+        {"user": x["c"], "pos": x["c2"], "neg": x["ego"]},
+        {"user": x["l"], "pos": x["l2"], "neg": x["l3"]},
+        {"user": x["ego"], "pos": x["ego"], "neg": x["ego"]},
+        {"user": x["w"], "pos": x["w"], "neg": x["w"]},
+    )
+    masked = AlignInputs({"all": x["c"]}, {"all": x["l"]}, {"all": x["ego"]}, {"all": x["w"]})
+    return {
+        "info_nce": (info_nce(x["c"], x["c2"], x["c2"], 0.3), None),
+        "global_similarity": (global_similarity_loss(x["c"], x["c2"]), None),
+        "uniformity": (uniformity_loss(x["c"]), None),
+        "orthogonality": (orthogonality_loss(x["c"], x["c2"]), None),
+        "cluster_alignment": (cluster_alignment_loss(x["c"], x["c2"], x["centres_param"], 0.2), None),
+        "darec": (sum(mods["darec"].losses(x["c"], x["l"]).values()), mods["darec"]),
+        "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
+        "rlmrec_gen": (mods["gen"].reconstruction_loss(masked), mods["gen"]),
+    }
+
+
+def compute(rank, world_size, out_dir):
+    data = global_data()
+    rows = slice(rank * N // world_size, (rank + 1) * N // world_size)
+    results = {}
+    names = list(cases({k: v[rows] if k != "centres" else v for k, v in data.items()} | {"centres_param": data["centres"]}, modules()))
+    for name in names:
+        mods = modules()
+        x = {k: v[rows].clone().requires_grad_(True) for k, v in data.items() if k != "centres"}
+        x["centres_param"] = data["centres"].clone().requires_grad_(True)
+        loss, module = cases(x, mods)[name]
+        loss.backward()
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        entry = {"loss": value.item() / world_size, "inputs": {}, "params": {}}
+        for key in ("c", "c2", "l", "l2", "l3", "ego", "w"):
+            grad = x[key].grad if x[key].grad is not None else torch.zeros_like(x[key])
+            parts = [torch.empty_like(grad) for _ in range(world_size)]
+            dist.all_gather(parts, (grad / world_size).contiguous())
+            entry["inputs"][key] = torch.cat(parts)
+        params = dict(module.named_parameters()) if module is not None else {}
+        params["centres_param"] = x["centres_param"]
+        for pname, p in params.items():
+            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            entry["params"][pname] = grad / world_size
+        results[name] = entry
+    if rank == 0:
+        (out_dir / f"world{world_size}.pkl").write_bytes(pickle.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("coupled")
+    for world_size in (1, 2):
+        run_distributed(compute, world_size, out)
+    return [pickle.loads((out / f"world{w}.pkl").read_bytes()) for w in (1, 2)]
+
+
+NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "rlmrec_con", "rlmrec_gen"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_world_sizes_agree(outcomes, name):
+    one, two = outcomes[0][name], outcomes[1][name]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-10, abs=1e-12)
+    for key in one["inputs"]:
+        np.testing.assert_allclose(two["inputs"][key].numpy(), one["inputs"][key].numpy(), rtol=1e-8, atol=1e-12, err_msg=key)
+    for key in one["params"]:
+        np.testing.assert_allclose(two["params"][key].numpy(), one["params"][key].numpy(), rtol=1e-8, atol=1e-12, err_msg=key)
+    assert any(g.abs().max() > 0 for g in one["inputs"].values()), "the loss must depend on its inputs"
