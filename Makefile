@@ -11,7 +11,9 @@ CONSTRAINTS ?= requirements/constraints-cpu.txt
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean-data
+EXPERIMENT ?= configs/experiments/ml-100k-lightgcn.yaml
+
+.PHONY: install demo test experiment
 
 install: $(VENV)/.installed
 
@@ -26,8 +28,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -c "import torchrec, fbgemm_gpu, deepspeed, pyspark, webdataset; print('install ok')"
 	touch $@
 
-demo: install
+# The main job: prepare MovieLens-100K once (redone when its config changes), then train and compare.
+demo: install data/ml-100k/manifest.json
+	$(PY) launch/experiment.py configs/experiments/quickstart.yaml
+
+data/ml-100k/manifest.json: configs/data/ml-100k.yaml | install
 	$(PY) -m spark_jobs.prepare configs/data/ml-100k.yaml overwrite=true
+
+experiment: install
+	$(PY) launch/experiment.py $(EXPERIMENT)
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """RecBole 1.2.1 LightGCN on darec-dist's prepared split, as an external baseline.
 
-This script runs in its own virtualenv (RecBole 1.2.1 does not work with the
-project's numpy>=2 / scipy>=1.13 / pandas>=2.2 / setuptools>=81), and it does not
+This script runs in its own virtualenv (RecBole 1.2.1 needs numpy<2, scipy<1.13
+and setuptools<81, which clash with the project's environment), and it does not
 import darec_dist: it reads only the prepared CSR arrays
 ``<data>/interactions/{train,val,test}_{indptr,items}.npy``.
 
@@ -35,24 +35,23 @@ What it does:
 RecBole writes ``log/``, ``log_tensorboard/`` and ``saved/`` under ``--workdir``
 (the script changes into it before RecBole starts).
 
-Setup (once; 2024-era pins needed by recbole 1.2.1, see docs/recbole_baseline_raw.md)::
+Setup (once; the pins are what recbole 1.2.1 needs, see docs/recbole_baseline_raw.md)::
 
     python3 -m venv /work/recbole-venv
     /work/recbole-venv/bin/pip install torch==2.13.0 recbole==1.2.1
     /work/recbole-venv/bin/pip install numpy==1.26.4 scipy==1.12.0 pandas==2.1.4 "setuptools<81"
 
-Runs (RecBole's LightGCN defaults: d=64, 2 layers, lr 1e-3, reg 1e-5, batch 2048,
-one uniform negative)::
+Runs recorded in docs/recbole_baseline_raw.md (RecBole's LightGCN defaults: d=64, lr 1e-3,
+reg 1e-5, batch 2048, one uniform negative; n_layers 2 and 3; stopping_step 10 and 20)::
 
-    /work/recbole-venv/bin/python bench/recbole_baseline.py \\
-        --data data/ml-100k --workdir /tmp/recbole-ml100k \\
-        --out /tmp/recbole-ml100k/lightgcn_d64_l2.json \\
-        --embedding-size 64 --n-layers 2 --epochs 300 --stopping-step 10 --threads 1
-
-    /work/recbole-venv/bin/python bench/recbole_baseline.py \\
-        --data data/ml-100k --workdir /tmp/recbole-ml100k \\
-        --out /tmp/recbole-ml100k/lightgcn_d64_l3.json \\
-        --embedding-size 64 --n-layers 3 --epochs 300 --stopping-step 10 --threads 1
+    cd /work/main
+    for L in 2 3; do for S in 10 20; do
+      /work/recbole-venv/bin/python -W ignore bench/recbole_baseline.py \\
+          --data data/ml-100k --workdir /tmp/recbole-ml100k \\
+          --out /tmp/recbole-ml100k/lightgcn_d64_l${L}_stop${S}.json \\
+          --embedding-size 64 --n-layers $L --learning-rate 1e-3 --reg-weight 1e-5 \\
+          --train-batch-size 2048 --epochs 300 --stopping-step $S --seed 2020 --threads 1
+    done; done
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                     checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
                 else:
                     state["bad_evals"] += 1
-                    stop = state["bad_evals"] >= cfg.train.patience
+                    stop = state["bad_evals"] >= cfg.train.patience and state["epoch"] >= cfg.train.min_epochs
             if stop or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or state["epoch"] == cfg.train.epochs:
                 checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
             if stop:

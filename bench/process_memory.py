@@ -1,0 +1,50 @@
+"""Run a command and sample the resident memory of its whole process tree (peak total and peak per process)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass
+class MemoryPeaks:
+    total_bytes: int = 0
+    # pid -> (command line, peak RSS bytes)
+    per_process: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+    def largest(self, contains: str = "") -> int:
+        return max((rss for cmd, rss in self.per_process.values() if contains in cmd), default=0)
+
+
+def run_measured(command: list[str], interval: float = 0.2, **popen) -> tuple[int, float, MemoryPeaks, str]:
+    """(return code, wall seconds, memory peaks, combined output) of `command`."""
+    peaks = MemoryPeaks()
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    root = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            tree = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        total = 0
+        for proc in tree:
+            try:
+                rss = proc.memory_info().rss
+                cmd = " ".join(proc.cmdline())[:200]
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += rss
+            previous = peaks.per_process.get(proc.pid, (cmd, 0))[1]
+            peaks.per_process[proc.pid] = (cmd, max(previous, rss))
+        peaks.total_bytes = max(peaks.total_bytes, total)
+        time.sleep(interval)
+    reader.join()
+    return process.returncode, time.perf_counter() - started, peaks, "".join(output)

@@ -1,0 +1,100 @@
+"""Training-step time per aligner: the cost DaRec (or RLMRec) adds to the base step.
+
+    python bench/step_time.py --data data/amazon-book --train-config configs/train/amazon-book.yaml \
+        --methods none rlmrec-con rlmrec-gen darec --nproc 2 --steps 30
+
+For each method this starts `torchrun --nproc_per_node=NPROC bench/step_time.py --worker ...`,
+which builds the trainer, loads the batches of the first steps into memory (so the loader is not
+timed), runs a few warm-up steps, then times `--steps` training steps and reports the slowest
+rank's mean step time. Printed: ms per step, interactions per second, and the ratio to `none`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from darec_dist.config import load_config
+    from darec_dist.data.dataset import PreparedDataset
+    from darec_dist.data.loader import epoch_batches
+    from darec_dist.distributed.env import distributed
+    from darec_dist.train.config import TrainConfig
+    from darec_dist.train.trainer import Trainer
+
+    cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"align.method={args.method}", *args.override])
+    with distributed(cfg.device) as env:
+        dataset = PreparedDataset.open(cfg.data.path, verify_shards=False)
+        trainer = Trainer(cfg, env, dataset)
+        batches = []
+        for batch in epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, env.world_size):
+            batches.append(batch)
+            if len(batches) == args.warmup + args.steps:
+                break
+        if len(batches) < args.warmup + args.steps:
+            raise SystemExit(f"only {len(batches)} batches in an epoch; lower --steps")
+        for batch in batches[: args.warmup]:
+            trainer.train_step(batch)
+        dist.barrier()
+        started = time.perf_counter()
+        for batch in batches[args.warmup :]:
+            trainer.train_step(batch)
+        dist.barrier()
+        elapsed = torch.tensor(time.perf_counter() - started)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if env.is_main:
+            step = elapsed.item() / args.steps
+            Path(args.result).write_text(json.dumps({"method": args.method, "ms_per_step": 1000 * step, "interactions_per_s": cfg.loader.batch_size / step}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--train-config", default="configs/train/default.yaml")
+    parser.add_argument("--methods", nargs="+", default=["none", "darec"])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    rows = []
+    for method in args.methods:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [
+                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
+                "--data", args.data, "--train-config", args.train_config, "--method", method, "--result", out.name,
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--override", *args.override,
+            ]
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{method}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            rows.append(json.loads(Path(out.name).read_text()))
+    base = next((r["ms_per_step"] for r in rows if r["method"] == "none"), None)
+    print(f"{'method':<12} {'ms/step':>9} {'interactions/s':>15} {'x base':>7}")
+    for r in rows:
+        ratio = f"{r['ms_per_step'] / base:.2f}" if base else "-"
+        print(f"{r['method']:<12} {r['ms_per_step']:>9.1f} {r['interactions_per_s']:>15.0f} {ratio:>7}")
+
+
+if __name__ == "__main__":
+    main()

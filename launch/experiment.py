@@ -1,0 +1,191 @@
+"""Run a grid of training runs (variants x seeds) under torchrun and tabulate their test metrics.
+
+    python launch/experiment.py configs/experiments/ml-100k-lightgcn.yaml [key=value ...]
+
+An experiment file names a training config, the variants (each a list of
+overrides: methods, ablations, or one value of a swept key) and the seeds. Every
+run goes to <out_dir>/<variant>/seed-<s>; a run whose results.json exists is not
+run again, so an interrupted experiment continues where it stopped. The summary
+(table.md, summary.json, and for sweeps a plot) reports test metrics as mean and
+standard deviation over seeds; each run chose its best epoch on validation only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from darec_dist.config import ConfigError, load_config
+from darec_dist.train.config import REPO_ROOT
+
+REPORTED = ["recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"]
+
+
+@dataclass
+class SweepConfig:
+    # Dotted training key swept over `values`, on top of `base` overrides; variants are named key=value.
+    key: str = ""
+    values: list[float] = field(default_factory=list)
+    base: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    train_config: str = "configs/train/default.yaml"
+    # Overrides every run shares (dataset, backbone, epochs ...).
+    overrides: list[str] = field(default_factory=list)
+    # name -> overrides; runs in this order. Ignored when `sweep.key` is set.
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    nproc: int = 2
+    out_dir: str = "runs/experiments/experiment"
+    # Gains are reported relative to these variants when present.
+    baselines: list[str] = field(default_factory=lambda: ["base", "rlmrec-con"])
+
+
+def variants_of(cfg: ExperimentConfig) -> dict[str, list[str]]:
+    if cfg.sweep.key:
+        return {f"{cfg.sweep.key}={_fmt(v)}": cfg.sweep.base + [f"{cfg.sweep.key}={_fmt(v)}"] for v in cfg.sweep.values}
+    if not cfg.variants:
+        raise ConfigError("experiment: give `variants` or a `sweep.key` with `sweep.values`")
+    return cfg.variants
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
+    """One torchrun job; returns its results.json (skips the job when that file already exists)."""
+    results = run_dir / "results.json"
+    if results.exists():
+        return json.loads(results.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--max-restarts=1",
+        str(REPO_ROOT / "launch" / "train.py"), cfg.train_config, *cfg.overrides, *overrides,
+        f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false", "--resume", "auto",
+    ]
+    started = time.perf_counter()
+    with open(run_dir / "log.txt", "a") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"run failed ({done.returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
+    record = json.loads(results.read_text())
+    record["wall_seconds"] = time.perf_counter() - started
+    results.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def summarise(cfg: ExperimentConfig, runs: dict[str, list[dict]]) -> dict:
+    summary = {}
+    for name, records in runs.items():
+        test = np.array([[r["test"][m] for m in REPORTED] for r in records])
+        val = np.array([[r["val"][m] for m in REPORTED] for r in records])
+        summary[name] = {
+            "seeds": len(records),
+            "test_mean": dict(zip(REPORTED, test.mean(0).tolist())),
+            "test_std": dict(zip(REPORTED, test.std(0, ddof=1).tolist() if len(records) > 1 else [0.0] * len(REPORTED))),
+            "val_mean": dict(zip(REPORTED, val.mean(0).tolist())),
+            "best_epochs": [r["best_epoch"] for r in records],
+            "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in records])),
+            "wall_seconds": float(np.sum([r.get("wall_seconds", 0.0) for r in records])),
+            "embedding_model": records[0].get("embedding_model"),
+        }
+    return summary
+
+
+def markdown(cfg: ExperimentConfig, summary: dict) -> str:
+    lines = [f"# {cfg.name}", "", f"Test metrics, mean ± std over seeds {cfg.seeds}; best epoch chosen on validation Recall@20.", ""]
+    lines.append("| variant | " + " | ".join(REPORTED) + " | s/epoch |")
+    lines.append("|---" * (len(REPORTED) + 2) + "|")
+    for name, s in summary.items():
+        cells = [f"{s['test_mean'][m]:.4f} ± {s['test_std'][m]:.4f}" for m in REPORTED]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['seconds_per_epoch']:.2f} |")
+    for baseline in cfg.baselines:
+        if baseline not in summary:
+            continue
+        lines += ["", f"Relative gain over {baseline} (mean test metric):", ""]
+        lines.append("| variant | " + " | ".join(REPORTED) + " |")
+        lines.append("|---" * (len(REPORTED) + 1) + "|")
+        ref = summary[baseline]["test_mean"]
+        for name, s in summary.items():
+            if name != baseline:
+                lines.append(f"| {name} | " + " | ".join(f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" for m in REPORTED) + " |")
+    model = next(iter(summary.values()))["embedding_model"]
+    wall = sum(s["wall_seconds"] for s in summary.values())
+    lines += ["", f"LLM embeddings: {model}. Total wall time of the runs: {wall / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = cfg.sweep.values
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
+        means = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_mean"][metric] for v in values]
+        stds = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_std"][metric] for v in values]
+        ax.errorbar(values, means, yerr=stds, marker="o", capsize=3)
+        ax.set(xlabel=cfg.sweep.key, ylabel=f"test {metric}", title=metric)
+        if min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    out = Path(cfg.out_dir).expanduser()
+    if not out.is_absolute():
+        out = REPO_ROOT / out
+    variants = variants_of(cfg)
+    runs: dict[str, list[dict]] = {}
+    started = time.perf_counter()
+    for name, overrides in variants.items():
+        for seed in cfg.seeds:
+            print(f"[experiment] {name} seed {seed}", flush=True)
+            runs.setdefault(name, []).append(run_one(cfg, out / name.replace("/", "_") / f"seed-{seed}", overrides, seed))
+    summary = summarise(cfg, runs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = markdown(cfg, summary)
+    (out / "table.md").write_text(table)
+    if cfg.sweep.key:
+        plot_sweep(cfg, summary, out / "sweep.png")
+    print(table)
+    print(f"[experiment] done in {(time.perf_counter() - started) / 60:.1f} min; {out / 'table.md'}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        cfg = load_config(ExperimentConfig, argv[0], argv[1:])
+        run_experiment(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
