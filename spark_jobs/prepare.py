@@ -31,7 +31,7 @@ from spark_jobs.clean import clean
 from spark_jobs.config import PrepareConfig
 from spark_jobs.embed import embed_profiles
 from spark_jobs.errors import PrepareError
-from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows
+from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows, sample_neighbors
 from spark_jobs.ids import apply_id_maps, build_id_map
 from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
 from spark_jobs.readers.formats import read_source
@@ -86,11 +86,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
 
     with log.stage("read"):
         raw = read_source(spark, cfg, log)
-        if cfg.embedding.encoder != "id-hash" and raw.item_text is None:
-            raise PrepareError(
-                f"source.format={cfg.source.format}: this source has no item text to embed; "
-                "give text tables or set embedding.encoder=id-hash (a random stand-in, say so in results)"
-            )
+        _check_embedding_source(raw, cfg)
 
     with log.stage("clean"):
         cleaned = clean(raw.interactions, cfg.clean, log)
@@ -125,6 +121,8 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         num_nodes = num_users + num_items
         degrees = node_degrees(train, num_users, num_nodes, spark)
         adjacency = normalised_adjacency(train, degrees, num_users)
+        if cfg.graph.max_neighbors is not None:
+            adjacency = sample_neighbors(adjacency, degrees, cfg.graph.max_neighbors, cfg.seed)
         rows = propagation_rows(spark, adjacency, num_nodes, cfg.graph, parts)
         nnz = write_csr(rows, "src", "dst", "w", num_nodes, root, layout.GRAPH_INDPTR, layout.GRAPH_INDICES, layout.GRAPH_WEIGHTS, scratch, parts)
         log.log(f"propagation rows: {num_nodes} rows, {nnz} entries ({nnz / num_nodes:.1f} per row)")
@@ -134,15 +132,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
         dims = {}
         for kind, ids, profiles, count in (("user", users, user_text, num_users), ("item", items, item_text, num_items)):
-            if cfg.embedding.encoder == "id-hash":
-                profiles = ids.select("id")
-            else:
-                if profiles is None:
-                    raise PrepareError(f"source.format={cfg.source.format}: no {kind} text to embed; give a {kind} text table or set embedding.encoder=id-hash")
-                profiles = profiles.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK)
-                fail_on_missing_text(profiles, kind, f"{cfg.source.format} {kind} text")
-                write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
-            vectors = embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
+            vectors = _node_vectors(raw, cfg, kind, ids, profiles, root, scratch, parts)
             dims[kind] = write_vectors(vectors, count, cfg.embedding.dtype, root, layout.EMBEDDING_FILES[kind], scratch, parts, f"{kind} embeddings")
         if dims["user"] != dims["item"]:
             raise PrepareError(f"user and item embeddings differ in dimension: {dims['user']} vs {dims['item']}")
@@ -163,7 +153,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         "density": total / float(num_users * num_items),
         "embedding": {
             "encoder": cfg.embedding.encoder,
-            "model": cfg.embedding.model if cfg.embedding.encoder != "id-hash" else "id-hash",
+            "model": cfg.embedding.model if cfg.embedding.encoder in ("sentence-transformers", "hf-decoder") else f"{cfg.embedding.encoder} ({raw.name})",
             "dim": dims["user"],
             "dtype": cfg.embedding.dtype,
             "pooling": cfg.embedding.pooling if cfg.embedding.encoder == "hf-decoder" else None,
@@ -172,6 +162,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
             "layers": cfg.graph.layers,
             "layer_weights": cfg.graph.resolved_layer_weights(),
             "top_k": cfg.graph.top_k,
+            "max_neighbors": cfg.graph.max_neighbors,
             "rows": num_nodes,
             "nnz": nnz,
             "node_order": "users 0..num_users-1, then items num_users..num_users+num_items-1",
@@ -181,6 +172,32 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         "config": to_dict(cfg),
         "spark_version": spark.version,
     }
+
+
+def _check_embedding_source(raw, cfg: PrepareConfig) -> None:
+    encoder = cfg.embedding.encoder
+    if encoder == "source" and raw.vectors is None:
+        raise PrepareError(f"embedding.encoder=source: source.format={cfg.source.format} brings no vectors of its own")
+    if encoder in ("sentence-transformers", "hf-decoder") and raw.item_text is None:
+        raise PrepareError(
+            f"source.format={cfg.source.format}: this source has no item text to embed; "
+            "give text tables or set embedding.encoder=id-hash (a random stand-in, say so in results)"
+        )
+
+
+def _node_vectors(raw, cfg: PrepareConfig, kind: str, ids, profiles, root: Path, scratch: Path, parts: int):
+    """id, vector for every node of `kind`, from the configured encoder."""
+    encoder = cfg.embedding.encoder
+    if encoder == "source":
+        return ids.join(raw.vectors[kind], "raw").select("id", "vector")
+    if encoder == "id-hash":
+        return embed_profiles(ids.select("id"), cfg.embedding, kind, cfg.seed)
+    if profiles is None:
+        raise PrepareError(f"source.format={cfg.source.format}: no {kind} text to embed; give a {kind} text table or set embedding.encoder=id-hash")
+    profiles = profiles.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK)
+    fail_on_missing_text(profiles, kind, f"{cfg.source.format} {kind} text")
+    write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
+    return embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
 
 
 def _print_summary(manifest: dict, output: Path, log: StageLog) -> None:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +21,11 @@ from spark_jobs.config import PrepareConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.readers.lines import drop_malformed, first_problem, numbered_lines, split_fields
 from spark_jobs.readers.safe_pickle import load_matrix
+from spark_jobs.readers.source import RawSource
+from spark_jobs.readers.synthetic import read_synthetic
 from spark_jobs.readers.table import ColumnPositions, parse_interactions, read_delimited_interactions
 from spark_jobs.readers.text_tables import read_metadata_table, read_text_csv
 from spark_jobs.session import StageLog
-
-
-@dataclass
-class RawSource:
-    """What every reader yields.
-
-    interactions: user, item (string raw ids), rating (double), timestamp (long), split (train/val/test or null)
-    item_text: item, title, text (or None); user_text: user, text (or None)
-    user_text_is_profile: True when user texts are finished profiles (use as is); False when they are
-        demographics that the profile stage extends with the user's train items.
-    """
-
-    name: str
-    interactions: DataFrame
-    numeric_ids: bool
-    has_split: bool
-    files: list[str]
-    item_text: DataFrame | None = None
-    user_text: DataFrame | None = None
-    user_text_is_profile: bool = False
-    # file -> {"rows": n, "malformed": m}: what the malformed-row policy counted (and dropped, if tolerated)
-    malformed: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
@@ -56,6 +35,7 @@ def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
         "recbole": read_recbole,
         "csv": read_csv_source,
         "lightgcn": read_lightgcn,
+        "synthetic": lambda spark, cfg, log: read_synthetic(spark, cfg),
     }
     if cfg.source.format not in readers:
         raise PrepareError(f"source.format: unknown format {cfg.source.format!r}; expected one of {sorted(readers)}")
