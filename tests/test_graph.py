@@ -83,3 +83,24 @@ def test_top_k_prunes_after_every_hop(spark, edges):
     for r in range(len(a)):
         np.testing.assert_allclose(np.sort(got[r]), np.sort(expected[r]), rtol=1e-10, atol=1e-14)
     assert (np.count_nonzero(got, axis=1) <= k).all()
+
+
+def test_neighbour_cap_bounds_expansion_and_is_exact_when_loose(spark, edges):
+    from spark_jobs.graph import sample_neighbors
+
+    train = spark.createDataFrame(edges, "user long, item long")
+    n = NUM_USERS + NUM_ITEMS
+    degrees = node_degrees(train, NUM_USERS, n, spark)
+    adjacency = normalised_adjacency(train, degrees, NUM_USERS)
+    loose = sample_neighbors(adjacency, degrees, limit=1000, seed=1).orderBy("src", "dst").collect()
+    assert [(r["src"], r["dst"], r["a"]) for r in loose] == [(r["src"], r["dst"], r["a"]) for r in adjacency.orderBy("src", "dst").collect()]
+    tight = sample_neighbors(adjacency, degrees, limit=2, seed=1).collect()
+    per_source = {}
+    for r in tight:
+        per_source[r["src"]] = per_source.get(r["src"], 0) + 1
+    assert max(per_source.values()) == 2
+    # Scaled by degree / limit: each sampled hop keeps the row's total weight in expectation.
+    deg = {r["node"]: r["degree"] for r in degrees.collect()}
+    full = {(r["src"], r["dst"]): r["a"] for r in adjacency.collect()}
+    for r in tight:
+        assert r["a"] == pytest.approx(full[(r["src"], r["dst"])] * max(deg[r["src"]] / 2, 1.0))

@@ -155,3 +155,8 @@ def test_unknown_format_and_keys_are_config_errors(tmp_path):
     )
     assert done.returncode == 2
     assert "unknown key(s) grph" in done.stderr
+
+
+def test_source_vectors_only_from_a_source_that_has_them(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=False)
+    fails(spark, tmp_path, source, "embedding.encoder=source: source.format=csv brings no vectors", **{"embedding.encoder": "source"})

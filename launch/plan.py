@@ -1,0 +1,132 @@
+"""Sharding plan for a hypothetical cluster: which device holds which table shard, and memory per device.
+
+    python launch/plan.py --nodes 8 --gpus-per-node 8 --hbm-gb 80 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096
+
+Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen) on the
+meta device, asks TorchRec's EmbeddingShardingPlanner for a plan on the given topology, and
+prints each table's sharding and the bytes each device holds (weights plus optimizer state).
+A scale that cannot fit exits with an error saying by how much it is short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torchrec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.types import ShardingPlan
+
+GIB = 1024**3
+# Optimizer state per table element, as a multiple of the weights: row-wise Adagrad keeps one
+# float per row (negligible for wide rows), Adam two moments, frozen tables none.
+STATE_FACTOR = {"rowwise_adagrad": 0.0, "adagrad": 1.0, "adam": 2.0, "sgd": 0.0}
+
+
+def build_tables(users: int, items: int, dim: int, llm_dim: int, llm_dtype: DataType) -> EmbeddingBagCollection:
+    def table(name: str, rows: int, width: int, dtype: DataType = DataType.FP32) -> EmbeddingBagConfig:
+        return EmbeddingBagConfig(
+            name=name, embedding_dim=width, num_embeddings=rows, feature_names=[f"{name}_f"], pooling=PoolingType.SUM, data_type=dtype
+        )
+
+    configs = [table("user_id", users, dim), table("item_id", items, dim)]
+    if llm_dim > 0:
+        configs += [table("user_llm", users, llm_dim, llm_dtype), table("item_llm", items, llm_dim, llm_dtype)]
+    return EmbeddingBagCollection(tables=configs, is_weighted=True, device=torch.device("meta"))
+
+
+def table_bytes(rows: int, cols: int, bytes_per_value: int, state_factor: float) -> float:
+    return rows * cols * bytes_per_value * (1.0 + state_factor) + (rows * 4 if state_factor == 0.0 else 0)
+
+
+def per_device_bytes(plan: ShardingPlan, module_path: str, widths: dict, optimizer: str, llm_bytes: int) -> dict[int, float]:
+    """Bytes each rank holds, from the plan's shard placements."""
+    totals: dict[int, float] = defaultdict(float)
+    for name, sharding in plan.plan[module_path].items():
+        frozen = name.endswith("_llm")
+        factor = 0.0 if frozen else STATE_FACTOR[optimizer]
+        value_bytes = llm_bytes if frozen else 4
+        spec = sharding.sharding_spec
+        if spec is None:  # data parallel: every rank holds the whole table
+            rows, cols = widths[name]
+            for rank in sharding.ranks or []:
+                totals[rank] += table_bytes(rows, cols, value_bytes, factor)
+            continue
+        for shard in spec.shards:
+            rank = shard.placement.rank()
+            rows, cols = shard.shard_sizes
+            totals[rank] += table_bytes(rows, cols, value_bytes, factor)
+    return totals
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--hbm-gb", type=float, default=80.0, help="memory per device for tables (GiB)")
+    parser.add_argument("--ddr-gb", type=float, default=0.0, help="host memory per device the planner may use through UVM (GiB)")
+    parser.add_argument("--users", type=float, required=True)
+    parser.add_argument("--items", type=float, required=True)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--llm-dim", type=int, default=0, help="width of the frozen LLM tables (0: none)")
+    parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default="fp16")
+    parser.add_argument("--optimizer", choices=sorted(STATE_FACTOR), default="rowwise_adagrad")
+    parser.add_argument("--batch-size", type=int, default=4096, help="local batch per device")
+    args = parser.parse_args(argv)
+
+    world = args.nodes * args.gpus_per_node
+    users, items = int(args.users), int(args.items)
+    llm_bytes = 2 if args.llm_dtype == "fp16" else 4
+    widths = {"user_id": (users, args.dim), "item_id": (items, args.dim), "user_llm": (users, args.llm_dim), "item_llm": (items, args.llm_dim)}
+    needed = sum(
+        table_bytes(rows, cols, llm_bytes if name.endswith("_llm") else 4, 0.0 if name.endswith("_llm") else STATE_FACTOR[args.optimizer])
+        for name, (rows, cols) in widths.items()
+        if cols > 0
+    )
+    available = world * (args.hbm_gb + args.ddr_gb) * GIB
+    print(f"cluster: {args.nodes} nodes x {args.gpus_per_node} devices = {world} devices, {args.hbm_gb:g} GiB HBM each"
+          + (f" + {args.ddr_gb:g} GiB host through UVM" if args.ddr_gb else ""))
+    print(f"tables: {users:,} users, {items:,} items, dim {args.dim}, LLM dim {args.llm_dim} ({args.llm_dtype}), "
+          f"optimizer {args.optimizer}: {needed / GIB:,.1f} GiB in total")
+    if needed > available:
+        print(f"error: does not fit: the tables need {needed / GIB:,.1f} GiB but the cluster has {available / GIB:,.1f} GiB; "
+              f"short by {(needed - available) / GIB:,.1f} GiB ({needed / available:.2f}x); add at least "
+              f"{int(-(-(needed - available) // ((args.hbm_gb + args.ddr_gb) * GIB)))} devices or shrink the tables", file=sys.stderr)
+        return 2
+    module = build_tables(users, items, args.dim, args.llm_dim, DataType.FP16 if args.llm_dtype == "fp16" else DataType.FP32)
+    topology = Topology(
+        world_size=world, local_world_size=args.gpus_per_node, compute_device="cuda",
+        hbm_cap=int(args.hbm_gb * GIB), ddr_cap=int(args.ddr_gb * GIB),
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size)
+    try:
+        plan = planner.plan(module, [EmbeddingBagCollectionSharder()])
+    except PlannerError as err:
+        first = str(err).splitlines()[0][:500]
+        print(f"error: does not fit: TorchRec's planner found no placement ({first}); the tables need "
+              f"{needed / GIB:,.1f} GiB of {available / GIB:,.1f} GiB, leaving too little headroom per device", file=sys.stderr)
+        return 2
+    path = next(iter(plan.plan))
+    print(f"\n{'table':<10} {'rows':>15} {'dim':>6} {'sharding':<18} {'kernel':<22} devices")
+    for name, sharding in plan.plan[path].items():
+        rows, cols = widths[name]
+        ranks = sharding.ranks or []
+        shown = f"{len(ranks)} ({ranks[0]}..{ranks[-1]})" if len(ranks) > 4 else str(ranks)
+        print(f"{name:<10} {rows:>15,} {cols:>6} {sharding.sharding_type:<18} {sharding.compute_kernel:<22} {shown}")
+    totals = per_device_bytes(plan, path, widths, args.optimizer, llm_bytes)
+    values = [totals.get(rank, 0.0) for rank in range(world)]
+    print(f"\nmemory per device (weights + optimizer state): min {min(values) / GIB:.2f} GiB, "
+          f"mean {sum(values) / world / GIB:.2f} GiB, max {max(values) / GIB:.2f} GiB of {args.hbm_gb:g} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

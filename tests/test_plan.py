@@ -1,0 +1,18 @@
+"""launch/plan.py: a plan and memory per device for a scale that fits, a clear error for one that does not."""
+
+from launch.plan import main
+
+
+def test_plan_for_a_cluster_that_fits(capsys):
+    assert main(["--nodes", "2", "--gpus-per-node", "4", "--hbm-gb", "16", "--users", "1e7", "--items", "1e6", "--dim", "64", "--llm-dim", "128"]) == 0
+    out = capsys.readouterr().out
+    for table in ("user_id", "item_id", "user_llm", "item_llm"):
+        assert table in out
+    assert "memory per device" in out
+
+
+def test_scale_that_cannot_fit_says_by_how_much(capsys):
+    code = main(["--nodes", "8", "--gpus-per-node", "8", "--hbm-gb", "80", "--users", "1e9", "--items", "1e8", "--dim", "128", "--llm-dim", "4096"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "short by 3,805.1 GiB" in err

@@ -1,0 +1,46 @@
+"""The synthetic source: power-law degrees, community structure in interactions and in the LLM-side vectors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from spark_jobs.prepare import prepare
+from tests.prepare_helpers import small_config
+
+COMMUNITIES = 4
+
+
+def test_synthetic_dataset_has_industrial_shape(spark, tmp_path):
+    source = {
+        "source.format": "synthetic",
+        "source.synthetic.users": 400,
+        "source.synthetic.items": 300,
+        "source.synthetic.interactions": 6000,
+        "source.synthetic.communities": COMMUNITIES,
+        "source.synthetic.embedding_dim": 16,
+        "source.synthetic.partitions": 4,
+        "source.synthetic.community_affinity": 0.8,
+        "embedding.encoder": "source",
+    }
+    root = prepare(small_config(tmp_path / "syn", source), spark=spark)
+    manifest = json.loads((root / "manifest.json").read_text())
+    total = sum(manifest["splits"].values())
+    assert 0 < total <= 6000 and manifest["embedding"]["dim"] == 16
+    users = pd.read_parquet(root / "ids/user.parquet").sort_values("id")["raw"].astype(int).to_numpy()
+    items = pd.read_parquet(root / "ids/item.parquet").sort_values("id")["raw"].astype(int).to_numpy()
+    indptr, cols = np.load(root / "interactions/train_indptr.npy"), np.load(root / "interactions/train_items.npy")
+    degrees = np.diff(indptr)
+    assert degrees.max() > 5 * np.median(degrees)  # power-law activity: a head of heavy users
+    popularity = np.bincount(cols, minlength=len(items))
+    assert popularity.max() > 5 * max(1, np.median(popularity))
+    # Most interactions stay inside the user's community (raw id modulo the community count).
+    same = (users[np.repeat(np.arange(len(degrees)), degrees)] % COMMUNITIES) == (items[cols] % COMMUNITIES)
+    assert same.mean() > 0.7
+    # LLM-side vectors: closer within a community than across.
+    vectors = np.load(root / "embeddings/user.npy")
+    groups = users % COMMUNITIES
+    cos = vectors @ vectors.T
+    within = cos[groups[:, None] == groups[None, :]].mean()
+    across = cos[groups[:, None] != groups[None, :]].mean()
+    assert within > across + 0.2
