@@ -29,8 +29,3 @@ def interaction_blocks(urls: list[str], seed: int, epoch: int) -> wds.WebDataset
         .to_tuple(layout.SAMPLE_USER_KEY, layout.SAMPLE_ITEM_KEY)
     )
 
-
-def assigned_shards(num_shards: int, rank: int, world_size: int, worker: int, num_workers: int) -> int:
-    """How many shards one worker of one rank reads (what split_by_node then split_by_worker hand it)."""
-    per_rank = len(range(rank, num_shards, world_size))
-    return len(range(worker, per_rank, num_workers))

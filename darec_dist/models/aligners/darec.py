@@ -41,6 +41,9 @@ class DaRecConfig:
     cluster_temperature: float = 0.2
     separation_weight: float = 1.0
     kmeans_iterations: int = 20
+    # Uniformity on the specific parts (the method note's reading) or on shared and specific parts
+    # (also keeps the shared projections from collapsing to a constant, which would align trivially).
+    uniformity_on: Literal["specific", "all"] = "specific"
     # Ablations.
     use_global: bool = True
     use_local: bool = True
@@ -85,7 +88,10 @@ class DaRec(Aligner):
             out["darec_local"] = cfg.structure_weight * (local + cfg.separation_weight * centre_separation_loss(self.centres))
         if cfg.use_regularisers:
             out["darec_orth"] = cfg.regulariser_weight * (orthogonality_loss(c_sp, c_sh) + orthogonality_loss(l_sp, l_sh))
-            out["darec_uniform"] = cfg.regulariser_weight * (uniformity_loss(c_sp) + uniformity_loss(l_sp))
+            uniform = uniformity_loss(c_sp) + uniformity_loss(l_sp)
+            if cfg.uniformity_on == "all":
+                uniform = uniform + uniformity_loss(c_sh) + uniformity_loss(l_sh)
+            out["darec_uniform"] = cfg.regulariser_weight * uniform
         return out
 
     @torch.no_grad()
