@@ -50,6 +50,8 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     # The metric that picks the best epoch (validation) and drives early stopping.
     monitor: str = "recall@20"
+    # Evaluate a fixed, seeded sample of this many users (null: all users); for very large user sets.
+    max_users: int | None = None
     user_chunk: int = 1024
     node_chunk: int = 8192
 

@@ -49,6 +49,17 @@ def final_embeddings(trainer, world_size: int, rank: int) -> tuple[torch.Tensor,
     return users, gather_rows_to_all(items, ds.num_items, world_size), u0
 
 
+# Scores held at once while ranking: user chunk x items <= this many floats.
+MAX_SCORES = 1 << 26
+
+
+def evaluated_users(num_users: int, max_users: int | None) -> np.ndarray:
+    """All users, or a fixed sample of them (sorted; the same for every run, so runs stay comparable)."""
+    if max_users is None or max_users >= num_users:
+        return np.arange(num_users, dtype=np.int64)
+    return np.sort(np.random.default_rng(0).choice(num_users, size=max_users, replace=False)).astype(np.int64)
+
+
 @torch.no_grad()
 def evaluate(trainer, split: str, world_size: int, rank: int) -> dict[str, float]:
     """Mean Recall@K / NDCG@K over users with held-out items in `split`; train items masked."""
@@ -57,9 +68,12 @@ def evaluate(trainer, split: str, world_size: int, rank: int) -> dict[str, float
     train, truth = trainer.dataset.interactions("train"), trainer.dataset.interactions(split)
     names = metric_names(cfg.ks)
     totals = torch.zeros(len(names) + 1, dtype=torch.float64)
-    for start in range(0, len(users), cfg.user_chunk):
-        ids = np.arange(first_user + start, first_user + min(len(users), start + cfg.user_chunk), dtype=np.int64)
-        scores = users[start : start + len(ids)] @ items.T
+    chosen = evaluated_users(trainer.dataset.num_users, cfg.max_users)
+    mine = chosen[(chosen >= first_user) & (chosen < first_user + len(users))]
+    chunk = max(1, min(cfg.user_chunk, MAX_SCORES // max(1, items.shape[0])))
+    for start in range(0, len(mine), chunk):
+        ids = mine[start : start + chunk]
+        scores = users[torch.from_numpy(ids - first_user)] @ items.T
         mask_rows(scores, ids, train)
         sums = ranking_sums(scores.cpu(), ids, truth, cfg.ks)
         totals += torch.tensor([sums[n] for n in names] + [sums["users"]], dtype=torch.float64)

@@ -1,0 +1,152 @@
+"""Cost against data size on synthetic data of industrial shape: Spark, loader, trainer, memory.
+
+    python bench/scale_bench.py --sizes 100000 1000000 5000000 10000000 --out docs/scaling_results.json
+
+For each size (interactions drawn; users = items = size / 10) this
+1. prepares a synthetic dataset with configs/data/synthetic.yaml (time per stage, peak memory of
+   the Spark process tree),
+2. measures the loader alone (bench/loader_throughput.py, one rank of two, one worker),
+3. measures training steps with the loader excluded (bench/step_time.py) for MF and LightGCN,
+   with and without DaRec, on 1 and 2 processes,
+4. trains one full epoch of LightGCN on 2 processes (loader included) and records the epoch time
+   and the peak memory of each training process,
+5. times a plain full-graph LightGCN step for contrast (bench/full_graph_lightgcn.py),
+then writes everything to --out and plots cost against size (--plot).
+Datasets are kept under --data-root (delete them afterwards; they are large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.process_memory import run_measured  # noqa: E402
+
+PY = sys.executable
+TRAIN_CONFIG = "configs/train/scale.yaml"
+
+
+def prepare(size: int, root: Path) -> dict:
+    out = root / f"synthetic-{size}"
+    if not (out / "manifest.json").exists():
+        nodes = max(100, size // 10)
+        command = [
+            PY, "-m", "spark_jobs.prepare", "configs/data/synthetic.yaml", f"output={out}", "overwrite=true",
+            f"source.synthetic.users={nodes}", f"source.synthetic.items={nodes}", f"source.synthetic.interactions={size}",
+        ]
+        code, wall, peaks, output = run_measured(command, cwd=REPO)
+        if code != 0:
+            raise SystemExit(f"prepare {size} failed:\n{output[-3000:]}")
+        (out / "bench_prepare.json").write_text(json.dumps({"wall_seconds": wall, "peak_rss_total_mib": peaks.total_bytes / 2**20}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    measured = json.loads((out / "bench_prepare.json").read_text())
+    return {"path": str(out), "manifest": manifest, **measured}
+
+
+def loader_rate(data: str) -> float:
+    done = subprocess.run(
+        [PY, "bench/loader_throughput.py", "--data", data, "--train-config", TRAIN_CONFIG, "--workers", "1", "--steps", "30"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1].split()[1])
+
+
+def step_rates(data: str, backbone: str, nproc: int) -> dict[str, float]:
+    done = subprocess.run(
+        [PY, "bench/step_time.py", "--data", data, "--train-config", TRAIN_CONFIG, "--methods", "none", "darec",
+         "--nproc", str(nproc), "--steps", "15", "--override", f"model.backbone={backbone}"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    rates = {}
+    for line in done.stdout.splitlines()[1:]:
+        method, ms, per_s, _ = line.split()
+        rates[method] = {"ms_per_step": float(ms), "interactions_per_s": float(per_s)}
+    return rates
+
+
+def full_epoch(data: str) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [
+            PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "launch/train.py", TRAIN_CONFIG, f"data.path={data}",
+            f"run_dir={run_dir}", "train.epochs=1", "train.progress_bar=false",
+        ]
+        code, wall, peaks, output = run_measured(command, cwd=REPO)
+        if code != 0:
+            raise SystemExit(f"epoch on {data} failed:\n{output[-3000:]}")
+        record = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    ranks = [rss for cmd, rss in peaks.per_process.values() if "launch/train.py" in cmd and "torch.distributed.run" not in cmd and "pt_data_worker" not in cmd]
+    return {
+        "epoch_seconds": next(r["seconds"] for r in record if r["kind"] == "train"),
+        "wall_seconds": wall,
+        "peak_rss_per_process_mib": sorted(r / 2**20 for r in ranks),
+    }
+
+
+def full_graph(data: str) -> dict:
+    done = subprocess.run([PY, "bench/full_graph_lightgcn.py", "--data", data, "--steps", "3"], cwd=REPO, capture_output=True, text=True, check=True)
+    line = done.stdout.strip().splitlines()[-1]
+    ms, epoch, peak = re.search(r"([\d.]+) ms/step x \d+ steps = ([\d.]+) s/epoch; peak RSS (\d+) MiB", line).groups()
+    return {"ms_per_step": float(ms), "epoch_seconds": float(epoch), "peak_rss_mib": float(peak)}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["size"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.loglog(sizes, [r["epoch"]["epoch_seconds"] for r in results], "o-", label="darec-dist LightGCN, 2 processes")
+    graph_sizes = [r["size"] for r in results if r.get("full_graph")]
+    left.loglog(graph_sizes, [r["full_graph"]["epoch_seconds"] for r in results if r.get("full_graph")], "s--", label="plain full-graph LightGCN (implied)")
+    left.loglog(sizes, [sum(r["prepare"]["manifest"]["timings_s"][k] for k in r["prepare"]["manifest"]["timings_s"] if k != "total") for r in results], "^-", label="Spark prepare")
+    left.set(xlabel="interactions drawn", ylabel="seconds", title="cost against data size")
+    left.legend(fontsize=8)
+    right.semilogx(sizes, [max(r["epoch"]["peak_rss_per_process_mib"]) / 1024 for r in results], "o-", label="training process (max)")
+    right.semilogx(sizes, [r["prepare"]["peak_rss_total_mib"] / 1024 for r in results], "^-", label="Spark tree (total)")
+    right.set(xlabel="interactions drawn", ylabel="peak RSS (GiB)", title="memory")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000, 10_000_000])
+    parser.add_argument("--data-root", type=Path, default=REPO / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaling_results.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scaling.png")
+    parser.add_argument("--full-graph-max", type=int, default=5_000_000, help="largest size for the full-graph contrast")
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {r["size"] for r in results}
+    for size in args.sizes:
+        if size in done:
+            continue
+        print(f"[scale] {size} interactions: prepare", flush=True)
+        entry = {"size": size, "prepare": prepare(size, args.data_root)}
+        data = entry["prepare"]["path"]
+        print(f"[scale] {size}: loader, steps, epoch", flush=True)
+        entry["loader_interactions_per_s"] = loader_rate(data)
+        entry["steps"] = {f"{b}-{n}proc": step_rates(data, b, n) for b in ("mf", "lightgcn") for n in (1, 2)}
+        entry["epoch"] = full_epoch(data)
+        if size <= args.full_graph_max:
+            entry["full_graph"] = full_graph(data)
+        results.append(entry)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(json.dumps({k: v for k, v in entry.items() if k != "prepare"}, indent=1), flush=True)
+    results.sort(key=lambda r: r["size"])
+    plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
