@@ -177,15 +177,16 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
         raise PrepareError(f"source.interactions: {path} not found")
     cols = src.columns
     columns = {"user": cols.user, "item": cols.item, "rating": cols.rating, "timestamp": cols.timestamp}
-    numeric_ids = False
     if path.endswith(".parquet") or Path(path).is_dir():
         rows = _parquet_rows(spark, path, columns)
     else:
-        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=numeric_ids)
+        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=False)
     interactions, report = drop_malformed(rows, cfg.malformed, path, log)
     files = [str(Path(path).resolve())]
     item_text = user_text = None
     numeric = _all_integer(interactions)
+    if numeric:  # "007" and "7" are one id, as in the text tables
+        interactions = interactions.withColumns({c: F.col(c).try_cast("long").cast("string") for c in ("user", "item")})
     if src.item_text:
         item_path = _require_file(Path(src.item_text).expanduser(), "source.item_text")
         item_text = read_text_csv(spark, item_path, cols.item, "text", numeric, "item")
