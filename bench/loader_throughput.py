@@ -33,7 +33,7 @@ def measure(args: argparse.Namespace, workers: int) -> float:
     cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"loader.num_workers={workers}", *args.override])
     dataset = PreparedDataset.open(cfg.data.path, verify_shards=False)
     aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim)
-    features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), with_llm=aligner.uses_llm)
+    features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), aligner.llm_groups)
     # This process plays rank 0 of the world: split_by_node reads these.
     os.environ.update(RANK="0", WORLD_SIZE=str(args.world_size))
     count, started = 0, None

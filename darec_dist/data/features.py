@@ -102,10 +102,14 @@ def _single(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class FeatureBuilder:
     """Turns (users, positives, negatives) into BatchFeatures; runs inside DataLoader workers."""
 
-    def __init__(self, num_users: int, graph: CSR | None, with_llm: bool):
+    def __init__(self, num_users: int, graph: CSR | None, llm_groups: tuple[str, ...] = ()):
         self.rows = NodeRows(num_users, graph)
-        self.num_users, self.with_llm = num_users, with_llm
+        self.num_users, self.llm_groups = num_users, llm_groups
         self.with_ego = graph is not None
+
+    def llm_feature_names(self, table: str) -> list[str]:
+        """The frozen LLM table's features: the groups the aligner reads, on the table of their kind."""
+        return [LLM_FEATURES[g] for g in self.llm_groups if EGO_TABLE[g] == table]
 
     def feature_names(self, table: str) -> list[str]:
         """The trainable-table features served by `table` ("user" or "item")."""
@@ -135,7 +139,7 @@ class FeatureBuilder:
         nodes = {"user": users, "pos": pos + self.num_users, "neg": neg + self.num_users}
         sparse, self_weight = self.node_features(nodes, ego=local_ids)
         llm = None
-        if self.with_llm:
-            llm = _kjt({LLM_FEATURES[g]: _single(ids) for g, ids in local_ids.items()}, list(LLM_FEATURES.values()))
+        if self.llm_groups:
+            llm = _kjt({LLM_FEATURES[g]: _single(local_ids[g]) for g in self.llm_groups}, [LLM_FEATURES[g] for g in self.llm_groups])
         weights = {g: torch.from_numpy(w) for g, w in self_weight.items()}
         return BatchFeatures(torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg), sparse, llm, weights)

@@ -16,9 +16,6 @@ from darec_dist.models.dense import DenseArch
 from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
 from darec_dist.train.config import TrainConfig, resolve_path
 
-LLM_TABLE_FEATURES = {"user": [LLM_FEATURES["user"]], "item": [LLM_FEATURES["pos"], LLM_FEATURES["neg"]]}
-
-
 def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
     """A DeepSpeed engine that owns every dense parameter; None when there are none (plain backbones)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -44,15 +41,16 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
         self.cfg, self.env, self.dataset = cfg, env, dataset
         self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim, cfg.seed)
-        self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), with_llm=self.aligner.uses_llm)
+        self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), self.aligner.llm_groups)
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
             dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed
         )
         self.llm: ShardedTables | None = None
         if self.aligner.uses_llm:
-            embeddings = {"user": dataset.embeddings("user"), "item": dataset.embeddings("item")}
-            self.llm = llm_tables(embeddings, LLM_TABLE_FEATURES, cfg.sparse, env)
+            features = {kind: self.features.llm_feature_names(kind) for kind in ("user", "item")}
+            embeddings = {kind: dataset.embeddings(kind) for kind, names in features.items() if names}
+            self.llm = llm_tables(embeddings, {kind: features[kind] for kind in embeddings}, cfg.sparse, env)
         # The same dense initialisation on every rank and for every world size.
         torch.manual_seed(cfg.seed)
         self.dense = DenseArch(self.aligner, cfg.model.reg).to(env.device)
@@ -70,7 +68,7 @@ class Trainer:
         if self.llm is not None:
             with torch.no_grad():
                 looked_up = self.llm.lookup(batch.llm.to(self.env.device))
-            llm = {g: looked_up[LLM_FEATURES[g]][: sizes[g]] for g in GROUPS}
+            llm = {g: looked_up[LLM_FEATURES[g]][: sizes[g]] for g in self.aligner.llm_groups}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
         return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight))
 

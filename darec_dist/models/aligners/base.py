@@ -62,8 +62,12 @@ def sample_index(available: int, count: int, device: torch.device) -> torch.Tens
 
 
 class Aligner(nn.Module):
-    # Whether the trainer must look up the frozen LLM embeddings for this aligner.
-    uses_llm: bool = True
+    # The batch groups whose frozen LLM embeddings this aligner reads (the trainer looks up only these).
+    llm_groups: tuple[str, ...] = ("user", "pos", "neg")
+
+    @property
+    def uses_llm(self) -> bool:
+        return bool(self.llm_groups)
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -76,7 +80,7 @@ class Aligner(nn.Module):
 class NoAlignment(Aligner):
     """The plain backbone: no LLM side at all."""
 
-    uses_llm = False
+    llm_groups = ()
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         return {}

@@ -57,6 +57,8 @@ class DaRecConfig:
 
 
 class DaRec(Aligner):
+    llm_groups = ("user", "pos")
+
     def __init__(self, cfg: DaRecConfig, collab_dim: int, llm_dim: int, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = cfg, seed

@@ -33,6 +33,8 @@ class GenConfig:
 
 
 class RLMRecGen(Aligner):
+    llm_groups = ("user", "pos")
+
     def __init__(self, cfg: GenConfig, collab_dim: int, llm_dim: int):
         super().__init__()
         self.cfg = cfg
