@@ -41,7 +41,7 @@ def global_data():
 
 def modules():
     torch.manual_seed(3)
-    darec = DaRec(DaRecConfig(clusters=K, sample_size=N), D, DL, seed=1).double()
+    darec = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2), D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
@@ -120,3 +120,26 @@ def test_world_sizes_agree(outcomes, name):
     for key in one["params"]:
         np.testing.assert_allclose(two["params"][key].numpy(), one["params"][key].numpy(), rtol=1e-8, atol=1e-12, err_msg=key)
     assert any(g.abs().max() > 0 for g in one["inputs"].values()), "the loss must depend on its inputs"
+
+
+def test_global_similarity_matches_dense_matrices():
+    """The Gram-form fast path equals mean((S_C - S_L)^2) of the explicit N x N cosine matrices, with gradients."""
+    data = global_data()
+    c, l = data["c"].clone().requires_grad_(True), data["l2"][:, :D].clone().requires_grad_(True)
+    fast = global_similarity_loss(c, l)
+    fast_grads = torch.autograd.grad(fast, (c, l))
+    cn, ln = torch.nn.functional.normalize(c, dim=-1), torch.nn.functional.normalize(l, dim=-1)
+    dense = ((cn @ cn.T - ln @ ln.T) ** 2).mean()
+    dense_grads = torch.autograd.grad(dense, (c, l))
+    assert fast.item() == pytest.approx(dense.item(), rel=1e-10)
+    for got, want in zip(fast_grads, dense_grads):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_uniformity_matches_pairwise_definition():
+    z = global_data()["c"]
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    distances = torch.cdist(unit, unit).square()
+    off_diagonal = ~torch.eye(N, dtype=torch.bool)
+    reference = torch.log(torch.exp(-2.0 * distances[off_diagonal]).mean())
+    assert uniformity_loss(z).item() == pytest.approx(reference.item(), rel=1e-10)

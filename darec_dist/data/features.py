@@ -102,9 +102,11 @@ def _single(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class FeatureBuilder:
     """Turns (users, positives, negatives) into BatchFeatures; runs inside DataLoader workers."""
 
-    def __init__(self, num_users: int, graph: CSR | None, llm_groups: tuple[str, ...] = ()):
+    def __init__(self, num_users: int, graph: CSR | None, llm_groups: tuple[str, ...] = (), llm_rows: int | None = None):
         self.rows = NodeRows(num_users, graph)
         self.num_users, self.llm_groups = num_users, llm_groups
+        # LLM embeddings are looked up for the first `llm_rows` interactions only (None: all).
+        self.llm_rows = llm_rows
         self.with_ego = graph is not None
 
     def llm_feature_names(self, table: str) -> list[str]:
@@ -140,6 +142,6 @@ class FeatureBuilder:
         sparse, self_weight = self.node_features(nodes, ego=local_ids)
         llm = None
         if self.llm_groups:
-            llm = _kjt({LLM_FEATURES[g]: _single(local_ids[g]) for g in self.llm_groups}, [LLM_FEATURES[g] for g in self.llm_groups])
+            llm = _kjt({LLM_FEATURES[g]: _single(local_ids[g][: self.llm_rows]) for g in self.llm_groups}, [LLM_FEATURES[g] for g in self.llm_groups])
         weights = {g: torch.from_numpy(w) for g, w in self_weight.items()}
         return BatchFeatures(torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg), sparse, llm, weights)

@@ -21,11 +21,35 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    The backward of torch.distributed.nn's all_gather hands the gradient pieces to all_to_all as they
+    come; under gloo a strided piece (from a later transpose or column slice) is sent as if it were
+    dense, which silently corrupts the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's equally shaped `x` along dim 0, rank order; gradients flow back to each owner."""
     if world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _ContiguousGrad.apply(torch.cat(dist_fn.all_gather(x), dim=0))
+
+
+def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of every rank's `x`, the same on all ranks; each rank's gradient is the sum of all ranks' gradients."""
+    if world_size() == 1:
+        return x
+    return dist_fn.all_reduce(x.contiguous())
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,10 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
     local_rank = int(os.environ["LOCAL_RANK"])
     torch_device = pick_device(device, local_rank)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    # The dense heads' gradients hold subnormal floats, which x86 CPUs multiply about ten times slower
+    # (seen as 20 ms weight-gradient matmuls that take 2 ms otherwise). Flushing them to zero only
+    # changes magnitudes below 1e-38.
+    torch.set_flush_denormal(True)
     created = False
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

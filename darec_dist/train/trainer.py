@@ -9,6 +9,7 @@ import torch
 
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, via
+from darec_dist.data.loader import local_batch_size
 from darec_dist.distributed.env import DistEnv
 from darec_dist.models.aligners import AlignInputs, build_aligner
 from darec_dist.models.backbones import propagation_rows
@@ -41,7 +42,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
         self.cfg, self.env, self.dataset = cfg, env, dataset
         self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim, cfg.seed)
-        self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), self.aligner.llm_groups)
+        llm_rows = self.aligner.llm_rows(local_batch_size(cfg.loader, env.world_size))
+        self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), self.aligner.llm_groups, llm_rows)
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
             dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed
@@ -68,7 +70,9 @@ class Trainer:
         if self.llm is not None:
             with torch.no_grad():
                 looked_up = self.llm.lookup(batch.llm.to(self.env.device))
-            llm = {g: looked_up[LLM_FEATURES[g]][: sizes[g]] for g in self.aligner.llm_groups}
+            limit = self.features.llm_rows
+            # Keys are padded to the longest group's bag count (negatives): cut each back to its rows.
+            llm = {g: looked_up[LLM_FEATURES[g]][: min(sizes[g], limit or sizes[g])] for g in self.aligner.llm_groups}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
         return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight))
 

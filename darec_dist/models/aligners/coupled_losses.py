@@ -6,7 +6,8 @@ this rank's anchors against the global pool; with equal row counts per rank the
 trainer's convention (objective = mean over ranks of each rank's loss, see
 darec_dist/distributed/collectives.py) then equals the one-process loss over the
 whole batch. A loss that is not a mean of per-anchor terms (uniformity's log of a
-mean) combines the per-rank partial sums with a differentiable gather first.
+mean, the global similarity in Gram form) combines the per-rank partial sums with a
+differentiable gather first and returns the same global value on every rank.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from darec_dist.distributed.collectives import gather_with_grad
+from darec_dist.distributed.collectives import gather_with_grad, sum_with_grad, world_size
 
 
 def _rank() -> int:
@@ -34,25 +35,52 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, pool: torch.Tensor,
     return (torch.logsumexp(logits, dim=-1) - (a * p).sum(-1) / temperature).mean()
 
 
+def similarity_gram(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the global similarity loss: the Gram matrix of its rows [C | L] (2d x 2d), summed over ranks."""
+    both = torch.cat([F.normalize(collab, dim=-1), F.normalize(llm, dim=-1)], dim=1)
+    return both.T @ both
+
+
+def similarity_from_gram(gram: torch.Tensor, n: int) -> torch.Tensor:
+    """mean((S_C - S_L)^2) over the n x n cosine-similarity matrices S = Z Z^T, from the global Gram of [C | L].
+
+    ||C C^T - L L^T||_F^2 = ||C^T C||_F^2 - 2 ||C^T L||_F^2 + ||L^T L||_F^2, the blocks of the Gram:
+    O(N d^2) instead of O(N^2 d), exact, and only a 2d x 2d matrix crosses the network, so N can span
+    the whole global batch. The squares are summed in float64 because the three terms are of similar
+    size and their difference is the loss.
+    """
+    d = gram.shape[0] // 2
+    g = gram.double()
+    squared = g[:d, :d].square().sum() - 2 * g[:d, d:].square().sum() + g[d:, d:].square().sum()
+    return (squared / (n * n)).to(gram.dtype)
+
+
 def global_similarity_loss(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
-    """mean((S_C - S_L)^2) of the cosine-similarity matrices of the global sample; this rank computes its rows."""
-    c = F.normalize(collab, dim=-1)
-    l = F.normalize(llm, dim=-1)
-    return ((c @ gather_with_grad(c).T - l @ gather_with_grad(l).T) ** 2).mean()
+    """mean((S_C - S_L)^2) of the cosine-similarity matrices of the global sample, never formed."""
+    return similarity_from_gram(sum_with_grad(similarity_gram(collab, llm)), collab.shape[0] * world_size())
 
 
-def uniformity_loss(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Wang-Isola uniformity of the global sample: log mean_{i != j} exp(-t ||z_i - z_j||^2), z l2-normalised."""
-    local = F.normalize(z, dim=-1)
-    everyone = gather_with_grad(local)
-    # ||a - b||^2 = 2 - 2 a.b on the unit sphere.
-    kernel = torch.exp(-t * (2.0 - 2.0 * local @ everyone.T))
-    offset = _rank() * local.shape[0]
-    own = torch.arange(local.shape[0], device=z.device)
-    kernel = kernel.index_put((own, own + offset), torch.zeros_like(own, dtype=kernel.dtype))
-    total = gather_with_grad(kernel.sum().reshape(1)).sum()
-    n = everyone.shape[0]
-    return torch.log(total / (n * (n - 1)))
+def uniformity_sums(*parts: torch.Tensor, t: float = 2.0) -> tuple[torch.Tensor, int]:
+    """This rank's share of the uniformity of each part, sum_{local i, global j != i} exp(-t ||z_i - z_j||^2),
+    and the global row count. Rows are l2-normalised; all parts (same row count) travel in one gather."""
+    local = torch.stack([F.normalize(z, dim=-1) for z in parts])  # parts x rows x dim
+    everyone = gather_with_grad(local.transpose(0, 1).contiguous()).transpose(0, 1)
+    # ||a - b||^2 = 2 - 2 a.b on the unit sphere: exp(2t (a.b - 1)), the affine part fused into the product.
+    kernel = torch.baddbmm(local.new_full((1, 1, 1), -2.0 * t), local, everyone.transpose(1, 2), alpha=2.0 * t).exp()
+    # The pairs i == j (each local row with itself) leave the mean; subtracting them is cheaper than masking.
+    own = torch.exp(2.0 * t * ((local * local).sum(-1) - 1.0))
+    return kernel.sum((1, 2)) - own.sum(1), everyone.shape[1]
+
+
+def uniformity_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum over parts of log mean_{i != j} exp(-t ||z_i - z_j||^2) (Wang and Isola), from the global sums."""
+    return torch.log(sums / (n * (n - 1))).sum()
+
+
+def uniformity_loss(*parts: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Sum over parts of the Wang-Isola uniformity of the global sample."""
+    sums, n = uniformity_sums(*parts, t=t)
+    return uniformity_from_sums(sum_with_grad(sums), n)
 
 
 def orthogonality_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

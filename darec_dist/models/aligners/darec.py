@@ -16,15 +16,17 @@ from typing import Literal
 import torch
 from torch import nn
 
-from darec_dist.distributed.collectives import gather_with_grad, world_size
-from darec_dist.models.aligners.base import Aligner, AlignInputs, projector, sample_count, sample_index
+from darec_dist.distributed.collectives import gather_with_grad, sum_with_grad, world_size
+from darec_dist.models.aligners.base import Aligner, AlignInputs, projector
 from darec_dist.models.aligners.coupled_losses import (
     centre_separation_loss,
     cluster_alignment_loss,
-    global_similarity_loss,
     kmeans,
     orthogonality_loss,
-    uniformity_loss,
+    similarity_from_gram,
+    similarity_gram,
+    uniformity_from_sums,
+    uniformity_sums,
 )
 
 
@@ -34,7 +36,8 @@ class DaRecConfig:
     structure_weight: float = 0.1
     # beta: weight of the orthogonality and uniformity regularisers.
     regulariser_weight: float = 0.01
-    # N: nodes (users and positive items of the global batch) in the global structure sample.
+    # N: nodes in the structure sample, the users and positive items of the first N/2 interactions of
+    # the (shuffled) global batch; capped by the batch. Every DaRec term is computed on this sample.
     sample_size: int = 4096
     # K: preference centres (the paper's best lies in [4, 8]).
     clusters: int = 4
@@ -44,6 +47,9 @@ class DaRecConfig:
     # Uniformity on the specific parts (the method note's reading) or on shared and specific parts
     # (also keeps the shared projections from collapsing to a constant, which would align trivially).
     uniformity_on: Literal["specific", "all"] = "specific"
+    # Nodes of the global sample whose pairs estimate the uniformity term (every stride-th row): its
+    # cost is quadratic in this, unlike the other terms, which are linear in N.
+    uniformity_sample: int = 512
     # Ablations.
     use_global: bool = True
     use_local: bool = True
@@ -52,8 +58,8 @@ class DaRecConfig:
     scoring: Literal["backbone", "concat"] = "backbone"
 
     def __post_init__(self) -> None:
-        if self.sample_size < 2 or self.clusters < 1:
-            raise ValueError("align.darec.sample_size must be >= 2 and align.darec.clusters >= 1")
+        if self.sample_size < 2 or self.uniformity_sample < 2 or self.clusters < 1:
+            raise ValueError("align.darec.sample_size and align.darec.uniformity_sample must be >= 2, align.darec.clusters >= 1")
 
 
 class DaRec(Aligner):
@@ -69,12 +75,13 @@ class DaRec(Aligner):
         self.centres = nn.Parameter(torch.zeros(cfg.clusters, collab_dim))
         self.register_buffer("centres_ready", torch.zeros((), dtype=torch.bool))
 
+    def llm_rows(self, local_batch: int) -> int:
+        return min(local_batch, max(1, self.cfg.sample_size // (2 * world_size())))
+
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
-        nodes = inputs.nodes()
-        available = nodes.collab["all"].shape[0]
-        count = sample_count(available, self.cfg.sample_size // world_size())
-        sample = nodes.rows(sample_index(available, count, self.centres.device))
-        return self.losses(sample.collab["all"], sample.llm["all"])
+        rows = inputs.llm["user"].shape[0]
+        c = torch.cat([inputs.collab["user"][:rows], inputs.collab["pos"][:rows]])
+        return self.losses(c, torch.cat([inputs.llm["user"], inputs.llm["pos"]]))
 
     def losses(self, c: torch.Tensor, l: torch.Tensor) -> dict[str, torch.Tensor]:
         """The DaRec losses of this rank's sampled rows (c, l); coupled terms span every rank's sample."""
@@ -82,18 +89,30 @@ class DaRec(Aligner):
         c_sp, c_sh = self.collab_specific(c), self.collab_shared(c)
         l_sp, l_sh = self.llm_specific(l), self.llm_shared(l)
         out = {}
+        # The global similarity's Gram and the uniformity's kernel sums are sums over ranks: one
+        # all-reduce carries both (collectives, not arithmetic, dominate these terms' cost on CPU).
+        partial = []
         if cfg.use_global:
-            out["darec_global"] = cfg.structure_weight * global_similarity_loss(c_sh, l_sh)
+            partial.append(similarity_gram(c_sh, l_sh).flatten())
+        if cfg.use_regularisers:
+            # A stride, not a prefix: rank r's rows are the global rows r*n..(r+1)*n-1, so the same
+            # global rows are taken for every world size when n is a multiple of the stride.
+            stride = max(1, c.shape[0] // max(1, cfg.uniformity_sample // world_size()))
+            parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
+            uniform_sums, uniform_rows = uniformity_sums(*(z[::stride] for z in parts))
+            partial.append(uniform_sums)
+        total = sum_with_grad(torch.cat(partial)) if partial else None
+        if cfg.use_global:
+            d2 = 2 * c_sh.shape[1]
+            gram, total = total[: d2 * d2].view(d2, d2), total[d2 * d2 :]
+            out["darec_global"] = cfg.structure_weight * similarity_from_gram(gram, c.shape[0] * world_size())
         if cfg.use_local:
             self._init_centres(l_sh)
             local = cluster_alignment_loss(c_sh, l_sh, self.centres, cfg.cluster_temperature)
             out["darec_local"] = cfg.structure_weight * (local + cfg.separation_weight * centre_separation_loss(self.centres))
         if cfg.use_regularisers:
             out["darec_orth"] = cfg.regulariser_weight * (orthogonality_loss(c_sp, c_sh) + orthogonality_loss(l_sp, l_sh))
-            uniform = uniformity_loss(c_sp) + uniformity_loss(l_sp)
-            if cfg.uniformity_on == "all":
-                uniform = uniform + uniformity_loss(c_sh) + uniformity_loss(l_sh)
-            out["darec_uniform"] = cfg.regulariser_weight * uniform
+            out["darec_uniform"] = cfg.regulariser_weight * uniformity_from_sums(total, uniform_rows)
         return out
 
     @torch.no_grad()
