@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaling_results.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scaling.png")
     parser.add_argument("--full-graph-max", type=int, default=5_000_000, help="largest size for the full-graph contrast")
+    parser.add_argument("--steps-max", type=int, default=10_000_000, help="largest size for the per-step benchmarks (8 launches)")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {r["size"] for r in results}
@@ -137,7 +138,8 @@ def main() -> None:
         data = entry["prepare"]["path"]
         print(f"[scale] {size}: loader, steps, epoch", flush=True)
         entry["loader_interactions_per_s"] = loader_rate(data)
-        entry["steps"] = {f"{b}-{n}proc": step_rates(data, b, n) for b in ("mf", "lightgcn") for n in (1, 2)}
+        if size <= args.steps_max:
+            entry["steps"] = {f"{b}-{n}proc": step_rates(data, b, n) for b in ("mf", "lightgcn") for n in (1, 2)}
         entry["epoch"] = full_epoch(data)
         if size <= args.full_graph_max:
             entry["full_graph"] = full_graph(data)

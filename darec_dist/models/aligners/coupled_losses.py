@@ -6,8 +6,8 @@ this rank's anchors against the global pool; with equal row counts per rank the
 trainer's convention (objective = mean over ranks of each rank's loss, see
 darec_dist/distributed/collectives.py) then equals the one-process loss over the
 whole batch. A loss that is not a mean of per-anchor terms (uniformity's log of a
-mean, the global similarity in Gram form) combines the per-rank partial sums with a
-differentiable gather first and returns the same global value on every rank.
+mean, the global similarity in Gram form) sums the per-rank partial sums with a
+differentiable all-reduce first and returns the same global value on every rank.
 """
 
 from __future__ import annotations
