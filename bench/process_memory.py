@@ -1,4 +1,9 @@
-"""Run a command and sample the resident memory of its whole process tree (peak total and peak per process)."""
+"""Run a command and sample the resident memory of its whole process tree (peak total and peak per process).
+
+Besides RSS, each process's private memory is tracked as RSS minus its resident shared pages:
+pages of memory-mapped files (graph rows, embeddings) count in RSS once touched although they
+are the kernel's shared, evictable page cache.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ class MemoryPeaks:
     total_bytes: int = 0
     # pid -> (command line, peak RSS bytes)
     per_process: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # pid -> peak private bytes (RSS minus resident shared and file-backed pages)
+    private: dict[int, int] = field(default_factory=dict)
 
     def largest(self, contains: str = "") -> int:
         return max((rss for cmd, rss in self.per_process.values() if contains in cmd), default=0)
@@ -37,13 +44,15 @@ def run_measured(command: list[str], interval: float = 0.2, **popen) -> tuple[in
         total = 0
         for proc in tree:
             try:
-                rss = proc.memory_info().rss
+                info = proc.memory_info()
+                rss, private = info.rss, info.rss - info.shared
                 cmd = " ".join(proc.cmdline())[:200]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += rss
             previous = peaks.per_process.get(proc.pid, (cmd, 0))[1]
             peaks.per_process[proc.pid] = (cmd, max(previous, rss))
+            peaks.private[proc.pid] = max(peaks.private.get(proc.pid, 0), private)
         peaks.total_bytes = max(peaks.total_bytes, total)
         time.sleep(interval)
     reader.join()

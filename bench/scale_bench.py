@@ -2,7 +2,7 @@
 
     python bench/scale_bench.py --sizes 100000 1000000 5000000 10000000 --out docs/scaling_results.json
 
-For each size (interactions drawn; users = items = size / 10) this
+For each size (interactions drawn; users = items = size / 10, or --nodes) this
 1. prepares a synthetic dataset with configs/data/synthetic.yaml (time per stage, peak memory of
    the Spark process tree),
 2. measures the loader alone (bench/loader_throughput.py, one rank of two, one worker),
@@ -34,10 +34,10 @@ PY = sys.executable
 TRAIN_CONFIG = "configs/train/scale.yaml"
 
 
-def prepare(size: int, root: Path) -> dict:
-    out = root / f"synthetic-{size}"
+def prepare(size: int, root: Path, nodes: int | None = None) -> dict:
+    nodes = nodes or max(100, size // 10)
+    out = root / f"synthetic-{size}-{nodes}"
     if not (out / "manifest.json").exists():
-        nodes = max(100, size // 10)
         command = [
             PY, "-m", "spark_jobs.prepare", "configs/data/synthetic.yaml", f"output={out}", "overwrite=true",
             f"source.synthetic.users={nodes}", f"source.synthetic.items={nodes}", f"source.synthetic.interactions={size}",
@@ -82,11 +82,13 @@ def full_epoch(data: str) -> dict:
         if code != 0:
             raise SystemExit(f"epoch on {data} failed:\n{output[-3000:]}")
         record = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    ranks = [rss for cmd, rss in peaks.per_process.values() if "launch/train.py" in cmd and "torch.distributed.run" not in cmd and "pt_data_worker" not in cmd]
+    trainers = [pid for pid, (cmd, _) in peaks.per_process.items() if "launch/train.py" in cmd and "torch.distributed.run" not in cmd]
     return {
         "epoch_seconds": next(r["seconds"] for r in record if r["kind"] == "train"),
         "wall_seconds": wall,
-        "peak_rss_per_process_mib": sorted(r / 2**20 for r in ranks),
+        # Ranks and their loader workers (forked, same command line).
+        "peak_rss_per_process_mib": sorted(peaks.per_process[pid][1] / 2**20 for pid in trainers),
+        "peak_private_per_process_mib": sorted(peaks.private[pid] / 2**20 for pid in trainers),
     }
 
 
@@ -126,6 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaling_results.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scaling.png")
     parser.add_argument("--full-graph-max", type=int, default=5_000_000, help="largest size for the full-graph contrast")
+    parser.add_argument("--nodes", type=int, help="users = items = this for every size (default: size / 10)")
     parser.add_argument("--steps-max", type=int, default=10_000_000, help="largest size for the per-step benchmarks (8 launches)")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -134,7 +137,7 @@ def main() -> None:
         if size in done:
             continue
         print(f"[scale] {size} interactions: prepare", flush=True)
-        entry = {"size": size, "prepare": prepare(size, args.data_root)}
+        entry = {"size": size, "prepare": prepare(size, args.data_root, args.nodes)}
         data = entry["prepare"]["path"]
         print(f"[scale] {size}: loader, steps, epoch", flush=True)
         entry["loader_interactions_per_s"] = loader_rate(data)
