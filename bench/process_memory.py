@@ -40,7 +40,10 @@ def run_measured(command: list[str], interval: float = 0.2, **popen) -> tuple[in
         try:
             tree = [root] + root.children(recursive=True)
         except psutil.NoSuchProcess:
-            break
+            # A child exited while the tree was walked (loader workers come and go): sample again,
+            # never stop early, or the peaks would be those of start-up.
+            time.sleep(interval)
+            continue
         total = 0
         for proc in tree:
             try:
@@ -50,8 +53,9 @@ def run_measured(command: list[str], interval: float = 0.2, **popen) -> tuple[in
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += rss
-            previous = peaks.per_process.get(proc.pid, (cmd, 0))[1]
-            peaks.per_process[proc.pid] = (cmd, max(previous, rss))
+            # Keep the first command line seen: an exiting (zombie) process reports an empty one.
+            first_cmd, previous = peaks.per_process.get(proc.pid, (cmd, 0))
+            peaks.per_process[proc.pid] = (first_cmd or cmd, max(previous, rss))
             peaks.private[proc.pid] = max(peaks.private.get(proc.pid, 0), private)
         peaks.total_bytes = max(peaks.total_bytes, total)
         time.sleep(interval)
