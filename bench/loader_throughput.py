@@ -24,16 +24,15 @@ sys.path.insert(0, str(REPO))
 def measure(args: argparse.Namespace, workers: int) -> float:
     from darec_dist.config import load_config
     from darec_dist.data.dataset import PreparedDataset
-    from darec_dist.data.features import FeatureBuilder
     from darec_dist.data.loader import epoch_batches
     from darec_dist.models.aligners import build_aligner
-    from darec_dist.models.backbones import propagation_rows
     from darec_dist.train.config import TrainConfig
+    from darec_dist.train.trainer import feature_builder
 
     cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"loader.num_workers={workers}", *args.override])
     dataset = PreparedDataset.open(cfg.data.path, verify_shards=False)
     aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim)
-    features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), aligner.llm_groups)
+    features = feature_builder(cfg, dataset, aligner, args.world_size)
     # This process plays rank 0 of the world: split_by_node reads these.
     os.environ.update(RANK="0", WORLD_SIZE=str(args.world_size))
     count, started = 0, None

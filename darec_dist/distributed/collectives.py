@@ -49,7 +49,7 @@ def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Sum of every rank's `x`, the same on all ranks; each rank's gradient is the sum of all ranks' gradients."""
     if world_size() == 1:
         return x
-    return dist_fn.all_reduce(x.contiguous())
+    return dist_fn.all_reduce(x)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,12 @@ from darec_dist.models.dense import DenseArch
 from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
 from darec_dist.train.config import TrainConfig, resolve_path
 
+def feature_builder(cfg: TrainConfig, dataset: PreparedDataset, aligner, world_size: int) -> FeatureBuilder:
+    """The batch builder for this model: its propagation rows, and the LLM rows its aligner reads."""
+    llm_rows = aligner.llm_rows(local_batch_size(cfg.loader, world_size), world_size)
+    return FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), aligner.llm_groups, llm_rows)
+
+
 def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
     """A DeepSpeed engine that owns every dense parameter; None when there are none (plain backbones)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -42,8 +48,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
         self.cfg, self.env, self.dataset = cfg, env, dataset
         self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim, cfg.seed)
-        llm_rows = self.aligner.llm_rows(local_batch_size(cfg.loader, env.world_size))
-        self.features = FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), self.aligner.llm_groups, llm_rows)
+        self.features = feature_builder(cfg, dataset, self.aligner, env.world_size)
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
             dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed

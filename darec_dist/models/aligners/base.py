@@ -65,8 +65,8 @@ class Aligner(nn.Module):
     # The batch groups whose frozen LLM embeddings this aligner reads (the trainer looks up only these).
     llm_groups: tuple[str, ...] = ("user", "pos", "neg")
 
-    def llm_rows(self, local_batch: int) -> int | None:
-        """How many leading rows of each group of this rank's batch need LLM embeddings (None: all).
+    def llm_rows(self, local_batch: int, world: int) -> int | None:
+        """How many leading rows of each group of a rank's batch need LLM embeddings (None: all).
 
         Batches come out of a shuffle buffer, so a prefix is a uniform sample; an aligner that only
         needs a sample saves the lookups and projections of the rest.

@@ -75,8 +75,8 @@ class DaRec(Aligner):
         self.centres = nn.Parameter(torch.zeros(cfg.clusters, collab_dim))
         self.register_buffer("centres_ready", torch.zeros((), dtype=torch.bool))
 
-    def llm_rows(self, local_batch: int) -> int:
-        return min(local_batch, max(1, self.cfg.sample_size // (2 * world_size())))
+    def llm_rows(self, local_batch: int, world: int) -> int:
+        return min(local_batch, max(1, self.cfg.sample_size // (2 * world)))
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         rows = inputs.llm["user"].shape[0]
