@@ -23,11 +23,9 @@ SETTINGS = [
 
 
 def torchrun(dataset, run_dir, *extra):
-    # Two restarts, as a user would allow (the README says 3): now and then the restarted ranks'
-    # gloo full-mesh connect is refused (a stale peer address, seen in about one run in four on
-    # this machine), which costs one restart before the resumed run comes up.
+    # One restart: the resumed attempt must come up at once (each attempt has its own store prefix).
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=2", "--monitor-interval=0.5",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5",
         "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}", *SETTINGS, *extra,
     ]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -68,13 +68,29 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
         created = True
     try:
         yield DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=torch_device, backend=backend)
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt; otherwise None (env://).
+
+    torchrun's default (static) rendezvous keeps one store across `--max-restarts` attempts and
+    env:// adds no prefix, so restarted ranks could read the killed attempt's gloo addresses and
+    fail with "connectFullMesh ... Connection refused" (seen as an intermittent resume failure).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"darec_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
 
 
 def _free_port() -> int:
