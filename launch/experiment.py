@@ -157,8 +157,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     variants = variants_of(cfg)
     runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    for name, overrides in variants.items():
-        for seed in cfg.seeds:
+    # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
+    for seed in cfg.seeds:
+        for name, overrides in variants.items():
             print(f"[experiment] {name} seed {seed}", flush=True)
             runs.setdefault(name, []).append(run_one(cfg, out / name.replace("/", "_") / f"seed-{seed}", overrides, seed))
     summary = summarise(cfg, runs)

@@ -25,12 +25,18 @@ class SyntheticConfig:
 
     users: int = 100_000
     items: int = 100_000
-    # Draws before de-duplication (a few percent collide).
+    # Interactions to generate: every user's count is fixed (power law over users, at least
+    # `min_user_interactions`), each user's items are distinct, and every item gets one more interaction
+    # so that the whole catalogue is active; de-duplication then removes only the rare overlaps.
     interactions: int = 1_000_000
     communities: int = 64
-    # Zipf exponents of user activity and item popularity (over ranks).
+    # Power-law exponents: a user's count ~ (activity rank)^-user_exponent; items by a Zipf law over
+    # popularity ranks.
     user_exponent: float = 1.1
     item_exponent: float = 1.1
+    min_user_interactions: int = 5
+    # Capped by the size of a community's catalogue (items / communities).
+    max_user_interactions: int = 2000
     # Probability that an interaction's item comes from the user's own community.
     community_affinity: float = 0.7
     # The synthetic LLM side: community centroid + noise * N(0, I), l2-normalised.
@@ -45,6 +51,13 @@ class SyntheticConfig:
             raise ValueError("source.synthetic.communities cannot exceed the number of users or items")
         if not 0.0 <= self.community_affinity <= 1.0:
             raise ValueError("source.synthetic.community_affinity must be in [0, 1]")
+        if self.interactions < self.users * self.min_user_interactions + self.items:
+            raise ValueError(
+                f"source.synthetic.interactions ({self.interactions}) must be at least users x min_user_interactions "
+                f"+ items ({self.users} x {self.min_user_interactions} + {self.items})"
+            )
+        if not 1 <= self.min_user_interactions <= self.max_user_interactions:
+            raise ValueError("source.synthetic: need 1 <= min_user_interactions <= max_user_interactions")
 
 
 @dataclass

@@ -1,12 +1,18 @@
 """A synthetic dataset of industrial shape, generated in Spark (no data passes through the driver).
 
-Each interaction draws its user from a Zipf law over a pseudo-random ranking of the
-users (power-law activity); with probability `community_affinity` its item comes
-from the user's community (items with the same id modulo the community count),
-else from the whole catalogue, each by a Zipf law over a pseudo-random ranking
-(power-law popularity). Every node's LLM-side vector is its community's centroid
-plus Gaussian noise, so the LLM side carries signal about preferences, as real
-text embeddings do. All randomness is seeded: a rerun gives the same data.
+Every user gets a fixed number of interactions, a power law over a pseudo-random
+ranking of the users (heavy users and a long tail, at least `min_user_interactions`
+each), so the dataset holds what was asked for and every user is active. Each of a
+user's interactions comes with probability `community_affinity` from the user's
+community (items with the same id modulo the community count), else from the whole
+catalogue, by a Zipf law over a pseudo-random ranking of that pool (power-law
+popularity). A user's items within a pool are distinct by construction: the sorted
+Zipf draws r_0 <= r_1 <= ... become r_j + j, still Zipf-shaped and strictly
+increasing. Every item also gets one interaction from a user of its community, so the
+whole catalogue is active. Every node's LLM-side vector is its community's centroid
+plus Gaussian noise, so the LLM side carries signal about preferences, as real text
+embeddings do. All randomness is drawn before any shuffle and seeded: a rerun gives
+the same data.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.window import Window
 
 from spark_jobs.config import PrepareConfig, SyntheticConfig
 from spark_jobs.embed import hashed_normal
@@ -46,21 +53,60 @@ def permute(rank: F.Column, n, offset) -> F.Column:
     return F.pmod(rank * F.lit(prime) + offset, n_col)
 
 
+def degree_scale(cfg: SyntheticConfig, total: int, most: int) -> float:
+    """c such that sum over activity ranks r of clip(round(c (r+1)^-a), min, most) is about `total`."""
+    ranks = np.arange(1, cfg.users + 1, dtype=np.float64) ** -cfg.user_exponent
+    low, high = 0.0, float(most) * cfg.users
+    for _ in range(100):
+        c = (low + high) / 2
+        if np.clip(np.floor(c * ranks + 0.5), cfg.min_user_interactions, most).sum() < total:
+            low = c
+        else:
+            high = c
+    return (low + high) / 2
+
+
 def synthetic_interactions(spark: SparkSession, cfg: SyntheticConfig, seed: int) -> DataFrame:
     c = cfg.communities
-    draws = spark.range(0, cfg.interactions, numPartitions=cfg.partitions)
-    user = permute(zipf_rank(F.rand(seed), cfg.users, cfg.user_exponent), cfg.users, F.lit(seed % cfg.users))
-    df = draws.select(user.alias("user"), F.rand(seed + 1).alias("_in_community"), F.rand(seed + 2).alias("_u_item"), F.rand(seed + 3).alias("_u_time"))
+    # Distinct items per pool need a user's count to fit in the smallest community's catalogue.
+    most = max(cfg.min_user_interactions, min(cfg.max_user_interactions, cfg.items // c))
+    scale = degree_scale(cfg, cfg.interactions - cfg.items, most)
+    users = spark.range(0, cfg.users, numPartitions=cfg.partitions)
+    # The activity rank is a permutation of the id, so heavy users spread over the partitions.
+    rank = permute(F.col("id"), cfg.users, F.lit(seed % cfg.users))
+    degree = F.least(F.greatest(F.floor(F.lit(scale) * F.pow(rank + 1, F.lit(-cfg.user_exponent)) + 0.5), F.lit(cfg.min_user_interactions)), F.lit(most))
+    draws = users.select(F.col("id").alias("user"), degree.cast("long").alias("degree")).select(
+        "user", "degree", F.explode(F.sequence(F.lit(0), F.col("degree") - 1)).alias("j")
+    )
+    # Random columns are drawn here, before the shuffle below, so that they do not depend on row order.
+    draws = draws.select(
+        "user", "degree", "j",
+        (F.rand(seed + 1) < cfg.community_affinity).alias("in_community"),
+        F.rand(seed + 2).alias("_u_item"),
+        F.rand(seed + 3).alias("_u_time"),
+    )
     community = F.pmod(F.col("user"), F.lit(c))
     # Items of community k are k, k + C, k + 2C, ...: n_k of them.
     n_k = F.floor((F.lit(cfg.items) - community - 1) / c).cast("long") + 1
-    local_rank = zipf_rank(F.col("_u_item"), n_k, cfg.item_exponent)
-    in_community = community + F.lit(c) * permute(local_rank, n_k, community)
-    anywhere = permute(zipf_rank(F.col("_u_item"), cfg.items, cfg.item_exponent), cfg.items, F.lit((seed * 7) % cfg.items))
-    item = F.when(F.col("_in_community") < cfg.community_affinity, in_community).otherwise(anywhere)
-    return df.select(
+    pool = F.when(F.col("in_community"), n_k).otherwise(F.lit(cfg.items))
+    # Drawn from the pool's first n - degree + 1 ranks, so that r + (position among the sorted draws) < n.
+    draws = draws.withColumn("r", zipf_rank(F.col("_u_item"), pool - F.col("degree") + 1, cfg.item_exponent))
+    order = Window.partitionBy("user", "in_community").orderBy("r", "j")
+    distinct_rank = F.col("r") + F.row_number().over(order) - 1
+    in_community = community + F.lit(c) * permute(distinct_rank, n_k, community)
+    anywhere = permute(distinct_rank, cfg.items, F.lit((seed * 7) % cfg.items))
+    user_items = draws.select("user", F.when(F.col("in_community"), in_community).otherwise(anywhere).alias("item"), "_u_time")
+
+    # One interaction per item with a pseudo-random user of its community: the whole catalogue is active.
+    items = spark.range(0, cfg.items, numPartitions=cfg.partitions)
+    item_community = F.pmod(F.col("id"), F.lit(c))
+    community_users = F.floor((F.lit(cfg.users) - item_community - 1) / c).cast("long") + 1
+    cover_user = item_community + F.lit(c) * permute(F.floor(F.col("id") / c).cast("long"), community_users, F.lit(seed % 1009))
+    covering = items.select(cover_user.alias("user"), F.col("id").alias("item"), F.rand(seed + 4).alias("_u_time"))
+
+    return user_items.unionByName(covering).select(
         F.col("user").cast("string").alias("user"),
-        item.cast("string").alias("item"),
+        F.col("item").cast("string").alias("item"),
         F.lit(None).cast("double").alias("rating"),
         (F.col("_u_time") * 1e9).cast("long").alias("timestamp"),
         F.lit(None).cast("string").alias("split"),
