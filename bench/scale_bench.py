@@ -83,8 +83,12 @@ def full_epoch(data: str) -> dict:
             raise SystemExit(f"epoch on {data} failed:\n{output[-3000:]}")
         record = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     trainers = [pid for pid, (cmd, _) in peaks.per_process.items() if "launch/train.py" in cmd and "torch.distributed.run" not in cmd]
+    train = next(r for r in record if r["kind"] == "train")
+    evaluated = next(r for r in record if r["kind"] == "val")
     return {
-        "epoch_seconds": next(r["seconds"] for r in record if r["kind"] == "train"),
+        "epoch_seconds": train["seconds"],
+        # Each rank's share of the sharded tables (with optimizer state) and its private memory at stages.
+        "rank_memory_mib": {**train["private_memory_mib"], "after_eval": evaluated["private_memory_mib"]},
         "wall_seconds": wall,
         # Ranks and their loader workers (forked, same command line).
         "peak_rss_per_process_mib": sorted(peaks.per_process[pid][1] / 2**20 for pid in trainers),

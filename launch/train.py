@@ -32,7 +32,7 @@ from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, local_batch_size, steps_per_epoch
 from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, seed_everything
-from darec_dist.train import checkpoint, report
+from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, final_embeddings, gather_rows_to_all
 from darec_dist.train.trainer import Trainer
@@ -122,6 +122,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(run_dir, cfg)
         trainer = Trainer(cfg, env, dataset)
+        memory_mib = {"after_setup": memory.per_rank(memory.private_mib())}
         state = fresh_state()
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
         if source is not None:
@@ -136,15 +137,22 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             losses = train_epoch(trainer, cfg, env, state, run_dir)
             state["epoch_seconds"].append(time.perf_counter() - started)
             epoch = state["epoch"]
+            # Measured after a step, when every optimizer's state exists.
+            tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB
+            memory_mib.update(tables=memory.per_rank(tables), after_train=memory.per_rank(memory.private_mib()))
             if env.is_main:
-                report.append_metrics(run_dir, {"kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses, "seconds": state["epoch_seconds"][-1]})
+                report.append_metrics(run_dir, {
+                    "kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses,
+                    "seconds": state["epoch_seconds"][-1], "private_memory_mib": memory_mib,
+                })
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={})
             stop = False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 trainer.set_train(False)
                 val = evaluate(trainer, "val", env.world_size, env.rank)
+                after_eval = memory.per_rank(memory.private_mib())
                 if env.is_main:
-                    report.append_metrics(run_dir, {"kind": "val", "epoch": epoch, **val})
+                    report.append_metrics(run_dir, {"kind": "val", "epoch": epoch, **val, "private_memory_mib": after_eval})
                     print(f"epoch {epoch}: loss {losses.get('total', math.nan):.4f}  val " + "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "users"), flush=True)
                 if state["best"] is None or val[cfg.eval.monitor] > state["best"]["metrics"][cfg.eval.monitor]:
                     state["best"], state["bad_evals"] = {"epoch": epoch, "metrics": val}, 0

@@ -42,6 +42,7 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, bac
     root, _ = small_dataset
     reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
     finish(torchrun(root, reference_dir, f"model.backbone={backbone}"))
+    _check_memory_record(root, reference_dir)
 
     process = torchrun(root, crashed_dir, f"model.backbone={backbone}", "--resume", "auto")
     deadline = time.time() + 300
@@ -62,6 +63,17 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, bac
     for split in ("val", "test"):
         for metric, value in reference[split].items():
             assert recovered[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+
+
+def _check_memory_record(dataset, run_dir, dim=8):
+    """Each rank records its share of the tables: every row stored at least once, at most replicated with Adam state."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    rows_mib = (manifest["num_users"] + manifest["num_items"]) * dim * 4 / 2**20
+    train = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line)
+    memory = train["private_memory_mib"]
+    assert len(memory["tables"]) == 2 and all(share > 0 for share in memory["tables"])
+    assert rows_mib * 0.99 <= sum(memory["tables"]) <= 2 * 3 * rows_mib * 1.01
+    assert all(private > share for private, share in zip(memory["after_train"], memory["tables"]))
 
 
 def test_half_written_checkpoint_is_never_loaded(tmp_path):

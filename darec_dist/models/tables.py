@@ -90,6 +90,15 @@ class ShardedTables:
                 else:  # data-parallel: every rank holds the whole table
                     yield 0, 0, value
 
+    def local_bytes(self) -> int:
+        """Bytes of this rank's shards of every table and of their optimizer state: its share of the tables."""
+        state = [self.module.state_dict()]
+        if hasattr(self.module, "fused_optimizer"):
+            state.append(self.module.fused_optimizer.state_dict()["state"])
+        if self.dense_optimizer is not None:
+            state.append(self.dense_optimizer.state_dict()["state"])
+        return sum(_local_nbytes(value) for tree in state for value in _leaves(tree))
+
     def fill(self, table: str, rows: Callable[[int, int], np.ndarray]) -> None:
         """Write rows[start:end] (a function returning a float array) into this rank's shards, chunk by chunk."""
         with torch.no_grad():
@@ -108,6 +117,19 @@ class ShardedTables:
         if dist.is_initialized() and self.plan[table][0] != "data_parallel":
             dist.all_reduce(out)
         return out
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(tree=value)
+    elif isinstance(tree, (torch.Tensor, ShardedTensor)):
+        yield tree
+
+
+def _local_nbytes(value: torch.Tensor | ShardedTensor) -> int:
+    tensors = [shard.tensor for shard in value.local_shards()] if isinstance(value, ShardedTensor) else [value]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _fused_optimizer(cfg: SparseConfig, device: torch.device) -> dict:
