@@ -13,7 +13,6 @@ standard deviation over seeds; each run chose its best epoch on validation only.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -179,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         cfg = load_config(ExperimentConfig, argv[0], argv[1:])
         run_experiment(cfg)

@@ -11,13 +11,11 @@ parts overlap while the two specific parts stay apart from them and from each ot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np
 import torch

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import torch
 
+from darec_dist.config import ConfigError
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, via
 from darec_dist.data.loader import local_batch_size
@@ -28,9 +30,17 @@ def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return None
+    # DeepSpeed fixes its accelerator on first import: make it the run's device (DS_ACCELERATOR, if set, wins).
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if env.device.type == "cuda" else "cpu")
     import deepspeed
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != env.device.type:
+        raise ConfigError(
+            f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but device={env.device.type}: "
+            f"set DS_ACCELERATOR={env.device.type} (or unset it)"
+        )
     if env.device.type == "cpu":
         # Skips a ~60 s JIT build of DeepSpeed's shared-memory all-reduce; gloo does the work on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
