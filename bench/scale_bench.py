@@ -87,8 +87,9 @@ def full_epoch(data: str) -> dict:
     evaluated = next(r for r in record if r["kind"] == "val")
     return {
         "epoch_seconds": train["seconds"],
-        # Each rank's share of the sharded tables (with optimizer state) and its private memory at stages.
-        "rank_memory_mib": {**train["private_memory_mib"], "after_eval": evaluated["private_memory_mib"]},
+        # Each rank's share of the sharded tables (with optimizer state); its private memory and peak RSS
+        # so far after setup, training and evaluation.
+        "rank_memory_mib": {**train["memory_mib"], "after_eval": evaluated["memory_mib"]},
         "wall_seconds": wall,
         # Ranks and their loader workers (forked, same command line).
         "peak_rss_per_process_mib": sorted(peaks.per_process[pid][1] / 2**20 for pid in trainers),

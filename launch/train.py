@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(run_dir, cfg)
         trainer = Trainer(cfg, env, dataset)
-        memory_mib = {"after_setup": memory.per_rank(memory.private_mib())}
+        memory_mib = {"after_setup": memory.per_rank(memory.stage())}
         state = fresh_state()
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
         if source is not None:
@@ -135,20 +135,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             epoch = state["epoch"]
             # Measured after a step, when every optimizer's state exists.
             tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB
-            memory_mib.update(tables=memory.per_rank(tables), after_train=memory.per_rank(memory.private_mib()))
+            memory_mib.update(tables=memory.per_rank(tables), after_train=memory.per_rank(memory.stage()))
             if env.is_main:
                 report.append_metrics(run_dir, {
                     "kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses,
-                    "seconds": state["epoch_seconds"][-1], "private_memory_mib": memory_mib,
+                    "seconds": state["epoch_seconds"][-1], "memory_mib": memory_mib,
                 })
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={})
             stop = False
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 trainer.set_train(False)
                 val = evaluate(trainer, "val", env.world_size, env.rank)
-                after_eval = memory.per_rank(memory.private_mib())
+                after_eval = memory.per_rank(memory.stage())
                 if env.is_main:
-                    report.append_metrics(run_dir, {"kind": "val", "epoch": epoch, **val, "private_memory_mib": after_eval})
+                    report.append_metrics(run_dir, {"kind": "val", "epoch": epoch, **val, "memory_mib": after_eval})
                     print(f"epoch {epoch}: loss {losses.get('total', math.nan):.4f}  val " + "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "users"), flush=True)
                 if state["best"] is None or val[cfg.eval.monitor] > state["best"]["metrics"][cfg.eval.monitor]:
                     state["best"], state["bad_evals"] = {"epoch": epoch, "metrics": val}, 0

@@ -1,11 +1,13 @@
 """Per-rank memory at stages of a run, beside the rank's share of the sharded tables.
 
-Private memory is the unique set size (pages no other process maps): memory-mapped graph rows
-and embeddings are shared page cache and do not count, so what remains above the tables' share
-is what a rank itself allocates.
+Private memory is resident memory that is not file-backed or shared (RSS minus shared pages):
+the memory-mapped graph rows and embeddings are page cache the kernel can drop, and do not
+count. The peak RSS so far (which does count them) shows in which stage a transient peak fell.
 """
 
 from __future__ import annotations
+
+import resource
 
 import psutil
 import torch.distributed as dist
@@ -13,14 +15,16 @@ import torch.distributed as dist
 MIB = 2**20
 
 
-def private_mib() -> float:
-    return psutil.Process().memory_full_info().uss / MIB
+def stage() -> dict[str, float]:
+    """This process's private memory now and its peak RSS so far, in MiB."""
+    info = psutil.Process().memory_info()
+    return {"private": (info.rss - info.shared) / MIB, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def per_rank(value: float) -> list[float]:
+def per_rank(value):
     """`value` of every rank, in rank order (a collective: every rank calls it)."""
     if not dist.is_initialized():
         return [value]
-    values: list[float] = [0.0] * dist.get_world_size()
+    values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values

@@ -33,9 +33,9 @@ def ranking_sums(scores: torch.Tensor, users: np.ndarray, truth: CSR, ks: list[i
     sums["users"] = float(keep.sum())
     if not keep.any():
         return sums
-    users, sizes, scores = users[keep], sizes[keep], scores[torch.from_numpy(np.flatnonzero(keep))]
-    k_max = max(ks)
-    top = torch.topk(scores, k=min(k_max, scores.shape[1]), dim=1).indices.numpy()
+    # Top-K of every row, then the rows that count: indexing the scores first would copy them all.
+    top = torch.topk(scores, k=min(max(ks), scores.shape[1]), dim=1).indices.numpy()[keep]
+    users, sizes = users[keep], sizes[keep]
     hit = contains(truth, np.repeat(users, top.shape[1]), top.reshape(-1)).reshape(top.shape).astype(np.float64)
     discount = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
     for k in ks:
