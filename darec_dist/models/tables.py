@@ -122,7 +122,7 @@ class ShardedTables:
 def _leaves(tree):
     if isinstance(tree, dict):
         for value in tree.values():
-            yield from _leaves(tree=value)
+            yield from _leaves(value)
     elif isinstance(tree, (torch.Tensor, ShardedTensor)):
         yield tree
 

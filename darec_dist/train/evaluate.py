@@ -49,8 +49,8 @@ def final_embeddings(trainer, world_size: int, rank: int) -> tuple[torch.Tensor,
     return users, gather_rows_to_all(items, ds.num_items, world_size), u0
 
 
-# Scores held at once while ranking: user chunk x items <= this many floats (64 MiB), so that a
-# rank's evaluation memory does not grow with the catalogue.
+# Scores held at once while ranking: user chunk x items <= this many floats (64 MiB, whatever the
+# catalogue's size).
 MAX_SCORES = 1 << 24
 
 
