@@ -133,9 +133,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             losses = train_epoch(trainer, cfg, env, state, run_dir)
             state["epoch_seconds"].append(time.perf_counter() - started)
             epoch = state["epoch"]
-            # Measured after a step, when every optimizer's state exists.
-            tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB
-            memory_mib.update(tables=memory.per_rank(tables), after_train=memory.per_rank(memory.stage()))
+            if "tables" not in memory_mib:  # fixed once the first step has created every optimizer's state
+                tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB
+                memory_mib["tables"] = memory.per_rank(tables)
+            memory_mib["after_train"] = memory.per_rank(memory.stage())
             if env.is_main:
                 report.append_metrics(run_dir, {
                     "kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses,

@@ -19,6 +19,7 @@ from darec_dist.models.dense import DenseArch
 from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
 from darec_dist.train.config import TrainConfig, resolve_path
 
+
 def feature_builder(cfg: TrainConfig, dataset: PreparedDataset, aligner, world_size: int) -> FeatureBuilder:
     """The batch builder for this model: its propagation rows, and the LLM rows its aligner reads."""
     llm_rows = aligner.llm_rows(local_batch_size(cfg.loader, world_size), world_size)
