@@ -30,7 +30,7 @@ from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
-from darec_dist.train.evaluate import evaluate, final_embeddings, gather_rows_to_all
+from darec_dist.train.evaluate import evaluate, gathered_blocks
 from darec_dist.train.trainer import Trainer
 
 
@@ -101,10 +101,9 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "sharding_plan": {t: list(p[:2]) for t, p in trainer.tables.plan.items()},
     }
     if cfg.output.export_embeddings:
-        users, items, _ = final_embeddings(trainer, env.world_size, env.rank)
-        users = gather_rows_to_all(users, trainer.dataset.num_users, env.world_size)
-        if env.is_main:
-            report.export_vectors(run_dir, trainer.dataset.root, users.cpu().numpy(), items.cpu().numpy())
+        counts = {"user": trainer.dataset.num_users, "item": trainer.dataset.num_items}
+        blocks = {kind: (rows, gathered_blocks(trainer, kind, env.world_size, env.rank, cfg.eval.item_block)) for kind, rows in counts.items()}
+        report.export_vectors(run_dir, trainer.dataset.root, blocks, write=env.is_main)
     return results
 
 

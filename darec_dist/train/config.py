@@ -54,6 +54,8 @@ class EvalConfig:
     max_users: int | None = None
     user_chunk: int = 1024
     node_chunk: int = 8192
+    # Items scored per round (gathered from all ranks): bounds a rank's memory whatever the catalogue.
+    item_block: int = 65536
 
 
 @dataclass

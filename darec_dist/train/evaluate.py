@@ -1,8 +1,16 @@
-"""Full-ranking evaluation with users split over ranks and sums combined exactly by all-reduce."""
+"""Full-ranking evaluation, streamed over item blocks so that no rank holds every item's vector.
+
+Each round, every rank computes the scoring vectors of its next slice of items and the ranks gather
+the slices into one block (about `eval.item_block` items, whatever the world size); each rank scores
+its own users against the block, masks their train items and keeps a running top-K. The metric sums
+are then combined exactly by all-reduce. A rank holds its evaluated users' vectors and top-K, one
+item block and one score chunk: nothing that grows with the catalogue.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -11,47 +19,44 @@ import torch.distributed as dist
 from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.train.metrics import mask_rows, metric_names, ranking_sums
 
+# Scores held at once: user chunk x block <= this many floats (64 MiB).
+MAX_SCORES = 1 << 24
+
 
 def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
-def gather_rows_to_all(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
-    """Concatenate every rank's contiguous block (sizes from rank_range) into the full matrix on every rank."""
-    if world_size == 1:
-        return local
-    largest = max(rank_range(total, r, world_size)[1] - rank_range(total, r, world_size)[0] for r in range(world_size))
-    padded = torch.zeros(largest, local.shape[1], dtype=local.dtype, device=local.device)
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    blocks = [p[: rank_range(total, r, world_size)[1] - rank_range(total, r, world_size)[0]] for r, p in enumerate(parts)]
-    return torch.cat(blocks)
+@torch.no_grad()
+def scoring_vectors(trainer, kind: str, ids: np.ndarray, calls: int) -> torch.Tensor:
+    """Scoring vectors of contiguous `kind` ids, in `calls` lookups (equal on every rank: they are collective)."""
+    offset = 0 if kind == "user" else trainer.dataset.num_users
+    return trainer.aligner.scoring_vectors(trainer.node_embeddings(ids + offset, calls), kind)
 
 
-def final_embeddings(trainer, world_size: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(this rank's users' scoring vectors, all items' scoring vectors, first user id of this rank)."""
-    ds = trainer.dataset
-    chunk = trainer.cfg.eval.node_chunk
-    u0, u1 = rank_range(ds.num_users, rank, world_size)
-    i0, i1 = rank_range(ds.num_items, rank, world_size)
-    largest = max(
-        max(rank_range(ds.num_users, r, world_size)[1] - rank_range(ds.num_users, r, world_size)[0],
-            rank_range(ds.num_items, r, world_size)[1] - rank_range(ds.num_items, r, world_size)[0])
-        for r in range(world_size)
-    )
-    calls = math.ceil(largest / chunk)
-    users = trainer.node_embeddings(np.arange(u0, u1, dtype=np.int64), calls)
-    items = trainer.node_embeddings(np.arange(ds.num_users + i0, ds.num_users + i1, dtype=np.int64), calls)
-    with torch.no_grad():
-        users = trainer.aligner.scoring_vectors(users, "user")
-        items = trainer.aligner.scoring_vectors(items, "item")
-    return users, gather_rows_to_all(items, ds.num_items, world_size), u0
-
-
-# Scores held at once while ranking: user chunk x items <= this many floats (64 MiB, whatever the
-# catalogue's size).
-MAX_SCORES = 1 << 24
+@torch.no_grad()
+def gathered_blocks(trainer, kind: str, world_size: int, rank: int, block: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Every `kind` node's scoring vector, as (sorted ids, vectors) blocks of about `block` rows, on every rank."""
+    total = trainer.dataset.num_users if kind == "user" else trainer.dataset.num_items
+    ranges = [rank_range(total, r, world_size) for r in range(world_size)]
+    per_rank = max(1, math.ceil(block / world_size))
+    rounds = math.ceil(max(hi - lo for lo, hi in ranges) / per_rank)
+    calls = math.ceil(per_rank / trainer.cfg.eval.node_chunk)
+    for j in range(rounds):
+        # Round j covers ids [lo + j * per_rank, ...) of every rank's range; a short range sends nothing.
+        starts = [lo + j * per_rank for lo, _ in ranges]
+        counts = [max(0, min(hi, s + per_rank) - s) for s, (_, hi) in zip(starts, ranges)]
+        ids = np.arange(starts[rank], starts[rank] + counts[rank], dtype=np.int64)
+        vectors = scoring_vectors(trainer, kind, ids, calls)
+        if world_size > 1:
+            padded = vectors.new_zeros(per_rank, vectors.shape[1])
+            padded[: len(vectors)] = vectors
+            parts = [torch.empty_like(padded) for _ in range(world_size)]
+            dist.all_gather(parts, padded)
+            vectors = torch.cat([p[:n] for p, n in zip(parts, counts)])
+            ids = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, counts)])
+        if len(ids):
+            yield ids, vectors
 
 
 def evaluated_users(num_users: int, max_users: int | None) -> np.ndarray:
@@ -64,20 +69,28 @@ def evaluated_users(num_users: int, max_users: int | None) -> np.ndarray:
 @torch.no_grad()
 def evaluate(trainer, split: str, world_size: int, rank: int) -> dict[str, float]:
     """Mean Recall@K / NDCG@K over users with held-out items in `split`; train items masked."""
-    cfg = trainer.cfg.eval
-    users, items, first_user = final_embeddings(trainer, world_size, rank)
-    train, truth = trainer.dataset.interactions("train"), trainer.dataset.interactions(split)
+    cfg, ds, device = trainer.cfg.eval, trainer.dataset, trainer.env.device
+    chosen = evaluated_users(ds.num_users, cfg.max_users)
+    per_rank = [chosen[(chosen >= lo) & (chosen < hi)] for lo, hi in (rank_range(ds.num_users, r, world_size) for r in range(world_size))]
+    mine = per_rank[rank]
+    users = scoring_vectors(trainer, "user", mine, math.ceil(max(1, max(map(len, per_rank))) / cfg.node_chunk))
+    k = max(cfg.ks)
+    top_scores = torch.full((len(mine), k), float("-inf"), device=device)
+    top_items = torch.full((len(mine), k), -1, dtype=torch.int64, device=device)
+    train = ds.interactions("train")
+    for items, block in gathered_blocks(trainer, "item", world_size, rank, cfg.item_block):
+        columns = torch.from_numpy(items).to(device)
+        chunk = max(1, min(cfg.user_chunk, MAX_SCORES // len(items)))
+        for start in range(0, len(mine), chunk):
+            rows = slice(start, start + chunk)
+            scores = users[rows] @ block.T
+            mask_rows(scores, mine[rows], train, items)
+            best = torch.topk(torch.cat([top_scores[rows], scores], dim=1), k=k, dim=1)
+            candidates = torch.cat([top_items[rows], columns.expand(len(scores), -1)], dim=1)
+            top_scores[rows], top_items[rows] = best.values, candidates.gather(1, best.indices)
     names = metric_names(cfg.ks)
-    totals = torch.zeros(len(names) + 1, dtype=torch.float64)
-    chosen = evaluated_users(trainer.dataset.num_users, cfg.max_users)
-    mine = chosen[(chosen >= first_user) & (chosen < first_user + len(users))]
-    chunk = max(1, min(cfg.user_chunk, MAX_SCORES // max(1, items.shape[0])))
-    for start in range(0, len(mine), chunk):
-        ids = mine[start : start + chunk]
-        scores = users[torch.from_numpy(ids - first_user)] @ items.T
-        mask_rows(scores, ids, train)
-        sums = ranking_sums(scores.cpu(), ids, truth, cfg.ks)
-        totals += torch.tensor([sums[n] for n in names] + [sums["users"]], dtype=torch.float64)
-    totals = all_reduce_sum(totals.to(trainer.env.device)).cpu()
+    sums = ranking_sums(top_items.cpu().numpy(), mine, ds.interactions(split), cfg.ks)
+    totals = torch.tensor([sums[n] for n in names] + [sums["users"]], dtype=torch.float64)
+    totals = all_reduce_sum(totals.to(device)).cpu()
     count = totals[-1].item()
     return {name: (totals[i].item() / count if count else 0.0) for i, name in enumerate(names)} | {"users": int(count)}

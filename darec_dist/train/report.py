@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +75,29 @@ def plot_curves(run_dir: Path, monitor: str) -> None:
     os.replace(tmp, run_dir / "curves.png")
 
 
-def export_vectors(run_dir: Path, dataset_root: Path, users: np.ndarray, items: np.ndarray) -> None:
-    """Scoring vectors, row i = contiguous id i, with the id maps that give each row's original id."""
+def export_vectors(run_dir: Path, dataset_root: Path, blocks: dict[str, tuple[int, Iterable]], write: bool) -> None:
+    """Scoring vectors, row i = contiguous id i, with the id maps that give each row's original id.
+
+    blocks[kind] = (row count, (ids, vectors) blocks). Every rank consumes the blocks (they are
+    collective); the writer fills a memory map block by block, so it never holds all rows.
+    """
     out = run_dir / "export"
     staging = run_dir / ".export.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    np.save(staging / "user_vectors.npy", users)
-    np.save(staging / "item_vectors.npy", items)
-    for kind in ("user", "item"):
-        shutil.copyfile(dataset_root / layout.id_map(kind), staging / f"{kind}_ids.parquet")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+    if write:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    for kind, (rows, stream) in blocks.items():
+        vectors = None
+        for ids, block in stream:
+            if not write:
+                continue
+            if vectors is None:
+                vectors = np.lib.format.open_memmap(staging / f"{kind}_vectors.npy", "w+", np.float32, (rows, block.shape[1]))
+            vectors[ids] = block.cpu().numpy()
+        if write:
+            vectors.flush()
+            del vectors
+            shutil.copyfile(dataset_root / layout.id_map(kind), staging / f"{kind}_ids.parquet")
+    if write:
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(staging, out)
