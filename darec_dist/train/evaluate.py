@@ -85,8 +85,10 @@ def evaluate(trainer, split: str, world_size: int, rank: int) -> dict[str, float
             rows = slice(start, start + chunk)
             scores = users[rows] @ block.T
             mask_rows(scores, mine[rows], train, items)
-            best = torch.topk(torch.cat([top_scores[rows], scores], dim=1), k=k, dim=1)
-            candidates = torch.cat([top_items[rows], columns.expand(len(scores), -1)], dim=1)
+            # The block's own top-K first: merging with the running top-K then touches 2K columns, not the block.
+            block_top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1)
+            best = torch.topk(torch.cat([top_scores[rows], block_top.values], dim=1), k=k, dim=1)
+            candidates = torch.cat([top_items[rows], columns[block_top.indices]], dim=1)
             top_scores[rows], top_items[rows] = best.values, candidates.gather(1, best.indices)
     names = metric_names(cfg.ks)
     sums = ranking_sums(top_items.cpu().numpy(), mine, ds.interactions(split), cfg.ks)
