@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -27,3 +29,19 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
 def run_distributed(fn, world_size: int, *args) -> None:
     """Run fn(rank, world_size, *args) in `world_size` fresh processes; raises if any of them fails."""
     mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True, start_method="spawn")
+
+
+def _save_rank0(rank: int, world_size: int, path: Path, fn, args) -> None:
+    result = fn(rank, world_size, *args)
+    if rank == 0:
+        path.write_bytes(pickle.dumps(result))
+
+
+def results_per_world_size(fn, out_dir: Path, *args, world_sizes=(1, 2)) -> list:
+    """Run fn(rank, world_size, *args) at each world size in fresh processes; rank 0's return values, in order."""
+    results = []
+    for world_size in world_sizes:
+        path = out_dir / f"world{world_size}.pkl"
+        run_distributed(_save_rank0, world_size, path, fn, args)
+        results.append(pickle.loads(path.read_bytes()))
+    return results

@@ -2,7 +2,6 @@
 global data, under the trainer's convention: a rank's gradient for its own rows counts 1/W (TorchRec's
 gradient division), and parameter gradients are averaged over ranks (DeepSpeed)."""
 
-import pickle
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from darec_dist.models.aligners.coupled_losses import (
 from darec_dist.models.aligners.darec import DaRec, DaRecConfig
 from darec_dist.models.aligners.rlmrec_con import ConConfig, RLMRecCon
 from darec_dist.models.aligners.rlmrec_gen import GenConfig, RLMRecGen
-from tests.dist_helpers import run_distributed
+from tests.dist_helpers import results_per_world_size
 
 N, D, DL, K = 16, 6, 10, 3
 
@@ -70,7 +69,7 @@ def cases(x, mods):
     }
 
 
-def compute(rank, world_size, out_dir):
+def compute(rank, world_size):
     data = global_data()
     rows = slice(rank * N // world_size, (rank + 1) * N // world_size)
     results = {}
@@ -96,16 +95,12 @@ def compute(rank, world_size, out_dir):
             dist.all_reduce(grad)
             entry["params"][pname] = grad / world_size
         results[name] = entry
-    if rank == 0:
-        (out_dir / f"world{world_size}.pkl").write_bytes(pickle.dumps(results))
+    return results
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coupled")
-    for world_size in (1, 2):
-        run_distributed(compute, world_size, out)
-    return [pickle.loads((out / f"world{w}.pkl").read_bytes()) for w in (1, 2)]
+    return results_per_world_size(compute, tmp_path_factory.mktemp("coupled"))
 
 
 NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "rlmrec_con", "rlmrec_gen"]

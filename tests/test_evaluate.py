@@ -6,7 +6,6 @@ catalogue and uneven across ranks, and scores users in small chunks. The export,
 must hold every row.
 """
 
-import pickle
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from darec_dist.distributed.env import DistEnv
 from darec_dist.train import report
 from darec_dist.train.evaluate import evaluate, evaluated_users, gathered_blocks, scoring_vectors
 from darec_dist.train.trainer import Trainer
-from tests.dist_helpers import run_distributed
+from tests.dist_helpers import results_per_world_size
 from tests.test_metrics import reference
 from tests.train_helpers import train_config
 
@@ -41,17 +40,14 @@ def run(rank, world_size, root, out_dir):
         report.export_vectors(out_dir / name / f"world{world_size}", dataset.root, blocks, write=rank == 0)
         if world_size == 1:
             results[name]["vectors"] = {kind: scoring_vectors(trainer, kind, np.arange(n), calls=n).numpy() for kind, n in counts.items()}
-    if rank == 0:
-        (out_dir / f"world{world_size}.pkl").write_bytes(pickle.dumps(results))
+    return results
 
 
 @pytest.fixture(scope="module")
 def evaluations(small_dataset, tmp_path_factory):
     root, _ = small_dataset
     out = tmp_path_factory.mktemp("evaluate")
-    for world_size in (1, 2):
-        run_distributed(run, world_size, root, out)
-    return out, [pickle.loads((out / f"world{w}.pkl").read_bytes()) for w in (1, 2)]
+    return out, results_per_world_size(run, out, root, out)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -5,7 +5,6 @@ constant factor, SGD does not. Each case compares the averaged loss, the full
 tables after the step and every dense parameter.
 """
 
-import pickle
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 from darec_dist.distributed.env import DistEnv
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.train.trainer import Trainer
-from tests.dist_helpers import run_distributed
+from tests.dist_helpers import results_per_world_size
 from tests.train_helpers import global_batch, local_part, train_config
 
 CASES = {
@@ -50,17 +49,14 @@ def one_step(rank, world_size, root, out_dir, cases):
             "dense": {k: v.detach().clone() for k, v in trainer.dense.named_parameters()},
             "plan": trainer.tables.plan,
         }
-    if rank == 0:
-        (out_dir / f"world{world_size}.pkl").write_bytes(pickle.dumps(results))
+    return results
 
 
 @pytest.fixture(scope="module")
 def step_results(small_dataset, tmp_path_factory):
     root, _ = small_dataset
     out = tmp_path_factory.mktemp("steps")
-    for world_size in (1, 2):
-        run_distributed(one_step, world_size, root, out, CASES)
-    return [pickle.loads((out / f"world{w}.pkl").read_bytes()) for w in (1, 2)]
+    return results_per_world_size(one_step, out, root, out, CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
