@@ -63,9 +63,10 @@ def step_results(small_dataset, tmp_path_factory):
 def test_two_processes_equal_one(step_results, case, small_dataset):
     one, two = step_results[0][case], step_results[1][case]
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6, abs=1e-7)
-    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float-order noise in g moves the
-    # update by up to ~1e-5; the SGD cases hold the strict bound.
-    atol = 2e-5 if "adam" in case else 1e-6
+    # Adam's and Adagrad's first step is lr * g / (|g| + eps): where |g| is near eps, float-order noise in
+    # g (each rank sums a repeated node's gradients over its own half of the batch) moves the update by up
+    # to ~1e-5; the SGD cases hold the strict bound.
+    atol = 2e-5 if "adam" in case or "adagrad" in case else 1e-6
     for table in ("user_id", "item_id"):
         np.testing.assert_allclose(two[table].numpy(), one[table].numpy(), rtol=1e-5, atol=atol)
     assert one["dense"].keys() == two["dense"].keys()

@@ -58,3 +58,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's integer (the same on all ranks)."""
+    if world_size() == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())

@@ -10,8 +10,9 @@ import torch
 
 from darec_dist.config import ConfigError
 from darec_dist.data.dataset import PreparedDataset
-from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, via
+from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, NODE_FEATURES, BatchFeatures, FeatureBuilder, pad_bags
 from darec_dist.data.loader import local_batch_size
+from darec_dist.distributed.collectives import max_over_ranks
 from darec_dist.distributed.env import DistEnv
 from darec_dist.models.aligners import AlignInputs, build_aligner
 from darec_dist.models.backbones import propagation_rows
@@ -76,8 +77,12 @@ class Trainer:
 
     def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         sizes = batch.group_sizes()
-        pooled = self.tables.lookup(batch.sparse.to(self.env.device))
-        collab = {g: (pooled[via(g, "user")] + pooled[via(g, "item")])[: sizes[g]] for g in GROUPS}
+        # Ranks look up different numbers of distinct nodes, but the backward of TorchRec's output
+        # collectives (an all-gather for row-wise tables) needs the same bag count on every rank.
+        sparse = pad_bags(batch.sparse, max_over_ranks(batch.sparse.stride()))
+        pooled = self.tables.lookup(sparse.to(self.env.device))
+        nodes = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
+        collab = {g: nodes[batch.node_index[g].to(self.env.device)] for g in GROUPS}
         if self.features.with_ego:
             ego = {g: pooled[EGO_FEATURES[g]][: sizes[g]] for g in GROUPS}
         else:  # identity rows: the input embeddings are the collaborative ones
@@ -111,9 +116,10 @@ class Trainer:
         out = []
         for c in range(calls):
             part = nodes[c * chunk : (c + 1) * chunk]
-            features, _ = self.features.node_features({"user": part})
+            features, _, index = self.features.node_features({"user": part})
             pooled = self.tables.lookup(features.to(self.env.device))
-            out.append((pooled[via("user", "user")] + pooled[via("user", "item")])[: len(part)])
+            nodes_pooled = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
+            out.append(nodes_pooled[torch.from_numpy(index["user"]).to(self.env.device)])
         return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.cfg.model.dim)
 
     def set_train(self, mode: bool) -> None:
