@@ -138,3 +138,32 @@ def test_uniformity_matches_pairwise_definition():
     off_diagonal = ~torch.eye(N, dtype=torch.bool)
     reference = torch.log(torch.exp(-2.0 * distances[off_diagonal]).mean())
     assert uniformity_loss(z).item() == pytest.approx(reference.item(), rel=1e-10)
+
+
+def test_darec_projects_each_distinct_node_once_with_the_same_result():
+    """DaRec given row keys (repeated nodes projected once) equals DaRec treating every row as distinct."""
+    g = torch.Generator().manual_seed(5)
+    users, items = torch.randint(0, 5, (N,), generator=g), torch.randint(5, 12, (N,), generator=g)
+    outcomes = []
+    for with_ids in (False, True):
+        darec = modules()["darec"]
+        node_c = torch.randn(12, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64).requires_grad_(True)
+        node_l = torch.randn(12, DL, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        inputs = AlignInputs(
+            {"user": node_c[users], "pos": node_c[items]},
+            {"user": node_l[users], "pos": node_l[items]},
+            {},
+            {},
+            {"user": users, "pos": items} if with_ids else None,
+        )
+        losses = darec(inputs)
+        sum(losses.values()).backward()
+        grads = {name: p.grad.clone() for name, p in darec.named_parameters() if p.grad is not None}
+        outcomes.append(({k: v.item() for k, v in losses.items()}, node_c.grad.clone(), grads))
+    (plain, plain_grad, plain_params), (distinct, distinct_grad, distinct_params) = outcomes
+    assert len(torch.unique(users)) < N, "the case must repeat nodes"
+    assert distinct == pytest.approx(plain, rel=1e-12)
+    torch.testing.assert_close(distinct_grad, plain_grad, rtol=1e-10, atol=1e-12)
+    assert plain_params.keys() == distinct_params.keys() and plain_params
+    for name in plain_params:
+        torch.testing.assert_close(distinct_params[name], plain_params[name], rtol=1e-10, atol=1e-12)

@@ -82,7 +82,8 @@ class Trainer:
         sparse = pad_bags(batch.sparse, max_over_ranks(batch.sparse.stride()))
         pooled = self.tables.lookup(sparse.to(self.env.device))
         nodes = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
-        collab = {g: nodes[batch.node_index[g].to(self.env.device)] for g in GROUPS}
+        node_index = {g: i.to(self.env.device) for g, i in batch.node_index.items()}
+        collab = {g: nodes[node_index[g]] for g in GROUPS}
         if self.features.with_ego:
             ego = {g: pooled[EGO_FEATURES[g]][: sizes[g]] for g in GROUPS}
         else:  # identity rows: the input embeddings are the collaborative ones
@@ -95,7 +96,7 @@ class Trainer:
             # Keys are padded to the longest group's bag count (negatives): cut each back to its rows.
             llm = {g: looked_up[LLM_FEATURES[g]][: min(sizes[g], limit or sizes[g])] for g in self.aligner.llm_groups}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
-        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight))
+        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, node_index))
 
     def train_step(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         """One step: forward, one backward through dense and sparse parts, optimizer steps."""

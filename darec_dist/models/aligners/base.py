@@ -23,6 +23,9 @@ class AlignInputs:
     # The nodes' own input rows E_v and self weights P_vv (1 for MF), for aligners that mask inputs.
     ego: NodeEmbeddings
     self_weight: NodeEmbeddings
+    # Per group, a key per row, equal for rows of the same node: an aligner can run its per-node work
+    # (projections) once per distinct node. None: treat every row as distinct.
+    ids: NodeEmbeddings | None = None
 
     def nodes(self, groups: tuple[str, ...] = ("user", "pos")) -> "AlignInputs":
         """The listed groups concatenated into one group `all` (users and their positive items by default)."""
@@ -30,7 +33,7 @@ class AlignInputs:
         def join(parts: NodeEmbeddings | None) -> NodeEmbeddings | None:
             return None if parts is None else {"all": torch.cat([parts[g] for g in groups])}
 
-        return AlignInputs(join(self.collab), join(self.llm), join(self.ego), join(self.self_weight))
+        return AlignInputs(join(self.collab), join(self.llm), join(self.ego), join(self.self_weight), join(self.ids))
 
     def rows(self, index: torch.Tensor) -> "AlignInputs":
         """A subset of the `all` group's rows."""
@@ -38,13 +41,21 @@ class AlignInputs:
         def pick(parts: NodeEmbeddings | None) -> NodeEmbeddings | None:
             return None if parts is None else {"all": parts["all"][index]}
 
-        return AlignInputs(pick(self.collab), pick(self.llm), pick(self.ego), pick(self.self_weight))
+        return AlignInputs(pick(self.collab), pick(self.llm), pick(self.ego), pick(self.self_weight), pick(self.ids))
 
 
 def projector(d_in: int, d_out: int) -> nn.Module:
     """RLMRec's projector shape: Linear -> LeakyReLU -> Linear, hidden width (d_in + d_out) / 2."""
     hidden = (d_in + d_out) // 2
     return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(), nn.Linear(hidden, d_out))
+
+
+def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, inverse): the first row of each distinct id, and for every row the index of its id in `first`."""
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(len(ids), device=ids.device)
+    first = torch.full((len(distinct),), len(ids), device=ids.device).scatter_reduce_(0, inverse, positions, "amin")
+    return first, inverse
 
 
 def sample_count(available: int, requested: int) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from darec_dist.distributed.collectives import gather_with_grad, sum_with_grad, world_size
-from darec_dist.models.aligners.base import Aligner, AlignInputs, projector
+from darec_dist.models.aligners.base import Aligner, AlignInputs, distinct_rows, projector
 from darec_dist.models.aligners.coupled_losses import (
     centre_separation_loss,
     cluster_alignment_loss,
@@ -81,13 +81,21 @@ class DaRec(Aligner):
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         rows = inputs.llm["user"].shape[0]
         c = torch.cat([inputs.collab["user"][:rows], inputs.collab["pos"][:rows]])
-        return self.losses(c, torch.cat([inputs.llm["user"], inputs.llm["pos"]]))
+        l = torch.cat([inputs.llm["user"], inputs.llm["pos"]])
+        if inputs.ids is None:
+            return self.losses(c, l)
+        # An active user or a popular item fills several sample rows: project each distinct node once.
+        first, inverse = distinct_rows(torch.cat([inputs.ids["user"][:rows], inputs.ids["pos"][:rows]]))
+        return self.losses(c[first], l[first], inverse)
 
-    def losses(self, c: torch.Tensor, l: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The DaRec losses of this rank's sampled rows (c, l); coupled terms span every rank's sample."""
+    def losses(self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The DaRec losses of this rank's sampled rows (c, l), or of the rows c[rows], l[rows] when given;
+        coupled terms span every rank's sample."""
         cfg = self.cfg
         c_sp, c_sh = self.collab_specific(c), self.collab_shared(c)
         l_sp, l_sh = self.llm_specific(l), self.llm_shared(l)
+        if rows is not None:
+            c, c_sp, c_sh, l_sp, l_sh = c[rows], c_sp[rows], c_sh[rows], l_sp[rows], l_sh[rows]
         out = {}
         # The global similarity's Gram and the uniformity's kernel sums are sums over ranks: one
         # all-reduce carries both (collectives, not arithmetic, dominate these terms' cost on CPU).
