@@ -35,7 +35,7 @@ TABLES = ("user", "item")
 NODE_FEATURES = {"user": "node_via_user", "item": "node_via_item"}
 EGO_FEATURES = {"user": "user_ego", "pos": "pos_ego", "neg": "neg_ego"}
 EGO_TABLE = {"user": "user", "pos": "item", "neg": "item"}
-LLM_FEATURES = {"user": "llm_user", "pos": "llm_pos", "neg": "llm_neg"}
+LLM_FEATURES = {"user": "llm_user", "item": "llm_item"}
 
 
 class NodeRows:
@@ -77,6 +77,9 @@ class BatchFeatures:
     self_weight: dict[str, torch.Tensor]
     # Per group: the position of each of its nodes among the distinct nodes that `sparse` looks up.
     node_index: dict[str, torch.Tensor]
+    # Per group the aligner reads: the position of each of its first `llm_rows` nodes among the distinct
+    # ids that `llm` looks up on the group's LLM table.
+    llm_index: dict[str, torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.users)
@@ -106,6 +109,13 @@ def pad_bags(features: KeyedJaggedTensor, stride: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor(keys=features.keys(), values=features.values(), lengths=lengths, weights=features.weights_or_none())
 
 
+def _distinct(per_group: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The distinct ids of the groups together, and per group the index of each id among them."""
+    distinct, inverse = np.unique(np.concatenate(per_group), return_inverse=True)
+    bounds = np.cumsum([0] + [len(ids) for ids in per_group])
+    return distinct, [inverse[bounds[i] : bounds[i + 1]] for i in range(len(per_group))]
+
+
 def _single(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ones(len(ids), np.int64), ids, np.ones(len(ids), np.float32)
 
@@ -120,9 +130,13 @@ class FeatureBuilder:
         self.llm_rows = llm_rows
         self.with_ego = graph is not None
 
+    def llm_groups_on(self, table: str) -> list[str]:
+        """The groups the aligner reads whose nodes live on `table` ("user" or "item")."""
+        return [g for g in self.llm_groups if EGO_TABLE[g] == table]
+
     def llm_feature_names(self, table: str) -> list[str]:
-        """The frozen LLM table's features: the groups the aligner reads, on the table of their kind."""
-        return [LLM_FEATURES[g] for g in self.llm_groups if EGO_TABLE[g] == table]
+        """The frozen LLM table's features: one over the distinct nodes of the groups the aligner reads."""
+        return [LLM_FEATURES[table]] if self.llm_groups_on(table) else []
 
     def feature_names(self, table: str) -> list[str]:
         """The trainable-table features served by `table` ("user" or "item")."""
@@ -141,10 +155,8 @@ class FeatureBuilder:
         """The trainable-table KJT for node ids per group (and table-local ego ids per group), the self
         weights per group, and per group the index of each node among the distinct nodes looked up."""
         empty = np.zeros(0, np.int64)
-        per_group = [nodes.get(g, empty) for g in GROUPS]
-        distinct, inverse = np.unique(np.concatenate(per_group), return_inverse=True)
-        bounds = np.cumsum([0] + [len(n) for n in per_group])
-        node_index = {g: inverse[bounds[i] : bounds[i + 1]] for i, g in enumerate(GROUPS)}
+        distinct, index = _distinct([nodes.get(g, empty) for g in GROUPS])
+        node_index = dict(zip(GROUPS, index))
         by_table, distinct_self_weight = self.rows.split_by_table(distinct)
         parts = {NODE_FEATURES[table]: part for table, part in by_table.items()}
         if self.with_ego:
@@ -157,9 +169,22 @@ class FeatureBuilder:
         local_ids = {"user": users, "pos": pos, "neg": neg}
         nodes = {"user": users, "pos": pos + self.num_users, "neg": neg + self.num_users}
         sparse, self_weight, node_index = self.node_features(nodes, ego=local_ids)
-        llm = None
-        if self.llm_groups:
-            llm = _kjt({LLM_FEATURES[g]: _single(local_ids[g][: self.llm_rows]) for g in self.llm_groups}, [LLM_FEATURES[g] for g in self.llm_groups])
-        weights = {g: torch.from_numpy(w) for g, w in self_weight.items()}
-        index = {g: torch.from_numpy(i) for g, i in node_index.items()}
-        return BatchFeatures(torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg), sparse, llm, weights, index)
+        llm, llm_index, llm_parts = None, {}, {}
+        for table in TABLES:
+            groups = self.llm_groups_on(table)
+            if groups:
+                distinct, index = _distinct([local_ids[g][: self.llm_rows] for g in groups])
+                llm_parts[LLM_FEATURES[table]] = _single(distinct)
+                llm_index.update(zip(groups, index))
+        if llm_parts:
+            llm = _kjt(llm_parts, list(llm_parts))
+        return BatchFeatures(
+            torch.from_numpy(users),
+            torch.from_numpy(pos),
+            torch.from_numpy(neg),
+            sparse,
+            llm,
+            {g: torch.from_numpy(w) for g, w in self_weight.items()},
+            {g: torch.from_numpy(i) for g, i in node_index.items()},
+            {g: torch.from_numpy(i) for g, i in llm_index.items()},
+        )

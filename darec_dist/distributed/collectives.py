@@ -60,10 +60,10 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest of every rank's integer (the same on all ranks)."""
+def max_over_ranks(*values: int) -> list[int]:
+    """The largest of every rank's value, for each of `values` (the same on all ranks; one collective)."""
     if world_size() == 1:
-        return value
-    x = torch.tensor([value], dtype=torch.int64)
+        return list(values)
+    x = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return int(x.item())
+    return x.tolist()

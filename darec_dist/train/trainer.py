@@ -10,7 +10,7 @@ import torch
 
 from darec_dist.config import ConfigError
 from darec_dist.data.dataset import PreparedDataset
-from darec_dist.data.features import EGO_FEATURES, GROUPS, LLM_FEATURES, NODE_FEATURES, BatchFeatures, FeatureBuilder, pad_bags
+from darec_dist.data.features import EGO_FEATURES, EGO_TABLE, GROUPS, LLM_FEATURES, NODE_FEATURES, BatchFeatures, FeatureBuilder, pad_bags
 from darec_dist.data.loader import local_batch_size
 from darec_dist.distributed.collectives import max_over_ranks
 from darec_dist.distributed.env import DistEnv
@@ -79,8 +79,9 @@ class Trainer:
         sizes = batch.group_sizes()
         # Ranks look up different numbers of distinct nodes, but the backward of TorchRec's output
         # collectives (an all-gather for row-wise tables) needs the same bag count on every rank.
-        sparse = pad_bags(batch.sparse, max_over_ranks(batch.sparse.stride()))
-        pooled = self.tables.lookup(sparse.to(self.env.device))
+        features = [batch.sparse] + ([batch.llm] if self.llm is not None else [])
+        strides = max_over_ranks(*(f.stride() for f in features))
+        pooled = self.tables.lookup(pad_bags(batch.sparse, strides[0]).to(self.env.device))
         nodes = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
         node_index = {g: i.to(self.env.device) for g, i in batch.node_index.items()}
         collab = {g: nodes[node_index[g]] for g in GROUPS}
@@ -91,10 +92,8 @@ class Trainer:
         llm = None
         if self.llm is not None:
             with torch.no_grad():
-                looked_up = self.llm.lookup(batch.llm.to(self.env.device))
-            limit = self.features.llm_rows
-            # Keys are padded to the longest group's bag count (negatives): cut each back to its rows.
-            llm = {g: looked_up[LLM_FEATURES[g]][: min(sizes[g], limit or sizes[g])] for g in self.aligner.llm_groups}
+                looked_up = self.llm.lookup(pad_bags(batch.llm, strides[1]).to(self.env.device))
+            llm = {g: looked_up[LLM_FEATURES[EGO_TABLE[g]]][i.to(self.env.device)] for g, i in batch.llm_index.items()}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
         return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, node_index))
 
