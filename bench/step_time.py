@@ -7,6 +7,9 @@ For each method this starts `torchrun --nproc_per_node=NPROC bench/step_time.py 
 which builds the trainer, loads the batches of the first steps into memory (so the loader is not
 timed), runs a few warm-up steps, then times `--steps` training steps and reports the slowest
 rank's mean step time. Printed: ms per step, interactions per second, and the ratio to `none`.
+With `--profile`, rank 0 also runs the timed steps again under torch.profiler and prints the
+operators that took the most time (self CPU time, summed over the steps), to show where a
+method's extra time goes.
 """
 
 from __future__ import annotations
@@ -54,9 +57,16 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         elapsed = torch.tensor(time.perf_counter() - started)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        result = {"method": args.method}
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                for batch in batches[args.warmup :]:
+                    trainer.train_step(batch)
+            result["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
         if env.is_main:
             step = elapsed.item() / args.steps
-            Path(args.result).write_text(json.dumps({"method": args.method, "ms_per_step": 1000 * step, "interactions_per_s": cfg.loader.batch_size / step}))
+            result.update(ms_per_step=1000 * step, interactions_per_s=cfg.loader.batch_size / step)
+            Path(args.result).write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -68,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print this many top operators per method")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -81,7 +92,7 @@ def main() -> None:
             command = [
                 sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
                 "--data", args.data, "--train-config", args.train_config, "--method", method, "--result", out.name,
-                "--steps", str(args.steps), "--warmup", str(args.warmup), "--override", *args.override,
+                "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile), "--override", *args.override,
             ]
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
             if done.returncode != 0:
@@ -92,6 +103,9 @@ def main() -> None:
     for r in rows:
         ratio = f"{r['ms_per_step'] / base:.2f}" if base else "-"
         print(f"{r['method']:<12} {r['ms_per_step']:>9.1f} {r['interactions_per_s']:>15.0f} {ratio:>7}")
+    for r in rows:
+        if "profile" in r:
+            print(f"\n{r['method']}: rank 0, {args.steps} steps\n{r['profile']}")
 
 
 if __name__ == "__main__":
