@@ -73,6 +73,11 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
         created = True
     try:
         yield DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=torch_device, backend=backend)
+        if created:
+            # Leave together. A rank that tore its group down while rank 0 still wrote the run's
+            # results aborted once in teardown (SIGABRT), and torchrun then reports a finished run as
+            # failed (and would restart it under --max-restarts).
+            dist.barrier()
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
