@@ -77,8 +77,8 @@ class Trainer:
 
     def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         sizes = batch.group_sizes()
-        # Ranks look up different numbers of distinct nodes, but the backward of TorchRec's output
-        # collectives (under gloo, the all-gather in ReduceScatterV's backward) needs the same bag count on every rank.
+        # Ranks look up different numbers of distinct nodes, but TorchRec's output collectives need
+        # the same bag count on every rank in their backward (under gloo: ReduceScatterV's all-gather).
         features = [batch.sparse] + ([batch.llm] if self.llm is not None else [])
         strides = max_over_ranks(*(f.stride() for f in features))
         pooled = self.tables.lookup(pad_bags(batch.sparse, strides[0]).to(self.env.device))
