@@ -7,9 +7,9 @@ For each method this starts `torchrun --nproc_per_node=NPROC bench/step_time.py 
 which builds the trainer, loads the batches of the first steps into memory (so the loader is not
 timed), runs a few warm-up steps, then times `--steps` training steps and reports the slowest
 rank's mean step time. Printed: ms per step, interactions per second, and the ratio to `none`.
-With `--profile`, rank 0 also runs the timed steps again under torch.profiler and prints the
-operators that took the most time (self CPU time, summed over the steps), to show where a
-method's extra time goes.
+With `--profile ROWS`, every rank runs the timed steps once more under torch.profiler (their
+collectives need all ranks), and rank 0's operators that took the most self CPU time, summed over
+the steps, are printed: where a method's extra time goes.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ CASES = {
     "lightgcn-sgd-row_wise": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise"],
     "mf-sgd-table_wise": ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=table_wise"],
     "mf-rowwise_adagrad-row_wise": ["model.backbone=mf", "sparse.optimizer=rowwise_adagrad", "sparse.lr=0.5", "sparse.sharding=row_wise"],
-    "lightgcn-adagrad-column_wise": ["model.backbone=lightgcn", "sparse.optimizer=adagrad", "sparse.lr=0.5", "sparse.sharding=column_wise"],
+    # Adagrad's first step is lr * g / (|g| + eps) too: an eps far above float noise in g (each rank sums
+    # a repeated node's gradients over its own half of the batch) keeps this case to the strict bound.
+    "lightgcn-adagrad-column_wise": ["model.backbone=lightgcn", "sparse.optimizer=adagrad", "sparse.lr=0.5", "sparse.eps=1.0e-4", "sparse.sharding=column_wise"],
     # Dense parameters owned by DeepSpeed; samples cover the whole batch so no draw depends on the world size.
     "lightgcn-sgd-row_wise-darec": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=darec", "align.darec.sample_size=64", "align.darec.structure_weight=1.0", "align.darec.regulariser_weight=1.0"],
     "mf-sgd-row_wise-rlmrec_con": ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=rlmrec-con", "align.con.weight=1.0"],
@@ -63,10 +65,9 @@ def step_results(small_dataset, tmp_path_factory):
 def test_two_processes_equal_one(step_results, case, small_dataset):
     one, two = step_results[0][case], step_results[1][case]
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-6, abs=1e-7)
-    # Adam's and Adagrad's first step is lr * g / (|g| + eps): where |g| is near eps, float-order noise in
-    # g (each rank sums a repeated node's gradients over its own half of the batch) moves the update by up
-    # to ~1e-5; the SGD cases hold the strict bound.
-    atol = 2e-5 if "adam" in case or "adagrad" in case else 1e-6
+    # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, float-order noise in g moves the
+    # update by up to ~1e-5; the SGD cases hold the strict bound.
+    atol = 2e-5 if "adam" in case else 1e-6
     for table in ("user_id", "item_id"):
         np.testing.assert_allclose(two[table].numpy(), one[table].numpy(), rtol=1e-5, atol=atol)
     assert one["dense"].keys() == two["dense"].keys()

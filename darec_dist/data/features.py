@@ -8,8 +8,8 @@ table (feature `node_via_user`) and its item entries a bag on the item table
 Groups: `user` (the batch users), `pos` (their positives), `neg` (the negatives).
 A node that occurs several times in a batch (a popular item, an active user)
 is looked up once, and each group indexes the distinct nodes' embeddings: on
-small catalogues this cuts a step's lookups (and its input all-to-all) by more
-than half. Backbones whose rows are not the identity also look up the batch
+small catalogues this cuts a step's lookups (and its input all-to-all) by about
+half. Backbones whose rows are not the identity also look up the batch
 nodes' own rows (`<group>_ego`) for the L2 penalty on the input embeddings.
 
 A KeyedJaggedTensor has the same number of bags for every key, so keys with
