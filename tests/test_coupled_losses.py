@@ -48,6 +48,20 @@ def modules():
     return {"darec": darec, "con": con, "gen": gen}
 
 
+def darec_on_repeated_nodes(x, darec):
+    """DaRec through its distinct-node path across ranks: every node fills two rows of the sample."""
+    n = x["c"].shape[0]
+    ids = (dist.get_rank() * n + torch.arange(n)).repeat_interleave(2)
+
+    def twice(rows):
+        return rows.repeat_interleave(2, dim=0)
+
+    inputs = AlignInputs(
+        {"user": twice(x["c"]), "pos": twice(x["c2"])}, {"user": twice(x["l"]), "pos": twice(x["l2"])}, {}, {}, {"user": ids, "pos": ids + N}
+    )
+    return sum(darec(inputs).values())
+
+
 def cases(x, mods):
     """name -> (loss, module or None); x holds this rank's rows (requires_grad)."""
     inputs = AlignInputs(
@@ -64,6 +78,7 @@ def cases(x, mods):
         "orthogonality": (orthogonality_loss(x["c"], x["c2"]), None),
         "cluster_alignment": (cluster_alignment_loss(x["c"], x["c2"], x["centres_param"], 0.2), None),
         "darec": (sum(mods["darec"].losses(x["c"], x["l"]).values()), mods["darec"]),
+        "darec_repeated_nodes": (darec_on_repeated_nodes(x, mods["darec"]), mods["darec"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (mods["gen"].reconstruction_loss(masked), mods["gen"]),
     }
@@ -103,7 +118,7 @@ def outcomes(tmp_path_factory):
     return results_per_world_size(compute, tmp_path_factory.mktemp("coupled"))
 
 
-NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "rlmrec_con", "rlmrec_gen"]
+NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "darec_repeated_nodes", "rlmrec_con", "rlmrec_gen"]
 
 
 @pytest.mark.parametrize("name", NAMES)

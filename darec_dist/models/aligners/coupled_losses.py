@@ -35,10 +35,16 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, pool: torch.Tensor,
     return (torch.logsumexp(logits, dim=-1) - (a * p).sum(-1) / temperature).mean()
 
 
-def similarity_gram(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the global similarity loss: the Gram matrix of its rows [C | L] (2d x 2d), summed over ranks."""
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-row values, where row i stands for weight[i] rows (a node repeated in the sample)."""
+    return values.mean() if weight is None else (values * weight).sum() / weight.sum()
+
+
+def similarity_gram(collab: torch.Tensor, llm: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's share of the global similarity loss: the Gram matrix of its rows [C | L] (2d x 2d), summed over
+    ranks; row i counted weight[i] times when given."""
     both = torch.cat([F.normalize(collab, dim=-1), F.normalize(llm, dim=-1)], dim=1)
-    return both.T @ both
+    return both.T @ (both if weight is None else both * weight[:, None])
 
 
 def similarity_from_gram(gram: torch.Tensor, n: int) -> torch.Tensor:
@@ -83,22 +89,25 @@ def uniformity_loss(*parts: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return uniformity_from_sums(sum_with_grad(sums), n)
 
 
-def orthogonality_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean_v cos(a_v, b_v)^2 over local rows."""
-    return F.cosine_similarity(a, b, dim=-1).pow(2).mean()
+def orthogonality_loss(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_v cos(a_v, b_v)^2 over local rows (weighted by weight when given)."""
+    return weighted_mean(F.cosine_similarity(a, b, dim=-1).pow(2), weight)
 
 
 def soft_assignments(x: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(F.normalize(x, dim=-1) @ F.normalize(centres, dim=-1).T / temperature, dim=-1)
 
 
-def cluster_alignment_loss(collab: torch.Tensor, llm: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric KL between the two sides' soft assignments to the shared preference centres, mean over local rows."""
+def cluster_alignment_loss(
+    collab: torch.Tensor, llm: torch.Tensor, centres: torch.Tensor, temperature: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric KL between the two sides' soft assignments to the shared preference centres, mean over local rows
+    (weighted by weight when given)."""
     q_c = soft_assignments(collab, centres, temperature).clamp_min(1e-12)
     q_l = soft_assignments(llm, centres, temperature).clamp_min(1e-12)
     kl_cl = (q_c * (q_c.log() - q_l.log())).sum(-1)
     kl_lc = (q_l * (q_l.log() - q_c.log())).sum(-1)
-    return (kl_cl + kl_lc).mean()
+    return weighted_mean(kl_cl + kl_lc, weight)
 
 
 def centre_separation_loss(centres: torch.Tensor) -> torch.Tensor:

@@ -89,37 +89,42 @@ class DaRec(Aligner):
         return self.losses(c[first], l[first], inverse)
 
     def losses(self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The DaRec losses of this rank's sampled rows (c, l), or of the rows c[rows], l[rows] when given;
-        coupled terms span every rank's sample."""
+        """The DaRec losses of this rank's sample, whose rows are (c, l), or c[rows], l[rows] when given (each
+        distinct node once); coupled terms span every rank's sample."""
         cfg = self.cfg
         c_sp, c_sh = self.collab_specific(c), self.collab_shared(c)
         l_sp, l_sh = self.llm_specific(l), self.llm_shared(l)
-        if rows is not None:
-            c, c_sp, c_sh, l_sp, l_sh = c[rows], c_sp[rows], c_sh[rows], l_sp[rows], l_sh[rows]
+        # A node that fills k sample rows counts k times in every mean and sum: the same losses as the
+        # expanded sample, at the cost of the distinct nodes.
+        sample_rows = c.shape[0] if rows is None else rows.shape[0]
+        weight = None if rows is None else torch.bincount(rows, minlength=c.shape[0]).to(c.dtype)
         out = {}
         # The global similarity's Gram and the uniformity's kernel sums are sums over ranks: one
         # all-reduce carries both (collectives, not arithmetic, dominate these terms' cost on CPU).
         partial = []
         if cfg.use_global:
-            partial.append(similarity_gram(c_sh, l_sh).flatten())
+            partial.append(similarity_gram(c_sh, l_sh, weight).flatten())
         if cfg.use_regularisers:
             # A stride, not a prefix: rank r's rows are the global rows r*n..(r+1)*n-1, so the same
             # global rows are taken for every world size when n is a multiple of the stride.
-            stride = max(1, c.shape[0] // max(1, cfg.uniformity_sample // world_size()))
+            stride = max(1, sample_rows // max(1, cfg.uniformity_sample // world_size()))
+            picked = torch.arange(0, sample_rows, stride, device=c.device)
+            picked = picked if rows is None else rows[picked]
             parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
-            uniform_sums, uniform_rows = uniformity_sums(*(z[::stride] for z in parts))
+            uniform_sums, uniform_rows = uniformity_sums(*(z[picked] for z in parts))
             partial.append(uniform_sums)
         total = sum_with_grad(torch.cat(partial)) if partial else None
         if cfg.use_global:
             d2 = 2 * c_sh.shape[1]
             gram, total = total[: d2 * d2].view(d2, d2), total[d2 * d2 :]
-            out["darec_global"] = cfg.structure_weight * similarity_from_gram(gram, c.shape[0] * world_size())
+            out["darec_global"] = cfg.structure_weight * similarity_from_gram(gram, sample_rows * world_size())
         if cfg.use_local:
-            self._init_centres(l_sh)
-            local = cluster_alignment_loss(c_sh, l_sh, self.centres, cfg.cluster_temperature)
+            self._init_centres(l_sh if rows is None else l_sh[rows])
+            local = cluster_alignment_loss(c_sh, l_sh, self.centres, cfg.cluster_temperature, weight)
             out["darec_local"] = cfg.structure_weight * (local + cfg.separation_weight * centre_separation_loss(self.centres))
         if cfg.use_regularisers:
-            out["darec_orth"] = cfg.regulariser_weight * (orthogonality_loss(c_sp, c_sh) + orthogonality_loss(l_sp, l_sh))
+            orthogonality = orthogonality_loss(c_sp, c_sh, weight) + orthogonality_loss(l_sp, l_sh, weight)
+            out["darec_orth"] = cfg.regulariser_weight * orthogonality
             out["darec_uniform"] = cfg.regulariser_weight * uniformity_from_sums(total, uniform_rows)
         return out
 
