@@ -119,7 +119,7 @@ class DaRec(Aligner):
             gram, total = total[: d2 * d2].view(d2, d2), total[d2 * d2 :]
             out["darec_global"] = cfg.structure_weight * similarity_from_gram(gram, sample_rows * world_size())
         if cfg.use_local:
-            self._init_centres(l_sh if rows is None else l_sh[rows])
+            self._init_centres(l_sh, rows)
             local = cluster_alignment_loss(c_sh, l_sh, self.centres, cfg.cluster_temperature, weight)
             out["darec_local"] = cfg.structure_weight * (local + cfg.separation_weight * centre_separation_loss(self.centres))
         if cfg.use_regularisers:
@@ -129,11 +129,11 @@ class DaRec(Aligner):
         return out
 
     @torch.no_grad()
-    def _init_centres(self, l_shared: torch.Tensor) -> None:
-        """k-means on the first step's gathered l_sh: the same on every rank and for every world size."""
+    def _init_centres(self, l_shared: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """k-means on the first step's gathered l_sh rows: the same on every rank and for every world size."""
         if bool(self.centres_ready):
             return
-        everyone = gather_with_grad(l_shared.detach())
+        everyone = gather_with_grad((l_shared if rows is None else l_shared[rows]).detach())
         self.centres.copy_(kmeans(everyone, self.cfg.clusters, self.cfg.kmeans_iterations, self.seed))
         self.centres_ready.fill_(True)
 
