@@ -10,9 +10,11 @@ import torch.distributed as dist
 
 from darec_dist.models.aligners.base import AlignInputs
 from darec_dist.models.aligners.coupled_losses import (
+    centre_statistics,
     cluster_alignment_loss,
     global_similarity_loss,
     info_nce,
+    moving_centres,
     orthogonality_loss,
     uniformity_loss,
 )
@@ -41,11 +43,14 @@ def global_data():
 def modules():
     torch.manual_seed(3)
     darec = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2), D, DL, seed=1).double()
+    torch.manual_seed(3)
+    ema_config = DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, centres="ema", uniformity_on="all")
+    darec_ema = DaRec(ema_config, D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
         gen.mask_token.normal_()
-    return {"darec": darec, "con": con, "gen": gen}
+    return {"darec": darec, "darec_ema": darec_ema, "con": con, "gen": gen}
 
 
 def darec_on_repeated_nodes(x, darec):
@@ -79,6 +84,7 @@ def cases(x, mods):
         "cluster_alignment": (cluster_alignment_loss(x["c"], x["c2"], x["centres_param"], 0.2), None),
         "darec": (sum(mods["darec"].losses(x["c"], x["l"]).values()), mods["darec"]),
         "darec_repeated_nodes": (darec_on_repeated_nodes(x, mods["darec"]), mods["darec"]),
+        "darec_ema_centres": (darec_on_repeated_nodes(x, mods["darec_ema"]), mods["darec_ema"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (mods["gen"].reconstruction_loss(masked), mods["gen"]),
     }
@@ -109,6 +115,8 @@ def compute(rank, world_size):
             grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)
             entry["params"][pname] = grad / world_size
+        if module is not None and isinstance(getattr(module, "centres", None), torch.Tensor) and "centres" in dict(module.named_buffers()):
+            entry["params"]["centres after the step"] = module.centres.clone()  # moved by global statistics
         results[name] = entry
     return results
 
@@ -118,7 +126,7 @@ def outcomes(tmp_path_factory):
     return results_per_world_size(compute, tmp_path_factory.mktemp("coupled"))
 
 
-NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "darec_repeated_nodes", "rlmrec_con", "rlmrec_gen"]
+NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "darec_repeated_nodes", "darec_ema_centres", "rlmrec_con", "rlmrec_gen"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -182,3 +190,23 @@ def test_darec_projects_each_distinct_node_once_with_the_same_result():
     assert plain_params.keys() == distinct_params.keys() and plain_params
     for name in plain_params:
         torch.testing.assert_close(distinct_params[name], plain_params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_moving_centres_match_a_plain_spherical_kmeans_step():
+    """centre_statistics + moving_centres equal a per-centre loop: weighted mean direction of the nearest rows."""
+    g = torch.Generator().manual_seed(8)
+    x, weight = torch.randn(40, D, generator=g, dtype=torch.float64), torch.randint(1, 4, (40,), generator=g).double()
+    centres = torch.nn.functional.normalize(torch.randn(K + 1, D, generator=g, dtype=torch.float64), dim=-1)
+    centres[K] = centres[0]  # a tie goes to the first: centre K gets no members and must stay
+    moved = moving_centres(centres, centre_statistics(x, centres, weight), momentum=0.75)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    nearest = [max(range(K + 1), key=lambda k: float(unit[i] @ centres[k])) for i in range(40)]
+    for k in range(K + 1):
+        members = [i for i in range(40) if nearest[i] == k]
+        if not members:
+            torch.testing.assert_close(moved[k], centres[k])
+            continue
+        mean = sum(weight[i] * unit[i] for i in members)
+        want = torch.nn.functional.normalize(0.75 * centres[k] + 0.25 * mean / mean.norm(), dim=0)
+        torch.testing.assert_close(moved[k], want, rtol=1e-10, atol=1e-12)
+    assert (moved - centres).abs().max() > 1e-3, "some centre must move"

@@ -52,6 +52,16 @@ def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     return dist_fn.all_reduce(x)
 
 
+def sum_many_with_grad(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sum_with_grad` of several tensors by name, in one all-reduce (collectives, not arithmetic, are what
+    costs on CPU); tensors that need no gradient may ride along."""
+    if not parts:
+        return {}
+    flat = sum_with_grad(torch.cat([x.flatten() for x in parts.values()]))
+    pieces = flat.split([x.numel() for x in parts.values()])
+    return {name: piece.view_as(x) for (name, x), piece in zip(parts.items(), pieces)}
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, without gradient (metrics, counts)."""
     if world_size() > 1:

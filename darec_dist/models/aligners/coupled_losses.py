@@ -110,6 +110,26 @@ def cluster_alignment_loss(
     return weighted_mean(kl_cl + kl_lc, weight)
 
 
+def centre_statistics(x: torch.Tensor, centres: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per centre, the (weighted) sum of the unit rows of x nearest to it by cosine, and their weight: K x (d + 1).
+
+    Sums over ranks give the global statistics of one k-means step."""
+    unit = F.normalize(x, dim=-1)
+    nearest = (unit @ F.normalize(centres, dim=-1).T).argmax(-1)
+    member = F.one_hot(nearest, centres.shape[0]).to(unit.dtype)
+    if weight is not None:
+        member = member * weight[:, None]
+    return torch.cat([member.T @ unit, member.sum(0)[:, None]], dim=1)
+
+
+def moving_centres(centres: torch.Tensor, statistics: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Unit centres moved toward the direction of their members' mean (spherical k-means with momentum);
+    a centre without members stays."""
+    sums, counts = statistics[:, :-1], statistics[:, -1:]
+    moved = F.normalize(momentum * F.normalize(centres, dim=-1) + (1.0 - momentum) * F.normalize(sums, dim=-1), dim=-1)
+    return torch.where(counts > 0, moved, centres)
+
+
 def centre_separation_loss(centres: torch.Tensor) -> torch.Tensor:
     """mean over centre pairs of cos^2: keeps the K preference centres apart (parameters only, same on all ranks)."""
     k = centres.shape[0]

@@ -16,12 +16,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from darec_dist.distributed.collectives import gather_with_grad, sum_with_grad, world_size
+from darec_dist.distributed.collectives import gather_with_grad, sum_many_with_grad, world_size
 from darec_dist.models.aligners.base import Aligner, AlignInputs, distinct_rows, projector
 from darec_dist.models.aligners.coupled_losses import (
     centre_separation_loss,
+    centre_statistics,
     cluster_alignment_loss,
     kmeans,
+    moving_centres,
     orthogonality_loss,
     similarity_from_gram,
     similarity_gram,
@@ -42,6 +44,13 @@ class DaRecConfig:
     # K: preference centres (the paper's best lies in [4, 8]).
     clusters: int = 4
     cluster_temperature: float = 0.2
+    # How the centres follow the data. "learned": parameters trained by the local loss (the method note's
+    # default) plus a separation term. "ema": not trained; each step moves every centre toward the mean of
+    # the l_sh rows nearest to it (global statistics, momentum below). Learned centres can turn
+    # orthogonal to both sides, which makes every assignment uniform and the local term vanish
+    # without aligning anything (measured: docs/results.md).
+    centres: Literal["learned", "ema"] = "learned"
+    centre_momentum: float = 0.9
     separation_weight: float = 1.0
     kmeans_iterations: int = 20
     # Uniformity on the specific parts (the method note's reading) or on shared and specific parts
@@ -60,6 +69,8 @@ class DaRecConfig:
     def __post_init__(self) -> None:
         if self.sample_size < 2 or self.uniformity_sample < 2 or self.clusters < 1:
             raise ValueError("align.darec.sample_size and align.darec.uniformity_sample must be >= 2, align.darec.clusters >= 1")
+        if not 0.0 <= self.centre_momentum < 1.0:
+            raise ValueError(f"align.darec.centre_momentum must lie in [0, 1), got {self.centre_momentum}")
 
 
 class DaRec(Aligner):
@@ -72,7 +83,11 @@ class DaRec(Aligner):
         self.collab_shared = projector(collab_dim, collab_dim)
         self.llm_specific = projector(llm_dim, collab_dim)
         self.llm_shared = projector(llm_dim, collab_dim)
-        self.centres = nn.Parameter(torch.zeros(cfg.clusters, collab_dim))
+        centres = torch.zeros(cfg.clusters, collab_dim)
+        if cfg.centres == "learned":
+            self.centres = nn.Parameter(centres)
+        else:
+            self.register_buffer("centres", centres)
         self.register_buffer("centres_ready", torch.zeros((), dtype=torch.bool))
 
     def llm_rows(self, local_batch: int, world: int) -> int:
@@ -98,12 +113,14 @@ class DaRec(Aligner):
         # expanded sample, at the cost of the distinct nodes.
         sample_rows = c.shape[0] if rows is None else rows.shape[0]
         weight = None if rows is None else torch.bincount(rows, minlength=c.shape[0]).to(c.dtype)
-        out = {}
-        # The global similarity's Gram and the uniformity's kernel sums are sums over ranks: one
-        # all-reduce carries both (collectives, not arithmetic, dominate these terms' cost on CPU).
-        partial = []
+        ema = cfg.use_local and cfg.centres == "ema"
+        if cfg.use_local:
+            self._init_centres(l_sh, rows)
+        # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
+        # over ranks: one all-reduce carries them all.
+        shares = {}
         if cfg.use_global:
-            partial.append(similarity_gram(c_sh, l_sh, weight).flatten())
+            shares["gram"] = similarity_gram(c_sh, l_sh, weight)
         if cfg.use_regularisers:
             # A stride, not a prefix: rank r's rows are the global rows r*n..(r+1)*n-1, so the same
             # global rows are taken for every world size when n is a multiple of the stride.
@@ -111,21 +128,25 @@ class DaRec(Aligner):
             picked = torch.arange(0, sample_rows, stride, device=c.device)
             picked = picked if rows is None else rows[picked]
             parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
-            uniform_sums, uniform_rows = uniformity_sums(*(z[picked] for z in parts))
-            partial.append(uniform_sums)
-        total = sum_with_grad(torch.cat(partial)) if partial else None
+            shares["uniform"], uniform_rows = uniformity_sums(*(z[picked] for z in parts))
+        if ema:
+            shares["centres"] = centre_statistics(l_sh.detach(), self.centres, weight)
+        totals = sum_many_with_grad(shares)
+        out = {}
         if cfg.use_global:
-            d2 = 2 * c_sh.shape[1]
-            gram, total = total[: d2 * d2].view(d2, d2), total[d2 * d2 :]
-            out["darec_global"] = cfg.structure_weight * similarity_from_gram(gram, sample_rows * world_size())
+            out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size())
         if cfg.use_local:
-            self._init_centres(l_sh, rows)
             local = cluster_alignment_loss(c_sh, l_sh, self.centres, cfg.cluster_temperature, weight)
-            out["darec_local"] = cfg.structure_weight * (local + cfg.separation_weight * centre_separation_loss(self.centres))
+            if not ema:
+                local = local + cfg.separation_weight * centre_separation_loss(self.centres)
+            out["darec_local"] = cfg.structure_weight * local
         if cfg.use_regularisers:
             orthogonality = orthogonality_loss(c_sp, c_sh, weight) + orthogonality_loss(l_sp, l_sh, weight)
             out["darec_orth"] = cfg.regulariser_weight * orthogonality
-            out["darec_uniform"] = cfg.regulariser_weight * uniformity_from_sums(total, uniform_rows)
+            out["darec_uniform"] = cfg.regulariser_weight * uniformity_from_sums(totals["uniform"], uniform_rows)
+        if ema:  # after the loss has used this step's centres
+            with torch.no_grad():
+                self.centres.copy_(moving_centres(self.centres, totals["centres"], cfg.centre_momentum))
         return out
 
     @torch.no_grad()
