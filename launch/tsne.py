@@ -6,7 +6,8 @@ Rebuilds the run's model in one process, loads its best checkpoint (resharded fr
 many ranks wrote it), takes a seeded sample of users and items, and embeds c_sp, c_sh, l_sp
 and l_sh of those nodes together with t-SNE. If the disentangling works, the two shared
 parts overlap while the two specific parts stay apart from them and from each other. Also
-prints each part's mean pairwise cosine over the sampled nodes (near 1: collapsed).
+prints each part's mean pairwise cosine over the sampled nodes (near 1: collapsed) and the mean
+entropy of the shared parts' soft assignments to the centres (log K: uniform, the local term idle).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import torch
 from darec_dist.config import load_config
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.distributed.env import distributed
+from darec_dist.models.aligners.coupled_losses import soft_assignments
 from darec_dist.models.aligners.darec import DaRec
 from darec_dist.train import checkpoint
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.trainer import Trainer
 
 
-def representations(run_dir: Path, nodes: int, seed: int) -> dict[str, np.ndarray]:
+def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     cfg = load_config(TrainConfig, run_dir / "config.yaml", ["device=cpu"])
     with distributed("cpu") as env:
         dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_shards=False)
@@ -47,12 +49,20 @@ def representations(run_dir: Path, nodes: int, seed: int) -> dict[str, np.ndarra
         llm = torch.from_numpy(np.concatenate([dataset.embeddings("user")[users], dataset.embeddings("item")[items]]).astype(np.float32))
         darec = trainer.aligner
         with torch.no_grad():
-            return {
-                "c_sp": darec.collab_specific(collab).numpy(),
-                "c_sh": darec.collab_shared(collab).numpy(),
-                "l_sp": darec.llm_specific(llm).numpy(),
-                "l_sh": darec.llm_shared(llm).numpy(),
+            parts = {
+                "c_sp": darec.collab_specific(collab),
+                "c_sh": darec.collab_shared(collab),
+                "l_sp": darec.llm_specific(llm),
+                "l_sh": darec.llm_shared(llm),
             }
+            # Mean entropy of the shared parts' soft assignments to the centres; log K: every node is
+            # assigned uniformly, and the local term holds without aligning anything.
+            entropy = {}
+            for name in ("c_sh", "l_sh"):
+                q = soft_assignments(parts[name], darec.centres, darec.cfg.cluster_temperature)
+                entropy[name] = -(q * q.clamp_min(1e-12).log()).sum(-1).mean().item()
+            entropy["uniform"] = float(np.log(darec.cfg.clusters))
+        return {name: z.numpy() for name, z in parts.items()}, entropy
 
 
 def main() -> None:
@@ -62,7 +72,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    parts = representations(args.run_dir, args.nodes, args.seed)
+    parts, entropy = representations(args.run_dir, args.nodes, args.seed)
     from sklearn.manifold import TSNE
 
     names = list(parts)
@@ -71,6 +81,9 @@ def main() -> None:
         # Near 1: the part points the same way for every node (collapsed), so the structure losses hold trivially.
         cosines = unit[name] @ unit[name].T
         print(f"{name}: mean pairwise cosine {cosines[~np.eye(len(cosines), dtype=bool)].mean():.3f}")
+    uniform = entropy.pop("uniform")
+    for name, value in entropy.items():
+        print(f"{name}: mean entropy of the soft assignments to the centres {value:.3f} (uniform: log K = {uniform:.3f})")
     stacked = np.concatenate([unit[n] for n in names])
     points = TSNE(n_components=2, init="pca", random_state=args.seed, perplexity=30).fit_transform(stacked)
     import matplotlib

@@ -5,7 +5,8 @@ four projections f_C_sp, f_C_sh, f_L_sp, f_L_sh; orthogonality of specific and
 shared parts on each side and uniformity of the specific parts (weight beta);
 global structure alignment of the shared parts' cosine-similarity matrices over
 a sample of N nodes spanning all ranks, and local structure alignment through K
-shared, learnable preference centres initialised by k-means on l_sh (weight lambda).
+shared preference centres initialised by k-means on l_sh, learned or following l_sh
+(weight lambda).
 """
 
 from __future__ import annotations
