@@ -115,7 +115,7 @@ def compute(rank, world_size):
             grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)
             entry["params"][pname] = grad / world_size
-        if module is not None and isinstance(getattr(module, "centres", None), torch.Tensor) and "centres" in dict(module.named_buffers()):
+        if module is not None and "centres" in dict(module.named_buffers()):
             entry["params"]["centres after the step"] = module.centres.clone()  # moved by global statistics
         results[name] = entry
     return results
