@@ -64,6 +64,10 @@ class DaRecConfig:
     use_global: bool = True
     use_local: bool = True
     use_regularisers: bool = True
+    # Shape of the two collaborative projections. "mlp": RLMRec's projector, like the LLM side. "linear":
+    # c_sp and c_sh are bias-free linear maps of c, so the structure terms cannot be met inside a hidden
+    # layer (or by a bias shared by every node) and must shape c itself.
+    collab_projector: Literal["mlp", "linear"] = "mlp"
     # Which vectors rank items: the backbone's c, or the concatenation [c_sp, c_sh].
     scoring: Literal["backbone", "concat"] = "backbone"
 
@@ -80,8 +84,9 @@ class DaRec(Aligner):
     def __init__(self, cfg: DaRecConfig, collab_dim: int, llm_dim: int, seed: int = 0):
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self.collab_specific = projector(collab_dim, collab_dim)
-        self.collab_shared = projector(collab_dim, collab_dim)
+        collab = projector if cfg.collab_projector == "mlp" else (lambda d_in, d_out: nn.Linear(d_in, d_out, bias=False))
+        self.collab_specific = collab(collab_dim, collab_dim)
+        self.collab_shared = collab(collab_dim, collab_dim)
         self.llm_specific = projector(llm_dim, collab_dim)
         self.llm_shared = projector(llm_dim, collab_dim)
         centres = torch.zeros(cfg.clusters, collab_dim)
