@@ -88,15 +88,16 @@ class BatchFeatures:
         return {"user": len(self.users), "pos": len(self.pos), "neg": len(self.neg)}
 
 
-def _kjt(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], keys: list[str]) -> KeyedJaggedTensor:
+def _kjt(parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], keys: list[str], weighted: bool = True) -> KeyedJaggedTensor:
     """One KJT; every key padded with empty bags up to the largest key's bag count."""
     stride = max(len(parts[k][0]) for k in keys)
     lengths = [np.pad(parts[k][0], (0, stride - len(parts[k][0]))) for k in keys]
+    weights = torch.from_numpy(np.concatenate([parts[k][2] for k in keys]).astype(np.float32)) if weighted else None
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.from_numpy(np.concatenate([parts[k][1] for k in keys]).astype(np.int64)),
         lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)),
-        weights=torch.from_numpy(np.concatenate([parts[k][2] for k in keys]).astype(np.float32)),
+        weights=weights,
     )
 
 
@@ -177,7 +178,7 @@ class FeatureBuilder:
                 llm_parts[LLM_FEATURES[table]] = _single(distinct)
                 llm_index.update(zip(groups, index))
         if llm_parts:
-            llm = _kjt(llm_parts, list(llm_parts))
+            llm = _kjt(llm_parts, list(llm_parts), weighted=False)
         return BatchFeatures(
             torch.from_numpy(users),
             torch.from_numpy(pos),

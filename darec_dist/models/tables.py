@@ -1,7 +1,8 @@
 """The sparse part: TorchRec embedding tables sharded by DistributedModelParallel.
 
-Two sharded modules: the trainable user/item tables (fused optimizer in the
-backward pass) and the frozen LLM-embedding tables loaded from the dataset. The
+Two sharded modules: the trainable user/item tables (weighted, sum-pooled bags
+of propagation rows; fused optimizer in the backward pass) and the frozen
+LLM-embedding tables loaded from the dataset (one row per node, unpooled). The
 sharding is decided here, in one place: TorchRec's planner, or a plan fixed in
 config. Tables are built on the meta device so each rank only ever allocates its
 own shards, and filled chunk by chunk, so no process holds a whole table.
@@ -20,7 +21,8 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -51,7 +53,7 @@ class SparseConfig:
 
 
 class TableModule(nn.Module):
-    """What DMP shards: one weighted, sum-pooled EmbeddingBagCollection."""
+    """What DMP shards for the trainable tables: one weighted, sum-pooled EmbeddingBagCollection."""
 
     def __init__(self, tables: list[EmbeddingBagConfig]):
         super().__init__()
@@ -61,17 +63,37 @@ class TableModule(nn.Module):
         return self.ebc(features)
 
 
+class RowModule(nn.Module):
+    """What DMP shards for the frozen LLM tables: an EmbeddingCollection, one id per node and no pooling.
+
+    Sharded row-wise, it sends back only the rows a rank asked for (an all-to-all); a pooled
+    collection would reduce-scatter a batch-wide partial sum from every rank instead, which under
+    gloo is an all-reduce of the whole batch's rows at the LLM width (docs/results.md).
+    """
+
+    def __init__(self, tables: list[EmbeddingConfig]):
+        super().__init__()
+        self.ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
+
+    def forward(self, features: KeyedJaggedTensor):
+        return self.ec(features)
+
+
 @dataclass
 class ShardedTables:
-    """A DMP-sharded TableModule, with the torch optimizer of its dense-kernel tables (if any)."""
+    """A DMP-sharded TableModule or RowModule, with the torch optimizer of its dense-kernel tables (if any)."""
 
     module: DistributedModelParallel
     dense_optimizer: KeyedOptimizerWrapper | None
     plan: dict[str, tuple[str, str, list[int] | None]]
+    pooled: bool
 
     def lookup(self, features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """Pooled embedding per feature name."""
-        return self.module(features).to_dict()
+        """Per feature name: the pooled embedding of each bag, or (unpooled tables) the row of each id."""
+        out = self.module(features)
+        if self.pooled:
+            return out.to_dict()
+        return {name: rows.values() for name, rows in out.items()}
 
     def step(self) -> None:
         """Fused tables were updated in the backward pass; dense-kernel tables are stepped here."""
@@ -82,7 +104,7 @@ class ShardedTables:
     def local_shards(self, table: str):
         """(row offset, column offset, tensor view) of each shard of `table` held by this rank."""
         for key, value in self.module.state_dict().items():
-            if key.endswith(f"embedding_bags.{table}.weight"):
+            if key.endswith((f"embedding_bags.{table}.weight", f"embeddings.{table}.weight")):
                 if isinstance(value, ShardedTensor):
                     for shard in value.local_shards():
                         (r0, c0) = shard.metadata.shard_offsets
@@ -161,8 +183,10 @@ def compute_kernel(cfg: SparseConfig, sharding: Sharding, device: torch.device) 
     return EmbeddingComputeKernel.FUSED.value
 
 
-def make_plan(module: TableModule, sharding: Sharding, kernel: str, sharder, env: DistEnv) -> ShardingPlan:
-    tables = [cfg.name for cfg in module.ebc.embedding_bag_configs()]
+def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, sharder, env: DistEnv) -> ShardingPlan:
+    (attribute, collection), = module.named_children()
+    configs = collection.embedding_bag_configs() if isinstance(module, TableModule) else collection.embedding_configs()
+    tables = [cfg.name for cfg in configs]
     if sharding == "auto":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         planner = EmbeddingShardingPlanner(
@@ -178,12 +202,12 @@ def make_plan(module: TableModule, sharding: Sharding, kernel: str, sharder, env
     }[sharding]
     per_table = {name: fixed(i) for i, name in enumerate(tables)}
     plan = construct_module_sharding_plan(
-        module.ebc, per_table, sharder=sharder, local_size=env.world_size, world_size=env.world_size, device_type=env.device.type
+        collection, per_table, sharder=sharder, local_size=env.world_size, world_size=env.world_size, device_type=env.device.type
     )
-    return ShardingPlan({"ebc": plan})
+    return ShardingPlan({attribute: plan})
 
 
-def shard(module: TableModule, sharding: Sharding, cfg: SparseConfig, env: DistEnv, frozen: bool = False) -> ShardedTables:
+def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig, env: DistEnv, frozen: bool = False) -> ShardedTables:
     if frozen:
         # Frozen tables: fused kernel with a stateless optimizer that never runs (no backward reaches them).
         kernel = EmbeddingComputeKernel.FUSED.value if sharding != "data_parallel" else EmbeddingComputeKernel.DENSE.value
@@ -191,16 +215,17 @@ def shard(module: TableModule, sharding: Sharding, cfg: SparseConfig, env: DistE
     else:
         kernel = compute_kernel(cfg, sharding, env.device)
         fused = _fused_optimizer(cfg, env.device)
-    sharder = EmbeddingBagCollectionSharder(fused_params=fused)
+    sharder = (EmbeddingBagCollectionSharder if isinstance(module, TableModule) else EmbeddingCollectionSharder)(fused_params=fused)
     plan = make_plan(module, sharding, kernel, sharder, env)
     dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=[sharder])
-    summary = {name: (p.sharding_type, p.compute_kernel, p.ranks) for name, p in plan.plan["ebc"].items()}
+    (module_plan,) = plan.plan.values()
+    summary = {name: (p.sharding_type, p.compute_kernel, p.ranks) for name, p in module_plan.items()}
     dense_tables = [name for name, (_, k, _) in summary.items() if k == EmbeddingComputeKernel.DENSE.value]
     optimizer = None
     if dense_tables and not frozen:
         params = {n: p for n, p in dmp.named_parameters() if p.numel() > 0 and any(f".{t}." in n for t in dense_tables)}
         optimizer = KeyedOptimizerWrapper(params, _torch_optimizer(cfg))
-    tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary)
+    tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary, pooled=isinstance(module, TableModule))
     if frozen:
         _freeze(dmp)
     return tables
@@ -208,7 +233,8 @@ def shard(module: TableModule, sharding: Sharding, cfg: SparseConfig, env: DistE
 
 def _freeze(dmp: DistributedModelParallel) -> None:
     """Stop autograd at the frozen tables' storage, so no backward runs through them."""
-    for lookup in dmp._dmp_wrapped_module.ebc._lookups:
+    (collection,) = dmp._dmp_wrapped_module.children()
+    for lookup in collection._lookups:
         for emb in lookup._emb_modules:
             for param in emb._emb_module.parameters(recurse=False):
                 param.requires_grad_(False)
@@ -256,10 +282,10 @@ def trainable_tables(
 def llm_tables(embeddings: dict[str, np.ndarray], features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv) -> ShardedTables:
     """The frozen LLM-embedding tables (user_llm / item_llm), each rank loading only its shard rows."""
     configs = [
-        EmbeddingBagConfig(name=f"{kind}_llm", embedding_dim=matrix.shape[1], num_embeddings=matrix.shape[0], feature_names=features[kind], pooling=PoolingType.SUM)
+        EmbeddingConfig(name=f"{kind}_llm", embedding_dim=matrix.shape[1], num_embeddings=matrix.shape[0], feature_names=features[kind])
         for kind, matrix in embeddings.items()
     ]
-    tables = shard(TableModule(configs), cfg.llm_sharding, cfg, env, frozen=True)
+    tables = shard(RowModule(configs), cfg.llm_sharding, cfg, env, frozen=True)
     for kind, matrix in embeddings.items():
         tables.fill(f"{kind}_llm", lambda start, end, m=matrix: np.asarray(m[start:end], dtype=np.float32))
     return tables

@@ -77,11 +77,10 @@ class Trainer:
 
     def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         sizes = batch.group_sizes()
-        # Ranks look up different numbers of distinct nodes, but TorchRec's output collectives need
-        # the same bag count on every rank in their backward (under gloo: ReduceScatterV's all-gather).
-        features = [batch.sparse] + ([batch.llm] if self.llm is not None else [])
-        strides = max_over_ranks(*(f.stride() for f in features))
-        pooled = self.tables.lookup(pad_bags(batch.sparse, strides[0]).to(self.env.device))
+        # Ranks look up different numbers of distinct nodes, but TorchRec's pooled output collectives
+        # need the same bag count on every rank in their backward (under gloo: ReduceScatterV's all-gather).
+        (stride,) = max_over_ranks(batch.sparse.stride())
+        pooled = self.tables.lookup(pad_bags(batch.sparse, stride).to(self.env.device))
         nodes = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
         node_index = {g: i.to(self.env.device) for g, i in batch.node_index.items()}
         collab = {g: nodes[node_index[g]] for g in GROUPS}
@@ -92,7 +91,7 @@ class Trainer:
         llm = None
         if self.llm is not None:
             with torch.no_grad():
-                looked_up = self.llm.lookup(pad_bags(batch.llm, strides[1]).to(self.env.device))
+                looked_up = self.llm.lookup(batch.llm.to(self.env.device))
             llm = {g: looked_up[LLM_FEATURES[EGO_TABLE[g]]][i.to(self.env.device)] for g, i in batch.llm_index.items()}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
         return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, node_index))
