@@ -2,8 +2,8 @@
 
     python launch/plan.py --nodes 8 --gpus-per-node 8 --hbm-gb 80 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096
 
-Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen) on the
-meta device, asks TorchRec's EmbeddingShardingPlanner for a plan on the given topology, and
+Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen), with the
+trainer's own table modules, on the meta device, asks TorchRec's EmbeddingShardingPlanner for a plan on the given topology, and
 prints each table's sharding and the bytes each device holds (weights plus optimizer state).
 A scale that cannot fit exits with an error saying by how much it is short.
 """
@@ -18,12 +18,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-from torchrec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
+
+from darec_dist.models.tables import RowModule, TableModule, llm_table_configs, trainable_table_configs
 
 GIB = 1024**3
 # Optimizer state per table element, as a multiple of the weights: row-wise Adagrad keeps one
@@ -31,26 +33,26 @@ GIB = 1024**3
 STATE_FACTOR = {"rowwise_adagrad": 0.0, "adagrad": 1.0, "adam": 2.0, "sgd": 0.0}
 
 
-def build_tables(users: int, items: int, dim: int, llm_dim: int, llm_dtype: DataType) -> EmbeddingBagCollection:
-    def table(name: str, rows: int, width: int, dtype: DataType = DataType.FP32) -> EmbeddingBagConfig:
-        return EmbeddingBagConfig(
-            name=name, embedding_dim=width, num_embeddings=rows, feature_names=[f"{name}_f"], pooling=PoolingType.SUM, data_type=dtype
-        )
+class ClusterTables(nn.Module):
+    """The trainer's two sharded modules side by side, so that one planner call places all four tables."""
 
-    configs = [table("user_id", users, dim), table("item_id", items, dim)]
-    if llm_dim > 0:
-        configs += [table("user_llm", users, llm_dim, llm_dtype), table("item_llm", items, llm_dim, llm_dtype)]
-    return EmbeddingBagCollection(tables=configs, is_weighted=True, device=torch.device("meta"))
+    def __init__(self, users: int, items: int, dim: int, llm_dim: int, llm_dtype: str):
+        super().__init__()
+        features = {"user": ["user_f"], "item": ["item_f"]}
+        self.trainable = TableModule(trainable_table_configs({"user": users, "item": items}, dim, features))
+        if llm_dim > 0:
+            llm_features = {"user": ["user_llm_f"], "item": ["item_llm_f"]}
+            self.llm = RowModule(llm_table_configs({"user": (users, llm_dim), "item": (items, llm_dim)}, llm_features, llm_dtype))
 
 
 def table_bytes(rows: int, cols: int, bytes_per_value: int, state_factor: float) -> float:
     return rows * cols * bytes_per_value * (1.0 + state_factor) + (rows * 4 if state_factor == 0.0 else 0)
 
 
-def per_device_bytes(plan: ShardingPlan, module_path: str, widths: dict, optimizer: str, llm_bytes: int) -> dict[int, float]:
+def per_device_bytes(plan: ShardingPlan, widths: dict, optimizer: str, llm_bytes: int) -> dict[int, float]:
     """Bytes each rank holds, from the plan's shard placements."""
     totals: dict[int, float] = defaultdict(float)
-    for name, sharding in plan.plan[module_path].items():
+    for name, sharding in table_plans(plan):
         frozen = name.endswith("_llm")
         factor = 0.0 if frozen else STATE_FACTOR[optimizer]
         value_bytes = llm_bytes if frozen else 4
@@ -65,6 +67,12 @@ def per_device_bytes(plan: ShardingPlan, module_path: str, widths: dict, optimiz
             rows, cols = shard.shard_sizes
             totals[rank] += table_bytes(rows, cols, value_bytes, factor)
     return totals
+
+
+def table_plans(plan: ShardingPlan):
+    """(table name, its parameter sharding) over every sharded module of the plan."""
+    for module_plan in plan.plan.values():
+        yield from module_plan.items()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,27 +109,26 @@ def main(argv: list[str] | None = None) -> int:
               f"short by {(needed - available) / GIB:,.1f} GiB ({needed / available:.2f}x); add at least "
               f"{int(-(-(needed - available) // ((args.hbm_gb + args.ddr_gb) * GIB)))} devices or shrink the tables", file=sys.stderr)
         return 2
-    module = build_tables(users, items, args.dim, args.llm_dim, DataType.FP16 if args.llm_dtype == "fp16" else DataType.FP32)
+    module = ClusterTables(users, items, args.dim, args.llm_dim, args.llm_dtype)
     topology = Topology(
         world_size=world, local_world_size=args.gpus_per_node, compute_device="cuda",
         hbm_cap=int(args.hbm_gb * GIB), ddr_cap=int(args.ddr_gb * GIB),
     )
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size)
     try:
-        plan = planner.plan(module, [EmbeddingBagCollectionSharder()])
+        plan = planner.plan(module, [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()])
     except PlannerError as err:
         first = str(err).splitlines()[0][:500]
         print(f"error: does not fit: TorchRec's planner found no placement ({first}); the tables need "
               f"{needed / GIB:,.1f} GiB of {available / GIB:,.1f} GiB, leaving too little headroom per device", file=sys.stderr)
         return 2
-    path = next(iter(plan.plan))
     print(f"\n{'table':<10} {'rows':>15} {'dim':>6} {'sharding':<18} {'kernel':<22} devices")
-    for name, sharding in plan.plan[path].items():
+    for name, sharding in table_plans(plan):
         rows, cols = widths[name]
         ranks = sharding.ranks or []
         shown = f"{len(ranks)} ({ranks[0]}..{ranks[-1]})" if len(ranks) > 4 else str(ranks)
         print(f"{name:<10} {rows:>15,} {cols:>6} {sharding.sharding_type:<18} {sharding.compute_kernel:<22} {shown}")
-    totals = per_device_bytes(plan, path, widths, args.optimizer, llm_bytes)
+    totals = per_device_bytes(plan, widths, args.optimizer, llm_bytes)
     values = [totals.get(rank, 0.0) for rank in range(world)]
     print(f"\nmemory per device (weights + optimizer state): min {min(values) / GIB:.2f} GiB, "
           f"mean {sum(values) / world / GIB:.2f} GiB, max {max(values) / GIB:.2f} GiB of {args.hbm_gb:g} GiB")

@@ -25,6 +25,8 @@ CASES = {
     "lightgcn-adagrad-column_wise": ["model.backbone=lightgcn", "sparse.optimizer=adagrad", "sparse.lr=0.5", "sparse.eps=1.0e-4", "sparse.sharding=column_wise"],
     # Dense parameters owned by DeepSpeed; samples cover the whole batch so no draw depends on the world size.
     "lightgcn-sgd-row_wise-darec": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=darec", "align.darec.sample_size=64", "align.darec.structure_weight=1.0", "align.darec.regulariser_weight=1.0"],
+    # LLM tables stored in fp16 (rows come back as float32).
+    "lightgcn-sgd-row_wise-darec-llm_fp16": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "sparse.llm_dtype=fp16", "align.method=darec", "align.darec.sample_size=64", "align.darec.structure_weight=1.0", "align.darec.regulariser_weight=1.0"],
     "mf-sgd-row_wise-rlmrec_con": ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=rlmrec-con", "align.con.weight=1.0"],
     "lightgcn-sgd-table_wise-rlmrec_gen": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=table_wise", "align.method=rlmrec-gen", "align.gen.mask_ratio=1.0", "align.gen.weight=1.0"],
     "lightgcn-adam-planner": ["model.backbone=lightgcn", "sparse.optimizer=adam", "sparse.lr=0.05", "sparse.sharding=auto"],
@@ -51,6 +53,9 @@ def one_step(rank, world_size, root, out_dir, cases):
             "dense": {k: v.detach().clone() for k, v in trainer.dense.named_parameters()},
             "plan": trainer.tables.plan,
         }
+        if trainer.llm is not None:
+            results[name]["user_llm"] = trainer.llm.full_table("user_llm", dataset.num_users, dataset.embedding_dim)
+            results[name]["llm_dtypes"] = {str(t.dtype) for _, _, t in trainer.llm.local_shards("user_llm")}
     return results
 
 
@@ -89,3 +94,15 @@ def test_the_step_changed_the_tables(step_results, small_dataset):
     initial = init_rows(2024, "user_id", dataset.num_users, 8, SparseConfig())(0, dataset.num_users)
     changed = np.abs(step_results[0]["lightgcn-sgd-row_wise"]["user_id"].numpy() - initial).max()
     assert changed > 1e-3
+
+
+@pytest.mark.parametrize("case, dtype", [("lightgcn-sgd-row_wise-darec", np.float32), ("lightgcn-sgd-row_wise-darec-llm_fp16", np.float16)])
+def test_llm_tables_hold_the_datasets_rows_at_the_configured_precision(step_results, small_dataset, case, dtype):
+    root, _ = small_dataset
+    stored = np.asarray(PreparedDataset.open(root).embeddings("user"), dtype=np.float32)
+    expected = stored.astype(dtype).astype(np.float32)
+    assert dtype == np.float32 or not np.array_equal(expected, stored), "fp16 rounding must be visible in this data"
+    for world in (0, 1):
+        result = step_results[world][case]
+        assert result["llm_dtypes"] == {str(torch.from_numpy(np.zeros(1, dtype)).dtype)}
+        np.testing.assert_array_equal(result["user_llm"].numpy(), expected)

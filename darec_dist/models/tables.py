@@ -21,7 +21,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
+from torchrec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -47,6 +47,9 @@ class SparseConfig:
     eps: float = 1e-8
     sharding: Sharding = "auto"
     llm_sharding: Sharding = "row_wise"
+    # Storage of the frozen LLM tables, the largest tables at scale (launch/plan.py): fp16 halves them
+    # (rows are read back as float32); on CPU fbgemm's fp16 lookup is slower than fp32's.
+    llm_dtype: Literal["fp32", "fp16"] = "fp32"
     # RLMRec initialises its tables with xavier_uniform; LightGCN's paper with normal(0, 0.1).
     init: Literal["xavier_uniform", "normal"] = "xavier_uniform"
     init_std: float = 0.1
@@ -264,27 +267,37 @@ def init_rows(seed: int, table: str, num_rows: int, dim: int, cfg: SparseConfig)
     return rows
 
 
+def trainable_table_configs(sizes: dict[str, int], dim: int, features: dict[str, list[str]]) -> list[EmbeddingBagConfig]:
+    """The user_id / item_id tables, given rows and feature names per kind ("user", "item")."""
+    return [
+        EmbeddingBagConfig(name=f"{kind}_id", embedding_dim=dim, num_embeddings=rows, feature_names=features[kind], pooling=PoolingType.SUM)
+        for kind, rows in sizes.items()
+    ]
+
+
+def llm_table_configs(shapes: dict[str, tuple[int, int]], features: dict[str, list[str]], dtype: str) -> list[EmbeddingConfig]:
+    """The frozen user_llm / item_llm tables, given (rows, width) and feature names per kind."""
+    data_type = {"fp32": DataType.FP32, "fp16": DataType.FP16}[dtype]
+    return [
+        EmbeddingConfig(name=f"{kind}_llm", embedding_dim=width, num_embeddings=rows, feature_names=features[kind], data_type=data_type)
+        for kind, (rows, width) in shapes.items()
+    ]
+
+
 def trainable_tables(
     num_users: int, num_items: int, dim: int, features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv, seed: int
 ) -> ShardedTables:
     """The user and item tables (names user_id / item_id), sharded, initialised from the seed."""
-    sizes = {"user_id": num_users, "item_id": num_items}
-    configs = [
-        EmbeddingBagConfig(name=f"{kind}_id", embedding_dim=dim, num_embeddings=sizes[f"{kind}_id"], feature_names=features[kind], pooling=PoolingType.SUM)
-        for kind in ("user", "item")
-    ]
-    tables = shard(TableModule(configs), cfg.sharding, cfg, env)
-    for name, count in sizes.items():
-        tables.fill(name, init_rows(seed, name, count, dim, cfg))
+    sizes = {"user": num_users, "item": num_items}
+    tables = shard(TableModule(trainable_table_configs(sizes, dim, features)), cfg.sharding, cfg, env)
+    for kind, count in sizes.items():
+        tables.fill(f"{kind}_id", init_rows(seed, f"{kind}_id", count, dim, cfg))
     return tables
 
 
 def llm_tables(embeddings: dict[str, np.ndarray], features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv) -> ShardedTables:
     """The frozen LLM-embedding tables (user_llm / item_llm), each rank loading only its shard rows."""
-    configs = [
-        EmbeddingConfig(name=f"{kind}_llm", embedding_dim=matrix.shape[1], num_embeddings=matrix.shape[0], feature_names=features[kind])
-        for kind, matrix in embeddings.items()
-    ]
+    configs = llm_table_configs({kind: matrix.shape for kind, matrix in embeddings.items()}, features, cfg.llm_dtype)
     tables = shard(RowModule(configs), cfg.llm_sharding, cfg, env, frozen=True)
     for kind, matrix in embeddings.items():
         tables.fill(f"{kind}_llm", lambda start, end, m=matrix: np.asarray(m[start:end], dtype=np.float32))
