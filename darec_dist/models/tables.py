@@ -70,8 +70,8 @@ class RowModule(nn.Module):
     """What DMP shards for the frozen LLM tables: an EmbeddingCollection, one id per node and no pooling.
 
     Sharded row-wise, it sends back only the rows a rank asked for (an all-to-all); a pooled
-    collection would reduce-scatter a batch-wide partial sum from every rank instead, which under
-    gloo is an all-reduce of the whole batch's rows at the LLM width (docs/results.md).
+    collection would reduce-scatter a batch-wide partial sum at the LLM width from every rank
+    instead (measured in docs/results.md, "Cost of a DaRec step").
     """
 
     def __init__(self, tables: list[EmbeddingConfig]):
