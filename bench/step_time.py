@@ -7,6 +7,9 @@ For each method this starts `torchrun --nproc_per_node=NPROC bench/step_time.py 
 which builds the trainer, loads the batches of the first steps into memory (so the loader is not
 timed), runs a few warm-up steps, then times `--steps` training steps and reports the slowest
 rank's mean step time. Printed: ms per step, interactions per second, and the ratio to `none`.
+With `--repeat R` the methods run in turn R times (none, darec, none, darec, ...), so that a
+machine whose speed drifts affects them alike; printed are the median and the range over the
+rounds, the ratio taken within each round.
 With `--profile ROWS`, every rank runs the timed steps once more under torch.profiler (their
 collectives need all ranks), and rank 0's operators that took the most self CPU time, summed over
 the steps, are printed: where a method's extra time goes.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--override", nargs="*", default=[])
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the methods, alternating")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print this many top operators per method")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -86,26 +91,35 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    rows = []
-    for method in args.methods:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [
-                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
-                "--data", args.data, "--train-config", args.train_config, "--method", method, "--result", out.name,
-                "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile), "--override", *args.override,
-            ]
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{method}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            rows.append(json.loads(Path(out.name).read_text()))
-    base = next((r["ms_per_step"] for r in rows if r["method"] == "none"), None)
-    print(f"{'method':<12} {'ms/step':>9} {'interactions/s':>15} {'x base':>7}")
-    for r in rows:
-        ratio = f"{r['ms_per_step'] / base:.2f}" if base else "-"
-        print(f"{r['method']:<12} {r['ms_per_step']:>9.1f} {r['interactions_per_s']:>15.0f} {ratio:>7}")
-    for r in rows:
+    rounds = [[run_method(args, method) for method in args.methods] for _ in range(args.repeat)]
+    print(f"{'method':<12} {'ms/step':>9} {'interactions/s':>15} {'x base':>7}" + ("   (median; range over rounds)" if args.repeat > 1 else ""))
+    for i, method in enumerate(args.methods):
+        runs = [round_[i] for round_ in rounds]
+        ms = [r["ms_per_step"] for r in runs]
+        base = [next((r["ms_per_step"] for r in round_ if r["method"] == "none"), None) for round_ in rounds]
+        ratios = [m / b for m, b in zip(ms, base) if b]
+        ratio = f"{statistics.median(ratios):.2f}" if ratios else "-"
+        line = f"{method:<12} {statistics.median(ms):>9.1f} {statistics.median(r['interactions_per_s'] for r in runs):>15.0f} {ratio:>7}"
+        if args.repeat > 1:
+            line += f"   ms {min(ms):.1f} to {max(ms):.1f}" + (f", x base {min(ratios):.2f} to {max(ratios):.2f}" if ratios else "")
+        print(line)
+    for r in rounds[-1]:
         if "profile" in r:
             print(f"\n{r['method']}: rank 0, {args.steps} steps\n{r['profile']}")
+
+
+def run_method(args: argparse.Namespace, method: str) -> dict:
+    """One torchrun of the worker for `method`; its result."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
+            "--data", args.data, "--train-config", args.train_config, "--method", method, "--result", out.name,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile), "--override", *args.override,
+        ]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{method}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        return json.loads(Path(out.name).read_text())
 
 
 if __name__ == "__main__":
