@@ -49,11 +49,13 @@ def modules():
         clusters=K, sample_size=N, uniformity_sample=N // 2, centres="ema", uniformity_on="all", collab_projector="linear"
     )
     darec_ema = DaRec(ema_config, D, DL, seed=1).double()
+    torch.manual_seed(3)
+    darec_matched = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, centres="matched"), D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
         gen.mask_token.normal_()
-    return {"darec": darec, "darec_ema": darec_ema, "con": con, "gen": gen}
+    return {"darec": darec, "darec_ema": darec_ema, "darec_matched": darec_matched, "con": con, "gen": gen}
 
 
 def darec_on_repeated_nodes(x, darec):
@@ -88,6 +90,7 @@ def cases(x, mods):
         "darec": (sum(mods["darec"].losses(x["c"], x["l"]).values()), mods["darec"]),
         "darec_repeated_nodes": (darec_on_repeated_nodes(x, mods["darec"]), mods["darec"]),
         "darec_ema_centres": (darec_on_repeated_nodes(x, mods["darec_ema"]), mods["darec_ema"]),
+        "darec_matched_centres": (darec_on_repeated_nodes(x, mods["darec_matched"]), mods["darec_matched"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (mods["gen"].reconstruction_loss(masked), mods["gen"]),
     }
@@ -118,8 +121,9 @@ def compute(rank, world_size):
             grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)
             entry["params"][pname] = grad / world_size
-        if module is not None and "centres" in dict(module.named_buffers()):
-            entry["params"]["centres after the step"] = module.centres.clone()  # moved by global statistics
+        for buffer in ("centres", "collab_centres"):
+            if module is not None and buffer in dict(module.named_buffers()):
+                entry["params"][f"{buffer} after the step"] = getattr(module, buffer).clone()  # moved by global statistics
         results[name] = entry
     return results
 
@@ -129,7 +133,7 @@ def outcomes(tmp_path_factory):
     return results_per_world_size(compute, tmp_path_factory.mktemp("coupled"))
 
 
-NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "darec_repeated_nodes", "darec_ema_centres", "rlmrec_con", "rlmrec_gen"]
+NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "darec_repeated_nodes", "darec_ema_centres", "darec_matched_centres", "rlmrec_con", "rlmrec_gen"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -213,3 +217,33 @@ def test_moving_centres_match_a_plain_spherical_kmeans_step():
         want = torch.nn.functional.normalize(0.75 * centres[k] + 0.25 * mean / mean.norm(), dim=0)
         torch.testing.assert_close(moved[k], want, rtol=1e-10, atol=1e-12)
     assert (moved - centres).abs().max() > 1e-3, "some centre must move"
+
+
+def test_matched_centre_loss_matches_a_plain_permutation_search():
+    """Per-side clusters paired by the best of all K! matchings, then 1 - cos of the paired cluster means."""
+    import itertools
+
+    from darec_dist.models.aligners.coupled_losses import matched_centre_loss
+
+    g = torch.Generator().manual_seed(5)
+    c, l = torch.randn(40, D, generator=g, dtype=torch.float64), torch.randn(40, D, generator=g, dtype=torch.float64)
+    c_centres, l_centres = torch.randn(K, D, generator=g, dtype=torch.float64), torch.randn(K, D, generator=g, dtype=torch.float64)
+    c.requires_grad_(True)
+    fast = matched_centre_loss(centre_statistics(c, c_centres), centre_statistics(l, l_centres), c_centres, l_centres)
+    (fast_grad,) = torch.autograd.grad(fast, c)
+
+    unit = torch.nn.functional.normalize
+    similarity = unit(c_centres, dim=-1) @ unit(l_centres, dim=-1).T
+    best = max(itertools.permutations(range(K)), key=lambda p: sum(similarity[i, p[i]].item() for i in range(K)))
+
+    def means(x, centres):
+        nearest = (unit(x, dim=-1) @ unit(centres, dim=-1).T).argmax(-1)
+        return [unit(x, dim=-1)[nearest == k].mean(0) if (nearest == k).any() else None for k in range(K)]
+
+    c_means, l_means = means(c, c_centres), means(l, l_centres)
+    gaps = [1 - torch.nn.functional.cosine_similarity(c_means[k], l_means[best[k]], dim=0) for k in range(K) if c_means[k] is not None and l_means[best[k]] is not None]
+    plain = torch.stack(gaps).mean()
+    (plain_grad,) = torch.autograd.grad(plain, c)
+    assert best != tuple(range(K)), "the case must need a matching other than the identity"
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-10)
+    np.testing.assert_allclose(fast_grad.numpy(), plain_grad.numpy(), rtol=1e-8, atol=1e-12)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
 from darec_dist.distributed.collectives import gather_with_grad, sum_with_grad, world_size
 
@@ -128,6 +129,24 @@ def moving_centres(centres: torch.Tensor, statistics: torch.Tensor, momentum: fl
     sums, counts = statistics[:, :-1], statistics[:, -1:]
     moved = F.normalize(momentum * F.normalize(centres, dim=-1) + (1.0 - momentum) * F.normalize(sums, dim=-1), dim=-1)
     return torch.where(counts > 0, moved, centres)
+
+
+def matched_centre_loss(collab_statistics: torch.Tensor, llm_statistics: torch.Tensor, collab_centres: torch.Tensor, llm_centres: torch.Tensor) -> torch.Tensor:
+    """Mean over matched cluster pairs of 1 - cos(collab cluster mean, LLM cluster mean).
+
+    Each side has its own K centres; they are paired one to one by the largest total cosine (Hungarian
+    matching on the centres, the same on every rank), and each collaborative cluster's mean (from the
+    global statistics, with gradient) is pulled toward its partner's. Pairs with an empty side are skipped.
+    """
+    similarity = F.normalize(collab_centres, dim=-1) @ F.normalize(llm_centres, dim=-1).T
+    _, partner = linear_sum_assignment(similarity.detach().cpu().numpy(), maximize=True)
+    partner = torch.as_tensor(partner, device=llm_statistics.device)
+    collab_sums, collab_counts = collab_statistics[:, :-1], collab_statistics[:, -1]
+    llm_sums, llm_counts = llm_statistics[partner, :-1], llm_statistics[partner, -1]
+    present = ((collab_counts > 0) & (llm_counts > 0)).to(collab_sums.dtype)
+    # The cosine of two sums is the cosine of the two means.
+    gap = 1.0 - F.cosine_similarity(collab_sums, llm_sums, dim=-1)
+    return (gap * present).sum() / present.sum().clamp_min(1.0)
 
 
 def centre_separation_loss(centres: torch.Tensor) -> torch.Tensor:

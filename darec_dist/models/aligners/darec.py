@@ -5,8 +5,8 @@ four projections f_C_sp, f_C_sh, f_L_sp, f_L_sh; orthogonality of specific and
 shared parts on each side and uniformity of the specific parts (weight beta);
 global structure alignment of the shared parts' cosine-similarity matrices over
 a sample of N nodes spanning all ranks, and local structure alignment through K
-shared preference centres initialised by k-means on l_sh, learned or following l_sh
-(weight lambda).
+shared preference centres initialised by k-means on l_sh, learned or following l_sh,
+or K centres per side paired by matching (weight lambda).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from darec_dist.models.aligners.coupled_losses import (
     centre_statistics,
     cluster_alignment_loss,
     kmeans,
+    matched_centre_loss,
     moving_centres,
     orthogonality_loss,
     similarity_from_gram,
@@ -49,8 +50,11 @@ class DaRecConfig:
     # default) plus a separation term. "ema": not trained; each step moves every centre toward the mean of
     # the l_sh rows nearest to it (global statistics, momentum below). Learned centres can turn
     # orthogonal to both sides, which makes every assignment uniform and the local term vanish
-    # without aligning anything (measured: docs/results.md).
-    centres: Literal["learned", "ema"] = "learned"
+    # without aligning anything (measured: docs/results.md). "matched": each side has its own K centres,
+    # moved like "ema" by its own shared rows; the sides' centres are paired by Hungarian matching, and
+    # each collaborative cluster's mean is pulled toward its partner's (the method note's "k-means
+    # centres per side with matching"; unlike the other two, it aligns positions, not only structure).
+    centres: Literal["learned", "ema", "matched"] = "learned"
     centre_momentum: float = 0.9
     separation_weight: float = 1.0
     kmeans_iterations: int = 20
@@ -94,6 +98,8 @@ class DaRec(Aligner):
             self.centres = nn.Parameter(centres)
         else:
             self.register_buffer("centres", centres)
+        if cfg.centres == "matched":
+            self.register_buffer("collab_centres", centres.clone())
         self.register_buffer("centres_ready", torch.zeros((), dtype=torch.bool))
 
     def llm_rows(self, local_batch: int, world: int) -> int:
@@ -120,8 +126,9 @@ class DaRec(Aligner):
         sample_rows = c.shape[0] if rows is None else rows.shape[0]
         weight = None if rows is None else torch.bincount(rows, minlength=c.shape[0]).to(c.dtype)
         ema = cfg.use_local and cfg.centres == "ema"
+        matched = cfg.use_local and cfg.centres == "matched"
         if cfg.use_local:
-            self._init_centres(l_sh, rows)
+            self._init_centres(c_sh, l_sh, rows)
         # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
         # over ranks: one all-reduce carries them all.
         shares = {}
@@ -137,11 +144,17 @@ class DaRec(Aligner):
             shares["uniform"], uniform_rows = uniformity_sums(*(z[picked] for z in parts))
         if ema:
             shares["centres"] = centre_statistics(l_sh.detach(), self.centres, weight)
+        if matched:  # with gradient: the loss compares the clusters' global means
+            shares["centres"] = centre_statistics(l_sh, self.centres, weight)
+            shares["collab_centres"] = centre_statistics(c_sh, self.collab_centres, weight)
         totals = sum_many_with_grad(shares)
         out = {}
         if cfg.use_global:
             out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size())
-        if cfg.use_local:
+        if matched:
+            local = matched_centre_loss(totals["collab_centres"], totals["centres"], self.collab_centres, self.centres)
+            out["darec_local"] = cfg.structure_weight * local
+        elif cfg.use_local:
             local = cluster_alignment_loss(c_sh, l_sh, self.centres, cfg.cluster_temperature, weight)
             if not ema:
                 local = local + cfg.separation_weight * centre_separation_loss(self.centres)
@@ -150,18 +163,23 @@ class DaRec(Aligner):
             orthogonality = orthogonality_loss(c_sp, c_sh, weight) + orthogonality_loss(l_sp, l_sh, weight)
             out["darec_orth"] = cfg.regulariser_weight * orthogonality
             out["darec_uniform"] = cfg.regulariser_weight * uniformity_from_sums(totals["uniform"], uniform_rows)
-        if ema:  # after the loss has used this step's centres
+        if ema or matched:  # after the loss has used this step's centres
             with torch.no_grad():
-                self.centres.copy_(moving_centres(self.centres, totals["centres"], cfg.centre_momentum))
+                self.centres.copy_(moving_centres(self.centres, totals["centres"].detach(), cfg.centre_momentum))
+                if matched:
+                    self.collab_centres.copy_(moving_centres(self.collab_centres, totals["collab_centres"].detach(), cfg.centre_momentum))
         return out
 
     @torch.no_grad()
-    def _init_centres(self, l_shared: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """k-means on the first step's gathered l_sh rows: the same on every rank and for every world size."""
+    def _init_centres(self, c_shared: torch.Tensor, l_shared: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """k-means on the first step's gathered l_sh rows (and c_sh rows for per-side centres): the same on
+        every rank and for every world size."""
         if bool(self.centres_ready):
             return
-        everyone = gather_with_grad((l_shared if rows is None else l_shared[rows]).detach())
-        self.centres.copy_(kmeans(everyone, self.cfg.clusters, self.cfg.kmeans_iterations, self.seed))
+        sides = [(self.centres, l_shared)] + ([(self.collab_centres, c_shared)] if self.cfg.centres == "matched" else [])
+        for centres, shared in sides:
+            everyone = gather_with_grad((shared if rows is None else shared[rows]).detach())
+            centres.copy_(kmeans(everyone, self.cfg.clusters, self.cfg.kmeans_iterations, self.seed))
         self.centres_ready.fill_(True)
 
     def scoring_vectors(self, collab: torch.Tensor, kind: str) -> torch.Tensor:
