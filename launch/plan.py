@@ -2,9 +2,10 @@
 
     python launch/plan.py --nodes 8 --gpus-per-node 8 --hbm-gb 80 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096
 
-Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen), with the
-trainer's own table modules, on the meta device, asks TorchRec's EmbeddingShardingPlanner for a plan on the given topology, and
-prints each table's sharding and the bytes each device holds (weights plus optimizer state).
+Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen) with the
+trainer's own table modules on the meta device, asks TorchRec's EmbeddingShardingPlanner for a
+plan on the given topology, and prints each table's sharding and the bytes each device holds
+(weights plus optimizer state).
 A scale that cannot fit exits with an error saying by how much it is short.
 """
 
