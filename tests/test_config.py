@@ -3,6 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from darec_dist.config import ConfigError, from_dict, load_config, parse_override
+from darec_dist.train.config import TrainConfig
 from spark_jobs.config import PrepareConfig
 
 
@@ -51,6 +52,8 @@ def test_literal_and_validation_errors(tmp_path):
         load_config(PrepareConfig, path)
     with pytest.raises(ConfigError, match="malformed.max_fraction must be in"):
         load_config(PrepareConfig, None, ["malformed.max_fraction=2"])
+    with pytest.raises(ConfigError, match="sparse.llm_sharding: the frozen LLM tables are sharded"):
+        load_config(TrainConfig, None, ["data.path=x", "sparse.llm_sharding=data_parallel"])
 
 
 def test_missing_file_is_named(tmp_path):

@@ -54,6 +54,11 @@ class SparseConfig:
     init: Literal["xavier_uniform", "normal"] = "xavier_uniform"
     init_std: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.llm_sharding == "data_parallel":
+            raise ValueError("sparse.llm_sharding: the frozen LLM tables are sharded, never copied to every rank; "
+                             "use auto, table_wise, row_wise or column_wise")
+
 
 class TableModule(nn.Module):
     """What DMP shards for the trainable tables: one weighted, sum-pooled EmbeddingBagCollection."""
@@ -213,7 +218,7 @@ def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, 
 def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig, env: DistEnv, frozen: bool = False) -> ShardedTables:
     if frozen:
         # Frozen tables: fused kernel with a stateless optimizer that never runs (no backward reaches them).
-        kernel = EmbeddingComputeKernel.FUSED.value if sharding != "data_parallel" else EmbeddingComputeKernel.DENSE.value
+        kernel = EmbeddingComputeKernel.FUSED.value
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
     else:
         kernel = compute_kernel(cfg, sharding, env.device)
