@@ -91,7 +91,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    rounds = [[run_method(args, method) for method in args.methods] for _ in range(args.repeat)]
+    # A profile is a second pass over the timed steps: only the last round takes it.
+    rounds = [[run_method(args, method, profile=r == args.repeat - 1) for method in args.methods] for r in range(args.repeat)]
     print(f"{'method':<12} {'ms/step':>9} {'interactions/s':>15} {'x base':>7}" + ("   (median; range over rounds)" if args.repeat > 1 else ""))
     for i, method in enumerate(args.methods):
         runs = [round_[i] for round_ in rounds]
@@ -108,13 +109,13 @@ def main() -> None:
             print(f"\n{r['method']}: rank 0, {args.steps} steps\n{r['profile']}")
 
 
-def run_method(args: argparse.Namespace, method: str) -> dict:
-    """One torchrun of the worker for `method`; its result."""
+def run_method(args: argparse.Namespace, method: str, profile: bool) -> dict:
+    """One torchrun of the worker for `method` (profiling it when `profile` and --profile are set); its result."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
             "--data", args.data, "--train-config", args.train_config, "--method", method, "--result", out.name,
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile), "--override", *args.override,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile if profile else 0), "--override", *args.override,
         ]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:

@@ -48,7 +48,7 @@ class SparseConfig:
     sharding: Sharding = "auto"
     llm_sharding: Sharding = "row_wise"
     # Storage of the frozen LLM tables, the largest tables at scale (launch/plan.py): fp16 halves them
-    # (rows are read back as float32); on CPU fbgemm's fp16 lookup is slower than fp32's.
+    # (rows are read back as float32); fp32 keeps the dataset's rows exact.
     llm_dtype: Literal["fp32", "fp16"] = "fp32"
     # RLMRec initialises its tables with xavier_uniform; LightGCN's paper with normal(0, 0.1).
     init: Literal["xavier_uniform", "normal"] = "xavier_uniform"
@@ -63,9 +63,15 @@ class SparseConfig:
 class TableModule(nn.Module):
     """What DMP shards for the trainable tables: one weighted, sum-pooled EmbeddingBagCollection."""
 
+    pooled = True
+    sharder = EmbeddingBagCollectionSharder
+
     def __init__(self, tables: list[EmbeddingBagConfig]):
         super().__init__()
         self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=True, device=torch.device("meta"))
+
+    def table_names(self) -> list[str]:
+        return [cfg.name for cfg in self.ebc.embedding_bag_configs()]
 
     def forward(self, features: KeyedJaggedTensor):
         return self.ebc(features)
@@ -79,9 +85,15 @@ class RowModule(nn.Module):
     instead (measured in docs/results.md, "Cost of a DaRec step").
     """
 
+    pooled = False
+    sharder = EmbeddingCollectionSharder
+
     def __init__(self, tables: list[EmbeddingConfig]):
         super().__init__()
         self.ec = EmbeddingCollection(tables=tables, device=torch.device("meta"))
+
+    def table_names(self) -> list[str]:
+        return [cfg.name for cfg in self.ec.embedding_configs()]
 
     def forward(self, features: KeyedJaggedTensor):
         return self.ec(features)
@@ -193,8 +205,7 @@ def compute_kernel(cfg: SparseConfig, sharding: Sharding, device: torch.device) 
 
 def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, sharder, env: DistEnv) -> ShardingPlan:
     (attribute, collection), = module.named_children()
-    configs = collection.embedding_bag_configs() if isinstance(module, TableModule) else collection.embedding_configs()
-    tables = [cfg.name for cfg in configs]
+    tables = module.table_names()
     if sharding == "auto":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         planner = EmbeddingShardingPlanner(
@@ -223,7 +234,7 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
     else:
         kernel = compute_kernel(cfg, sharding, env.device)
         fused = _fused_optimizer(cfg, env.device)
-    sharder = (EmbeddingBagCollectionSharder if isinstance(module, TableModule) else EmbeddingCollectionSharder)(fused_params=fused)
+    sharder = module.sharder(fused_params=fused)
     plan = make_plan(module, sharding, kernel, sharder, env)
     dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=[sharder])
     (module_plan,) = plan.plan.values()
@@ -233,7 +244,7 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
     if dense_tables and not frozen:
         params = {n: p for n, p in dmp.named_parameters() if p.numel() > 0 and any(f".{t}." in n for t in dense_tables)}
         optimizer = KeyedOptimizerWrapper(params, _torch_optimizer(cfg))
-    tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary, pooled=isinstance(module, TableModule))
+    tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary, pooled=module.pooled)
     if frozen:
         _freeze(dmp)
     return tables
