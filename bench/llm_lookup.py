@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.torchrun_worker import run_worker  # noqa: E402  (needs the path above)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -71,16 +71,11 @@ def main() -> None:
         return
     print(f"{args.nproc} ranks, 2 tables of {args.rows:,} x {args.dim}, {args.sharding}, {args.ids} ids per table per rank")
     for dtype in args.dtypes:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [
-                sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
-                "--rows", str(args.rows), "--dim", str(args.dim), "--ids", str(args.ids), "--sharding", args.sharding,
-                "--steps", str(args.steps), "--dtype", dtype, "--result", out.name,
-            ]
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{dtype}: failed\n{done.stderr[-4000:]}")
-            print(f"{dtype}: {json.loads(Path(out.name).read_text())['ms']:.2f} ms per lookup")
+        worker_args = [
+            "--rows", str(args.rows), "--dim", str(args.dim), "--ids", str(args.ids), "--sharding", args.sharding,
+            "--steps", str(args.steps), "--dtype", dtype,
+        ]
+        print(f"{dtype}: {run_worker(__file__, args.nproc, worker_args, dtype)['ms']:.2f} ms per lookup")
 
 
 if __name__ == "__main__":

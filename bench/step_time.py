@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.torchrun_worker import run_worker  # noqa: E402  (needs the path above)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -111,16 +111,11 @@ def main() -> None:
 
 def run_method(args: argparse.Namespace, method: str, profile: bool) -> dict:
     """One torchrun of the worker for `method` (profiling it when `profile` and --profile are set); its result."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", __file__, "--worker",
-            "--data", args.data, "--train-config", args.train_config, "--method", method, "--result", out.name,
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--profile", str(args.profile if profile else 0), "--override", *args.override,
-        ]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{method}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-        return json.loads(Path(out.name).read_text())
+    worker_args = [
+        "--data", args.data, "--train-config", args.train_config, "--method", method, "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--profile", str(args.profile if profile else 0), "--override", *args.override,
+    ]
+    return run_worker(__file__, args.nproc, worker_args, method)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""Run a benchmark's own `--worker` mode under torchrun and read back the JSON its rank 0 wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_worker(script: str, nproc: int, worker_args: list[str], what: str) -> dict:
+    """`torchrun --nproc_per_node=nproc script --worker *worker_args --result FILE`; the JSON in FILE.
+
+    Exits naming `what` with the tail of the workers' output if they fail."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", script, "--worker", *worker_args, "--result", out.name]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{what}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        return json.loads(Path(out.name).read_text())
