@@ -54,6 +54,8 @@ def test_literal_and_validation_errors(tmp_path):
         load_config(PrepareConfig, None, ["malformed.max_fraction=2"])
     with pytest.raises(ConfigError, match="sparse.llm_sharding: the frozen LLM tables are sharded"):
         load_config(TrainConfig, None, ["data.path=x", "sparse.llm_sharding=data_parallel"])
+    with pytest.raises(ConfigError, match="align.darec.neighbourhood_temperature must be > 0"):
+        load_config(TrainConfig, None, ["data.path=x", "align.darec.neighbourhood_temperature=0"])
 
 
 def test_missing_file_is_named(tmp_path):

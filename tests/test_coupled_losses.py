@@ -15,6 +15,7 @@ from darec_dist.models.aligners.coupled_losses import (
     global_similarity_loss,
     info_nce,
     moving_centres,
+    neighbourhood_loss,
     orthogonality_loss,
     uniformity_loss,
 )
@@ -51,11 +52,20 @@ def modules():
     darec_ema = DaRec(ema_config, D, DL, seed=1).double()
     torch.manual_seed(3)
     darec_matched = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, centres="matched"), D, DL, seed=1).double()
+    torch.manual_seed(3)
+    darec_neighbourhood = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_form="neighbourhood"), D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
         gen.mask_token.normal_()
-    return {"darec": darec, "darec_ema": darec_ema, "darec_matched": darec_matched, "con": con, "gen": gen}
+    return {
+        "darec": darec,
+        "darec_ema": darec_ema,
+        "darec_matched": darec_matched,
+        "darec_neighbourhood": darec_neighbourhood,
+        "con": con,
+        "gen": gen,
+    }
 
 
 def darec_on_repeated_nodes(x, darec):
@@ -84,6 +94,7 @@ def cases(x, mods):
     return {
         "info_nce": (info_nce(x["c"], x["c2"], x["c2"], 0.3), None),
         "global_similarity": (global_similarity_loss(x["c"], x["c2"]), None),
+        "neighbourhood": (neighbourhood_loss(x["c"], x["c2"], torch.arange(0, x["c"].shape[0], 2), 0.3), None),
         "uniformity": (uniformity_loss(x["c"]), None),
         "orthogonality": (orthogonality_loss(x["c"], x["c2"]), None),
         "cluster_alignment": (cluster_alignment_loss(x["c"], x["c2"], x["centres_param"], 0.2), None),
@@ -91,6 +102,7 @@ def cases(x, mods):
         "darec_repeated_nodes": (darec_on_repeated_nodes(x, mods["darec"]), mods["darec"]),
         "darec_ema_centres": (darec_on_repeated_nodes(x, mods["darec_ema"]), mods["darec_ema"]),
         "darec_matched_centres": (darec_on_repeated_nodes(x, mods["darec_matched"]), mods["darec_matched"]),
+        "darec_neighbourhood": (darec_on_repeated_nodes(x, mods["darec_neighbourhood"]), mods["darec_neighbourhood"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (mods["gen"].reconstruction_loss(masked), mods["gen"]),
     }
@@ -133,7 +145,21 @@ def outcomes(tmp_path_factory):
     return results_per_world_size(compute, tmp_path_factory.mktemp("coupled"))
 
 
-NAMES = ["info_nce", "global_similarity", "uniformity", "orthogonality", "cluster_alignment", "darec", "darec_repeated_nodes", "darec_ema_centres", "darec_matched_centres", "rlmrec_con", "rlmrec_gen"]
+NAMES = [
+    "info_nce",
+    "global_similarity",
+    "neighbourhood",
+    "uniformity",
+    "orthogonality",
+    "cluster_alignment",
+    "darec",
+    "darec_repeated_nodes",
+    "darec_ema_centres",
+    "darec_matched_centres",
+    "darec_neighbourhood",
+    "rlmrec_con",
+    "rlmrec_gen",
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -158,6 +184,27 @@ def test_global_similarity_matches_dense_matrices():
     dense_grads = torch.autograd.grad(dense, (c, l))
     assert fast.item() == pytest.approx(dense.item(), rel=1e-10)
     for got, want in zip(fast_grads, dense_grads):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_neighbourhood_loss_matches_explicit_distributions():
+    """The neighbourhood form of the global term equals the symmetric KL of explicitly built per-anchor
+    distributions (softmax over the other rows' cosines), with gradients."""
+    data = global_data()
+    c, l = data["c"].clone().requires_grad_(True), data["l2"].clone().requires_grad_(True)
+    anchors, tau = torch.tensor([0, 3, 4, 9, 15]), 0.3
+    fast = neighbourhood_loss(c, l, anchors, tau)
+    fast_grads = torch.autograd.grad(fast, (c, l))
+    total = 0.0
+    for i in anchors.tolist():
+        others = [j for j in range(N) if j != i]
+        p_c = torch.softmax(torch.nn.functional.cosine_similarity(c[i : i + 1], c[others]) / tau, dim=0)
+        p_l = torch.softmax(torch.nn.functional.cosine_similarity(l[i : i + 1], l[others]) / tau, dim=0)
+        total = total + (p_c * (p_c / p_l).log()).sum() + (p_l * (p_l / p_c).log()).sum()
+    reference = total / len(anchors)
+    reference_grads = torch.autograd.grad(reference, (c, l))
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-10)
+    for got, want in zip(fast_grads, reference_grads):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
 
 

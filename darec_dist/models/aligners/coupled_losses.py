@@ -67,6 +67,30 @@ def global_similarity_loss(collab: torch.Tensor, llm: torch.Tensor) -> torch.Ten
     return similarity_from_gram(sum_with_grad(similarity_gram(collab, llm)), collab.shape[0] * world_size())
 
 
+def neighbourhood_loss(collab: torch.Tensor, llm: torch.Tensor, anchors: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over this rank's anchor rows of the symmetric KL between the two sides' neighbourhoods: each side's
+    softmax over cos(anchor, every other row of the global pool) / tau.
+
+    `collab` and `llm` are this rank's share of the pool (equal row counts on every rank, gathered), `anchors`
+    the positions of its anchor rows in that share. A structure term like the Gram-form similarity loss (a
+    rotation of one side changes neither side's neighbourhoods), but it weighs each anchor's nearest rows
+    where the MSE of two cosine matrices weighs every pair alike.
+    """
+    d = collab.shape[1]
+    local = torch.cat([F.normalize(collab, dim=-1), F.normalize(llm, dim=-1)], dim=1)
+    pool = gather_with_grad(local)
+    own = torch.zeros(anchors.shape[0], pool.shape[0], dtype=torch.bool, device=pool.device)
+    own[torch.arange(anchors.shape[0], device=pool.device), _rank() * collab.shape[0] + anchors] = True
+
+    def log_neighbourhood(side: slice) -> torch.Tensor:
+        # A finite fill: exp underflows to exactly 0, so the anchor itself adds nothing and no 0 * inf appears.
+        logits = (local[anchors, side] @ pool[:, side].T / temperature).masked_fill(own, -1e4)
+        return torch.log_softmax(logits, dim=-1)
+
+    log_c, log_l = log_neighbourhood(slice(0, d)), log_neighbourhood(slice(d, None))
+    return ((log_c.exp() - log_l.exp()) * (log_c - log_l)).sum(-1).mean()
+
+
 def uniformity_sums(*parts: torch.Tensor, t: float = 2.0) -> tuple[torch.Tensor, int]:
     """This rank's share of the uniformity of each part, sum_{local i, global j != i} exp(-t ||z_i - z_j||^2),
     and the global row count. Rows are l2-normalised; all parts (same row count) travel in one gather."""

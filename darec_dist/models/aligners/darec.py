@@ -26,6 +26,7 @@ from darec_dist.models.aligners.coupled_losses import (
     kmeans,
     matched_centre_loss,
     moving_centres,
+    neighbourhood_loss,
     orthogonality_loss,
     similarity_from_gram,
     similarity_gram,
@@ -64,6 +65,12 @@ class DaRecConfig:
     # Nodes of the global sample whose pairs estimate the uniformity term (every stride-th row): its
     # cost is quadratic in this, unlike the other terms, which are linear in N.
     uniformity_sample: int = 512
+    # Form of the global structure term. "similarity": mean((S_C - S_L)^2) of the N x N cosine matrices (the
+    # method note's default). "neighbourhood": per anchor (the uniformity subsample's rows), the symmetric KL
+    # between the two sides' softmax over cosines to the other N rows at this temperature: it weighs each
+    # node's nearest neighbours, the part of the structure that ranking uses, where the MSE weighs all pairs alike.
+    global_form: Literal["similarity", "neighbourhood"] = "similarity"
+    neighbourhood_temperature: float = 0.2
     # Ablations.
     use_global: bool = True
     use_local: bool = True
@@ -78,6 +85,8 @@ class DaRecConfig:
     def __post_init__(self) -> None:
         if self.sample_size < 2 or self.uniformity_sample < 2 or self.clusters < 1:
             raise ValueError("align.darec.sample_size and align.darec.uniformity_sample must be >= 2, align.darec.clusters >= 1")
+        if self.neighbourhood_temperature <= 0:
+            raise ValueError(f"align.darec.neighbourhood_temperature must be > 0, got {self.neighbourhood_temperature}")
         if not 0.0 <= self.centre_momentum < 1.0:
             raise ValueError(f"align.darec.centre_momentum must lie in [0, 1), got {self.centre_momentum}")
 
@@ -131,15 +140,17 @@ class DaRec(Aligner):
             self._init_centres(c_sh, l_sh, rows)
         # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
         # over ranks: one all-reduce carries them all.
+        # The rows whose pairs the pairwise terms estimate. A stride, not a prefix: rank r's rows are the global
+        # rows r*n..(r+1)*n-1, so the same global rows are taken for every world size when n is a multiple of
+        # the stride.
+        stride = max(1, sample_rows // max(1, cfg.uniformity_sample // world_size()))
+        anchors = torch.arange(0, sample_rows, stride, device=c.device)
+        neighbourhood = cfg.use_global and cfg.global_form == "neighbourhood"
         shares = {}
-        if cfg.use_global:
+        if cfg.use_global and not neighbourhood:
             shares["gram"] = similarity_gram(c_sh, l_sh, weight)
         if cfg.use_regularisers:
-            # A stride, not a prefix: rank r's rows are the global rows r*n..(r+1)*n-1, so the same
-            # global rows are taken for every world size when n is a multiple of the stride.
-            stride = max(1, sample_rows // max(1, cfg.uniformity_sample // world_size()))
-            picked = torch.arange(0, sample_rows, stride, device=c.device)
-            picked = picked if rows is None else rows[picked]
+            picked = anchors if rows is None else rows[anchors]
             parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
             shares["uniform"], uniform_rows = uniformity_sums(*(z[picked] for z in parts))
         if ema:
@@ -149,7 +160,10 @@ class DaRec(Aligner):
             shares["collab_centres"] = centre_statistics(c_sh, self.collab_centres, weight)
         totals = sum_many_with_grad(shares)
         out = {}
-        if cfg.use_global:
+        if neighbourhood:
+            pool = (c_sh, l_sh) if rows is None else (c_sh[rows], l_sh[rows])
+            out["darec_global"] = cfg.structure_weight * neighbourhood_loss(*pool, anchors, cfg.neighbourhood_temperature)
+        elif cfg.use_global:
             out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size())
         if matched:
             local = matched_centre_loss(totals["collab_centres"], totals["centres"], self.collab_centres, self.centres)
