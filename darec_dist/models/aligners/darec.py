@@ -3,10 +3,11 @@
 Components (../shared/docs/darec-method.md; every open choice is a config key):
 four projections f_C_sp, f_C_sh, f_L_sp, f_L_sh; orthogonality of specific and
 shared parts on each side and uniformity of the specific parts (weight beta);
-global structure alignment of the shared parts' cosine-similarity matrices over
-a sample of N nodes spanning all ranks, and local structure alignment through K
-shared preference centres initialised by k-means on l_sh, learned or following l_sh,
-or K centres per side paired by matching (weight lambda).
+global structure alignment of the shared parts' cosine-similarity matrices (or of
+each node's softmax neighbourhood in them) over a sample of N nodes spanning all
+ranks, and local structure alignment through K shared preference centres
+initialised by k-means on l_sh, learned or following l_sh, or K centres per side
+paired by matching (weight lambda).
 """
 
 from __future__ import annotations
@@ -138,14 +139,14 @@ class DaRec(Aligner):
         matched = cfg.use_local and cfg.centres == "matched"
         if cfg.use_local:
             self._init_centres(c_sh, l_sh, rows)
-        # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
-        # over ranks: one all-reduce carries them all.
         # The rows whose pairs the pairwise terms estimate. A stride, not a prefix: rank r's rows are the global
         # rows r*n..(r+1)*n-1, so the same global rows are taken for every world size when n is a multiple of
         # the stride.
         stride = max(1, sample_rows // max(1, cfg.uniformity_sample // world_size()))
         anchors = torch.arange(0, sample_rows, stride, device=c.device)
         neighbourhood = cfg.use_global and cfg.global_form == "neighbourhood"
+        # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
+        # over ranks: one all-reduce carries them all.
         shares = {}
         if cfg.use_global and not neighbourhood:
             shares["gram"] = similarity_gram(c_sh, l_sh, weight)
