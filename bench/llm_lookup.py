@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.torchrun_worker import run_worker  # noqa: E402  (needs the path above)
+from bench.torchrun_worker import add_worker_arguments, run_worker  # noqa: E402  (needs the path above)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -60,11 +60,9 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=1024, help="ids looked up per table per rank")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
     parser.add_argument("--sharding", default="row_wise")
-    parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)

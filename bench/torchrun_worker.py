@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,14 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of this protocol: `--nproc` for the caller, and the hidden `--worker` and `--result`
+    that `run_worker` passes to the script it starts."""
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
 def run_worker(script: str, nproc: int, worker_args: list[str], what: str) -> dict:

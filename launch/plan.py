@@ -20,8 +20,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch import nn
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size)
     try:
-        plan = planner.plan(module, [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()])
+        plan = planner.plan(module, [TableModule.sharder(), RowModule.sharder()])
     except PlannerError as err:
         first = str(err).splitlines()[0][:500]
         print(f"error: does not fit: TorchRec's planner found no placement ({first}); the tables need "
