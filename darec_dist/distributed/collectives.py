@@ -45,6 +45,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _ContiguousGrad.apply(torch.cat(dist_fn.all_gather(x), dim=0))
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Sum of every rank's `x`, the same on all ranks; each rank's gradient is the sum of all ranks' gradients."""
     if world_size() == 1:

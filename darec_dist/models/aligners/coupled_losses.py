@@ -13,27 +13,21 @@ differentiable all-reduce first and returns the same global value on every rank.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from darec_dist.distributed.collectives import gather_with_grad, sum_with_grad, world_size
+from darec_dist.distributed.collectives import gather_with_grad, rank, sum_with_grad, world_size
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def info_nce(anchors: torch.Tensor, positives: torch.Tensor, pool: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over local anchors of -log softmax of cos(anchor, its positive) among cos(anchor, global pool) / tau.
-
-    `pool` is this rank's share of the candidates (typically the positives themselves); it is gathered.
-    """
-    a = F.normalize(anchors, dim=-1)
-    p = F.normalize(positives, dim=-1)
-    everyone = gather_with_grad(F.normalize(pool, dim=-1))
-    logits = a @ everyone.T / temperature
-    return (torch.logsumexp(logits, dim=-1) - (a * p).sum(-1) / temperature).mean()
+def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over local anchors of -log softmax of cos(anchor, its positive) among cos(anchor, p) / tau for every
+    rank's positives p (in-batch negatives, gathered)."""
+    # 1/tau scales the n x d anchors rather than the n x N logits, and cross-entropy's fused log-softmax replaces a
+    # composite logsumexp: the n x N matrix is the step's cost (RLMRec-Con on Amazon-book: 4,096 x 8,192 per group).
+    a = F.normalize(anchors, dim=-1) / temperature
+    everyone = gather_with_grad(F.normalize(positives, dim=-1))
+    own = rank() * anchors.shape[0] + torch.arange(anchors.shape[0], device=anchors.device)
+    return F.cross_entropy(a @ everyone.T, own)
 
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -80,7 +74,7 @@ def neighbourhood_loss(collab: torch.Tensor, llm: torch.Tensor, anchors: torch.T
     local = torch.cat([F.normalize(collab, dim=-1), F.normalize(llm, dim=-1)], dim=1)
     pool = gather_with_grad(local)
     own = torch.zeros(anchors.shape[0], pool.shape[0], dtype=torch.bool, device=pool.device)
-    own[torch.arange(anchors.shape[0], device=pool.device), _rank() * collab.shape[0] + anchors] = True
+    own[torch.arange(anchors.shape[0], device=pool.device), rank() * collab.shape[0] + anchors] = True
 
     def log_neighbourhood(side: slice) -> torch.Tensor:
         # A finite fill: exp underflows to exactly 0, so the anchor itself adds nothing and no 0 * inf appears.

@@ -34,5 +34,5 @@ class RLMRecCon(Aligner):
         loss = 0.0
         for group, c in inputs.collab.items():
             profiles = self.down(inputs.llm[group])
-            loss = loss + info_nce(c, profiles, profiles, self.cfg.temperature) * (c.shape[0] / inputs.collab["user"].shape[0])
+            loss = loss + info_nce(c, profiles, self.cfg.temperature) * (c.shape[0] / inputs.collab["user"].shape[0])
         return {"rlmrec_con": self.cfg.weight * loss}

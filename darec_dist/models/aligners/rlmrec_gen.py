@@ -50,4 +50,4 @@ class RLMRecGen(Aligner):
     def reconstruction_loss(self, masked: AlignInputs) -> torch.Tensor:
         c, ego, w = masked.collab["all"], masked.ego["all"], masked.self_weight["all"].unsqueeze(-1)
         context_only = c - w * (ego - self.mask_token)
-        return info_nce(self.up(context_only), masked.llm["all"], masked.llm["all"], self.cfg.temperature)
+        return info_nce(self.up(context_only), masked.llm["all"], self.cfg.temperature)
