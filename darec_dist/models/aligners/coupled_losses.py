@@ -22,8 +22,8 @@ from darec_dist.distributed.collectives import gather_with_grad, rank, sum_with_
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over local anchors of -log softmax of cos(anchor, its positive) among cos(anchor, p) / tau for every
     rank's positives p (in-batch negatives, gathered)."""
-    # 1/tau scales the n x d anchors rather than the n x N logits, and cross-entropy's fused log-softmax replaces a
-    # composite logsumexp: the n x N matrix is the step's cost (RLMRec-Con on Amazon-book: 4,096 x 8,192 per group).
+    # The n x N logits are the step's cost (RLMRec-Con on Amazon-book: 4,096 x 8,192 per group): 1/tau scales the
+    # n x d anchors instead, and cross-entropy's fused log-softmax passes over the logits fewer times than logsumexp.
     a = F.normalize(anchors, dim=-1) / temperature
     everyone = gather_with_grad(F.normalize(positives, dim=-1))
     own = rank() * anchors.shape[0] + torch.arange(anchors.shape[0], device=anchors.device)
