@@ -28,11 +28,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -c "import torchrec, fbgemm_gpu, deepspeed, pyspark, webdataset; print('install ok')"
 	touch $@
 
-# The main job: prepare MovieLens-100K once (redone when its config changes), then train and compare.
+# The main job: prepare MovieLens-100K once (redone when its config or the dataset layout changes), then train and compare.
 demo: install data/ml-100k/manifest.json
 	$(PY) launch/experiment.py configs/experiments/quickstart.yaml
 
-data/ml-100k/manifest.json: configs/data/ml-100k.yaml | install
+data/ml-100k/manifest.json: configs/data/ml-100k.yaml darec_dist/data/layout.py | install
 	$(PY) -m spark_jobs.prepare configs/data/ml-100k.yaml overwrite=true
 
 experiment: install

@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dataset = PreparedDataset.open(args.data, verify_shards=False)
+    dataset = PreparedDataset.open(args.data, verify_checksums=False)
     graph = normalised_graph(dataset)
     table = torch.nn.Parameter(torch.randn(dataset.num_nodes, args.dim) * 0.1)
     optimizer = torch.optim.Adam([table], lr=1e-3)

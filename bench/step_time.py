@@ -43,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"align.method={args.method}", *args.override])
     with distributed(cfg.device) as env:
-        dataset = PreparedDataset.open(cfg.data.path, verify_shards=False)
+        dataset = PreparedDataset.open(cfg.data.path, verify_checksums=False)
         trainer = Trainer(cfg, env, dataset)
         batches = []
         for batch in epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, env.world_size):

@@ -41,7 +41,7 @@ def fresh_state() -> dict:
 def open_dataset(cfg: TrainConfig, env: DistEnv) -> PreparedDataset:
     if not cfg.data.path:
         raise ConfigError("data.path: required (a directory made by spark_jobs.prepare)")
-    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_shards=cfg.data.verify_shards)
+    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=cfg.data.verify_checksums)
     check_world_fits(dataset, env.world_size, cfg.loader.num_workers)
     local_batch_size(cfg.loader, env.world_size)
     if dataset.manifest["splits"]["val"] == 0:

@@ -35,7 +35,7 @@ from darec_dist.train.trainer import Trainer
 def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     cfg = load_config(TrainConfig, run_dir / "config.yaml", ["device=cpu"])
     with distributed("cpu") as env:
-        dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_shards=False)
+        dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
         trainer = Trainer(cfg, env, dataset)
         if not isinstance(trainer.aligner, DaRec):
             raise SystemExit(f"{run_dir}: align.method is {cfg.align.method}, not darec")

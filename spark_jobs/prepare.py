@@ -168,6 +168,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
             "node_order": "users 0..num_users-1, then items num_users..num_users+num_items-1",
         },
         "shards": shards,
+        "arrays": {rel: layout.sha256_of(root / rel) for rel in layout.array_files()},
         "shard_block_size": cfg.shards.block_size,
         "config": to_dict(cfg),
         "spark_version": spark.version,

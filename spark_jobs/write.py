@@ -7,7 +7,6 @@ ever held whole in the driver's memory.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import shutil
@@ -179,11 +178,7 @@ def write_shard_file(path: str, shard: int, users: np.ndarray, items: np.ndarray
                 layout.SAMPLE_ITEM_KEY: _npy_bytes(items[lo:hi].astype(np.int64)),
             })
         writer.close()
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return layout.sha256_of(path)
 
 
 def write_shards(train: DataFrame, root: Path, cfg: ShardsConfig, seed: int, partitions: int) -> list[dict]:

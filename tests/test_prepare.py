@@ -73,12 +73,16 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
 
     first, source = small_dataset
     second = prepare(small_config(tmp_path / "b", source, **SMALL_DATASET_SETTINGS), spark=spark)
-    shards = [json.loads((d / layout.MANIFEST).read_text())["shards"] for d in (first, second)]
+    manifests = [json.loads((d / layout.MANIFEST).read_text()) for d in (first, second)]
+    shards = [m["shards"] for m in manifests]
     assert [s["sha256"] for s in shards[0]] == [s["sha256"] for s in shards[1]]
     for a, b in zip(shards[0], shards[1]):
         assert (first / a["path"]).read_bytes() == (second / b["path"]).read_bytes()
-    for name in ("embeddings/user.npy", layout.GRAPH_WEIGHTS, layout.split_items("test")):
-        assert (first / name).read_bytes() == (second / name).read_bytes()
+    # Every array is checksummed, with the checksum of its bytes, and the same on a rerun.
+    assert sorted(manifests[0]["arrays"]) == sorted(layout.array_files())
+    assert manifests[0]["arrays"] == manifests[1]["arrays"]
+    for name in layout.array_files():
+        assert layout.sha256_of(first / name) == manifests[0]["arrays"][name]
     # Equal sample counts per shard, a multiple of shards.factor, interactions within one of each other.
     assert len(shards[0]) % 4 == 0
     assert len({s["samples"] for s in shards[0]}) == 1

@@ -26,7 +26,7 @@ def test_schema_mismatch(dataset_copy):
     manifest = json.loads((dataset_copy / "manifest.json").read_text())
     manifest["schema_version"] = 99
     (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DatasetError, match="schema_version 99 but this trainer reads 1"):
+    with pytest.raises(DatasetError, match="schema_version 99 but this trainer reads 2"):
         PreparedDataset.open(dataset_copy)
 
 
@@ -48,6 +48,17 @@ def test_corrupted_shard(dataset_copy):
     path.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=r"shard-00001.tar: sha256 differs from the manifest"):
         PreparedDataset.open(dataset_copy)
+
+
+def test_corrupted_array(dataset_copy):
+    # One flipped byte in the vectors (past the .npy header): shapes still agree, only the checksum can tell.
+    path = dataset_copy / "embeddings" / "item.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"embeddings/item.npy: sha256 differs from the manifest"):
+        PreparedDataset.open(dataset_copy)
+    PreparedDataset.open(dataset_copy, verify_checksums=False)
 
 
 def test_embedding_shape_disagrees_with_manifest(dataset_copy):

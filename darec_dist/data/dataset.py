@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,7 +16,7 @@ class DatasetError(ValueError):
     """A dataset directory that is missing, incomplete, corrupted or of another schema."""
 
 
-REQUIRED_KEYS = ("schema_version", "num_users", "num_items", "splits", "embedding", "graph", "shards")
+REQUIRED_KEYS = ("schema_version", "num_users", "num_items", "splits", "embedding", "graph", "shards", "arrays")
 
 
 @dataclass
@@ -34,21 +33,14 @@ class CSR:
         return len(self.indptr) - 1
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class PreparedDataset:
     root: Path
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | Path, verify_shards: bool = True) -> "PreparedDataset":
+    def open(cls, root: str | Path, verify_checksums: bool = True) -> "PreparedDataset":
+        """Checks the manifest, every file's presence and shape, and (if asked) every tar's and array's sha256."""
         root = Path(root).expanduser()
         path = root / layout.MANIFEST
         if not path.is_file():
@@ -65,27 +57,30 @@ class PreparedDataset:
                 f"{path}: schema_version {manifest['schema_version']} but this trainer reads {layout.SCHEMA_VERSION}; re-run prepare"
             )
         dataset = cls(root=root, manifest=manifest)
-        dataset._check_files(verify_shards)
+        dataset._check_files(verify_checksums)
         return dataset
 
-    def _check_files(self, verify_shards: bool) -> None:
-        arrays = [layout.GRAPH_INDPTR, layout.GRAPH_INDICES, layout.GRAPH_WEIGHTS, *layout.EMBEDDING_FILES.values()]
-        arrays += [f(s) for s in layout.SPLITS for f in (layout.split_indptr, layout.split_items)]
-        for rel in arrays:
+    def _check_files(self, verify_checksums: bool) -> None:
+        for rel in layout.array_files():
             if not (self.root / rel).is_file():
                 raise DatasetError(f"{self.root}: missing file {rel}")
+        for shard in self.shards:
+            if not (self.root / shard["path"]).is_file():
+                raise DatasetError(f"{self.root / shard['path']}: shard listed in the manifest is missing")
+        # Shapes first: cheap, and a more telling error than a checksum when a whole file was swapped.
         for kind, count in (("user", self.num_users), ("item", self.num_items)):
             shape = self.embeddings(kind).shape
             if shape != (count, self.embedding_dim):
                 raise DatasetError(f"{self.root / layout.EMBEDDING_FILES[kind]}: shape {shape}, manifest says ({count}, {self.embedding_dim})")
         if self.graph.num_rows != self.num_nodes:
             raise DatasetError(f"{self.root / layout.GRAPH_INDPTR}: {self.graph.num_rows} rows, manifest says {self.num_nodes} nodes")
-        for shard in self.manifest["shards"]:
-            path = self.root / shard["path"]
-            if not path.is_file():
-                raise DatasetError(f"{path}: shard listed in the manifest is missing")
-            if verify_shards and sha256_of(path) != shard["sha256"]:
-                raise DatasetError(f"{path}: sha256 differs from the manifest; the shard is corrupted or was replaced")
+        if not verify_checksums:
+            return
+        expected = [(rel, self.manifest["arrays"].get(rel), "array") for rel in layout.array_files()]
+        expected += [(shard["path"], shard["sha256"], "shard") for shard in self.shards]
+        for rel, sha256, what in expected:
+            if layout.sha256_of(self.root / rel) != sha256:
+                raise DatasetError(f"{self.root / rel}: sha256 differs from the manifest; the {what} is corrupted or was replaced")
 
     @property
     def num_users(self) -> int:

@@ -8,7 +8,6 @@ A dataset directory holds
     graph/indptr.npy, indices.npy, weights.npy
                                        propagation rows P_v in CSR over node ids
                                        (users 0..U-1, then items U..U+I-1)
-    graph/degree.npy                   train degree per node
     interactions/{train,val,test}_{indptr,items}.npy
                                        per-user item lists (CSR), items sorted
     ids/user.parquet, item.parquet     contiguous id <-> raw id, both columns
@@ -20,7 +19,11 @@ All arrays are plain `.npy` so that every reader can open them with
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+import hashlib
+from pathlib import Path
+
+# 2: the manifest's "arrays" holds the sha256 of every .npy array (version 1 checked only the tars).
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 TRAIN_DIR = "train"
@@ -36,7 +39,6 @@ EMBEDDING_FILES = {"user": "embeddings/user.npy", "item": "embeddings/item.npy"}
 GRAPH_INDPTR = "graph/indptr.npy"
 GRAPH_INDICES = "graph/indices.npy"
 GRAPH_WEIGHTS = "graph/weights.npy"
-GRAPH_DEGREE = "graph/degree.npy"
 
 SPLITS = ("train", "val", "test")
 
@@ -49,9 +51,24 @@ def split_items(split: str) -> str:
     return f"interactions/{split}_items.npy"
 
 
+def array_files() -> list[str]:
+    """Every .npy array the trainer reads; each is checksummed in the manifest."""
+    splits = [f(split) for split in SPLITS for f in (split_indptr, split_items)]
+    return [GRAPH_INDPTR, GRAPH_INDICES, GRAPH_WEIGHTS, *EMBEDDING_FILES.values(), *splits]
+
+
 def id_map(kind: str) -> str:
     return f"ids/{kind}.parquet"
 
 
 def profile_file(kind: str) -> str:
     return f"profiles/{kind}.parquet"
+
+
+def sha256_of(path: Path | str) -> str:
+    """The checksum the manifest records for a tar or an array: sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

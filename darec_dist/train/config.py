@@ -17,8 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @dataclass
 class DataConfig:
     path: str = ""
-    # Check every shard's sha256 against the manifest before training.
-    verify_shards: bool = True
+    # Check every tar's and array's sha256 against the manifest before training.
+    verify_checksums: bool = True
 
 
 @dataclass
