@@ -56,8 +56,6 @@ def test_literal_and_validation_errors(tmp_path):
         load_config(TrainConfig, None, ["data.path=x", "sparse.llm_sharding=data_parallel"])
     with pytest.raises(ConfigError, match="align.darec.neighbourhood_temperature must be > 0"):
         load_config(TrainConfig, None, ["data.path=x", "align.darec.neighbourhood_temperature=0"])
-    with pytest.raises(ConfigError, match="align.method=rlmrec-gen needs a graph backbone"):
-        load_config(TrainConfig, None, ["data.path=x", "model.backbone=mf", "align.method=rlmrec-gen"])
 
 
 def test_missing_file_is_named(tmp_path):

@@ -10,7 +10,9 @@ import pytest
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import LoaderConfig, check_world_fits, local_batch_size, steps_per_epoch
+from darec_dist.models.aligners import build_aligner
 from darec_dist.train.config import TrainConfig
+from darec_dist.train.trainer import feature_builder
 from tests.conftest import REPO
 
 
@@ -98,3 +100,18 @@ def test_cli_reports_errors_before_training(dataset_copy):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "shard-00000.tar: sha256 differs from the manifest" in done.stderr
+
+
+def test_graph_only_aligner_needs_a_graph_backbone(small_dataset):
+    # RLMRec-Gen on MF would train nothing but the aligner (measured: base MF to the last digit, docs/results.md).
+    dataset = PreparedDataset.open(small_dataset[0])
+
+    def builder(backbone: str):
+        overrides = [f"data.path={dataset.root}", f"model.backbone={backbone}", "align.method=rlmrec-gen"]
+        cfg = load_config(TrainConfig, None, overrides)
+        aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim)
+        return feature_builder(cfg, dataset, aligner, world_size=1)
+
+    assert builder("lightgcn").with_ego
+    with pytest.raises(ConfigError, match="align.method=rlmrec-gen needs a graph backbone"):
+        builder("mf")

@@ -23,8 +23,14 @@ from darec_dist.train.config import TrainConfig, resolve_path
 
 def feature_builder(cfg: TrainConfig, dataset: PreparedDataset, aligner, world_size: int) -> FeatureBuilder:
     """The batch builder for this model: its propagation rows, and the LLM rows its aligner reads."""
+    rows = propagation_rows(cfg.model, dataset)
+    if aligner.needs_graph_context and rows is None:
+        raise ConfigError(
+            f"align.method={cfg.align.method} needs a graph backbone (model.backbone=lightgcn): its loss reaches "
+            f"the tables only through a node's graph context, which model.backbone={cfg.model.backbone} does not have"
+        )
     llm_rows = aligner.llm_rows(local_batch_size(cfg.loader, world_size), world_size)
-    return FeatureBuilder(dataset.num_users, propagation_rows(cfg.model, dataset), aligner.llm_groups, llm_rows)
+    return FeatureBuilder(dataset.num_users, rows, aligner.llm_groups, llm_rows)
 
 
 def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):

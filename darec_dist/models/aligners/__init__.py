@@ -1,7 +1,4 @@
-"""Alignment methods, selected by `align.method`; each is one module with no backbone-specific code.
-
-RLMRec-Gen needs a graph backbone to mean anything (a masked MF node has no context): the trainer refuses it with MF.
-"""
+"""Alignment methods, selected by `align.method`; each is one module and works with every backbone."""
 
 from __future__ import annotations
 

@@ -75,6 +75,9 @@ def sample_index(available: int, count: int, device: torch.device) -> torch.Tens
 class Aligner(nn.Module):
     # The batch groups whose frozen LLM embeddings this aligner reads (the trainer looks up only these).
     llm_groups: tuple[str, ...] = ("user", "pos", "neg")
+    # Whether the loss reaches the tables only through a node's graph context (its propagation row's other
+    # entries); with identity rows (MF) it would train nothing but the aligner, so the trainer refuses the pair.
+    needs_graph_context: bool = False
 
     def llm_rows(self, local_batch: int, world: int) -> int | None:
         """How many leading rows of each group of a rank's batch need LLM embeddings (None: all).
