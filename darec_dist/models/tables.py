@@ -206,8 +206,9 @@ def compute_kernel(cfg: SparseConfig, sharding: Sharding, device: torch.device) 
 def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, sharder, env: DistEnv) -> ShardingPlan:
     (attribute, collection), = module.named_children()
     tables = module.table_names()
+    # Processes per node (torchrun sets it): the planner and TorchRec's placements tell intra- from inter-node links by it.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     if sharding == "auto":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         planner = EmbeddingShardingPlanner(
             topology=Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type),
             constraints={t: ParameterConstraints(compute_kernels=[kernel]) for t in tables},
@@ -221,7 +222,7 @@ def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, 
     }[sharding]
     per_table = {name: fixed(i) for i, name in enumerate(tables)}
     plan = construct_module_sharding_plan(
-        collection, per_table, sharder=sharder, local_size=env.world_size, world_size=env.world_size, device_type=env.device.type
+        collection, per_table, sharder=sharder, local_size=local_world, world_size=env.world_size, device_type=env.device.type
     )
     return ShardingPlan({attribute: plan})
 
