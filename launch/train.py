@@ -44,8 +44,11 @@ def open_dataset(cfg: TrainConfig, env: DistEnv) -> PreparedDataset:
     dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=cfg.data.verify_checksums)
     check_world_fits(dataset, env.world_size, cfg.loader.num_workers)
     local_batch_size(cfg.loader, env.world_size)
-    if dataset.manifest["splits"]["val"] == 0:
-        raise DatasetError(f"{dataset.root}: no validation interactions; early stopping needs a validation split")
+    if cfg.eval.validate and dataset.manifest["splits"]["val"] == 0:
+        raise DatasetError(
+            f"{dataset.root}: no validation interactions; early stopping needs a validation split "
+            "(eval.validate=false trains exactly train.epochs epochs and tests the final model)"
+        )
     if cfg.eval.monitor not in [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.eval.ks]:
         raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
     return dataset
@@ -143,7 +146,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 })
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={})
             stop = False
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            if not cfg.eval.validate:
+                if state["epoch"] == cfg.train.epochs:  # the final model is the one tested
+                    state["best"] = {"epoch": epoch, "metrics": {}}
+                    checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
+            elif (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 trainer.set_train(False)
                 val = evaluate(trainer, "val", env.world_size, env.rank)
                 after_eval = memory.per_rank(memory.stage())

@@ -50,6 +50,9 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     # The metric that picks the best epoch (validation) and drives early stopping.
     monitor: str = "recall@20"
+    # false: no validation (for a refit on all of train, e.g. a dataset prepared with split.val_from_train=0):
+    # exactly train.epochs epochs, then the final model is tested; take the epoch count from a validated run.
+    validate: bool = True
     # Evaluate a fixed, seeded sample of this many users (null: all users); for very large user sets.
     max_users: int | None = None
     user_chunk: int = 1024

@@ -41,9 +41,10 @@ def markdown_table(results: dict, ks: list[int]) -> str:
     names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
     lines = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split in ("val", "test"):
-        if split in results:
+        if results.get(split):
             lines.append(f"| {split} | " + " | ".join(f"{results[split][n]:.4f}" for n in names) + " |")
-    header = f"best epoch {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {results.get('seconds_per_epoch', 0):.2f} s/epoch\n\n"
+    chosen = "best epoch" if results.get("val") else "final epoch (no validation)"
+    header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {results.get('seconds_per_epoch', 0):.2f} s/epoch\n\n"
     return header + "\n".join(lines) + "\n"
 
 
