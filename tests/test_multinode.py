@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.train_helpers import finish
 
 SETTINGS = [
     "device=cpu", "model.dim=8", "loader.batch_size=64", "loader.num_workers=1", "train.epochs=3",
@@ -31,22 +32,16 @@ def _launch(launcher_flags, dataset, run_dir):
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _finish(process, timeout=600):
-    out, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, out[-4000:]
-    return out
-
-
 def test_two_nodes_train_like_one_node_with_two_processes(small_dataset, tmp_path):
     root, _ = small_dataset
-    _finish(_launch(["--nproc_per_node=2"], root, tmp_path / "one-node"))
+    finish(_launch(["--nproc_per_node=2"], root, tmp_path / "one-node"))
 
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                   f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=multinode-test"]
     # Both "nodes" share this filesystem, as nodes of a cluster share the run directory.
     nodes = [_launch(rendezvous, root, tmp_path / "two-nodes") for _ in range(2)]
     for node in nodes:
-        _finish(node)
+        finish(node)
 
     one = json.loads((tmp_path / "one-node" / "results.json").read_text())
     two = json.loads((tmp_path / "two-nodes" / "results.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 
 from darec_dist.train import checkpoint
 from tests.conftest import REPO
+from tests.train_helpers import finish
 
 SETTINGS = [
     "device=cpu", "model.dim=8", "loader.batch_size=64", "loader.num_workers=1", "train.epochs=5",
@@ -29,12 +30,6 @@ def torchrun(dataset, run_dir, *extra):
         "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}", *SETTINGS, *extra,
     ]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(process, timeout=600):
-    out, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, out[-4000:]
-    return out
 
 
 @pytest.mark.parametrize("backbone", ["lightgcn"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -39,3 +40,10 @@ def local_part(users, pos, neg, rank: int, world_size: int):
     per_user = len(neg) // len(users)
     lo, hi = rank * b, (rank + 1) * b
     return users[lo:hi], pos[lo:hi], neg[lo * per_user : hi * per_user]
+
+
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a launched run; its output, after asserting that it succeeded."""
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
