@@ -116,6 +116,11 @@ class SplitConfig:
 class GraphConfig:
     # Propagation rows P = sum_k a_k A^k over the symmetric-normalised train graph, k = 0..layers.
     layers: int = 3
+    # Normalise A + I instead of A (degrees + 1, each node its own neighbour): GCCF's graph, as RLMRec builds it.
+    self_loops: bool = False
+    # Keep every hop's rows A^k (k = 0..layers) apart, as rows k * nodes + v, for backbones that concatenate
+    # the layers (GCCF) instead of summing them; the layer weights do not apply.
+    per_layer: bool = False
     # a_k; null = uniform 1/(layers+1) (LightGCN's layer mean).
     layer_weights: list[float] | None = None
     # Entries kept per row, pruned after every hop; null = exact rows.
@@ -132,11 +137,19 @@ class GraphConfig:
             raise ValueError(f"graph.layers must be >= 0, got {self.layers}")
         if self.layer_weights is not None and len(self.layer_weights) != self.layers + 1:
             raise ValueError(f"graph.layer_weights needs layers+1 = {self.layers + 1} values")
+        if self.per_layer and self.layer_weights is not None:
+            raise ValueError("graph.layer_weights: per-layer rows (graph.per_layer=true) are not weighted; leave it null")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"graph.top_k must be >= 1 or null, got {self.top_k}")
 
     def resolved_layer_weights(self) -> list[float]:
+        if self.per_layer:
+            return [1.0] * (self.layers + 1)
         return self.layer_weights or [1.0 / (self.layers + 1)] * (self.layers + 1)
+
+    def blocks(self) -> int:
+        """Row blocks in the output: one per layer when the layers are kept apart, else one."""
+        return self.layers + 1 if self.per_layer else 1
 
 
 @dataclass

@@ -1,13 +1,17 @@
 """Propagation rows P = sum_k a_k A^k of the symmetric-normalised train graph, computed by joins.
 
 Nodes are users 0..U-1 followed by items U..U+I-1. A is the bipartite adjacency
-normalised as 1/sqrt(d_u d_i). The k-hop frontier is multiplied by A with a join
+normalised as 1/sqrt(d_u d_i) (with self loops, GCCF's graph: A + I normalised by
+degrees + 1). Per-layer rows keep each A^k apart as rows k * nodes + v instead of
+summing them. The k-hop frontier is multiplied by A with a join
 and an aggregation; when `top_k` is set, each row of the frontier keeps its K
 largest entries after every hop, so power-law hubs cannot blow up the next join,
 and the summed rows keep their K largest entries at the end.
 """
 
 from __future__ import annotations
+
+from functools import reduce
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -16,18 +20,22 @@ from pyspark.sql import functions as F
 from spark_jobs.config import GraphConfig
 
 
-def node_degrees(train: DataFrame, num_users: int, num_nodes: int, spark: SparkSession) -> DataFrame:
-    """node, degree for every node (0 for nodes without train edges)."""
+def node_degrees(train: DataFrame, num_users: int, num_nodes: int, spark: SparkSession, self_loops: bool = False) -> DataFrame:
+    """node, degree for every node (0 for nodes without train edges; one more each with self loops)."""
     edges = train.select(F.col("user").alias("node")).unionAll(train.select((F.col("item") + num_users).alias("node")))
     counted = edges.groupBy("node").agg(F.count(F.lit(1)).alias("degree"))
     nodes = spark.range(num_nodes).withColumnRenamed("id", "node")
-    return nodes.join(counted, "node", "left").select("node", F.coalesce("degree", F.lit(0)).cast("long").alias("degree"))
+    loops = 1 if self_loops else 0
+    return nodes.join(counted, "node", "left").select("node", (F.coalesce("degree", F.lit(0)) + loops).cast("long").alias("degree"))
 
 
-def normalised_adjacency(train: DataFrame, degrees: DataFrame, num_users: int) -> DataFrame:
-    """src, dst, a: both directions of every train edge, a = 1/sqrt(deg(src) deg(dst))."""
+def normalised_adjacency(train: DataFrame, degrees: DataFrame, num_users: int, self_loops: bool = False) -> DataFrame:
+    """src, dst, a: both directions of every train edge, a = 1/sqrt(deg(src) deg(dst)); with self
+    loops also (v, v) for every node (`degrees` must then count them: node_degrees(self_loops=True))."""
     pairs = train.select(F.col("user").alias("u"), (F.col("item") + num_users).alias("i")).distinct()
     both = pairs.select(F.col("u").alias("src"), F.col("i").alias("dst")).unionAll(pairs.select(F.col("i").alias("src"), F.col("u").alias("dst")))
+    if self_loops:
+        both = both.unionAll(degrees.select(F.col("node").alias("src"), F.col("node").alias("dst")))
     deg_src = degrees.select(F.col("node").alias("src"), F.col("degree").alias("d_src"))
     deg_dst = degrees.select(F.col("node").alias("dst"), F.col("degree").alias("d_dst"))
     return (
@@ -62,7 +70,8 @@ def sample_neighbors(adjacency: DataFrame, degrees: DataFrame, limit: int, seed:
 def propagation_rows(
     spark: SparkSession, adjacency: DataFrame, num_nodes: int, cfg: GraphConfig, partitions: int
 ) -> DataFrame:
-    """src, dst, w: the entries of P, every node's row (a node without edges keeps its a_0 self entry).
+    """src, dst, w: the entries of P, every node's row (a node without edges keeps its a_0 self entry);
+    with per-layer rows, the entries of A^k in rows k * num_nodes + v.
 
     `adjacency` is what each hop expands through (the full normalised adjacency, or its
     neighbour sample for hub-bounded joins).
@@ -81,8 +90,12 @@ def propagation_rows(
             step = keep_top_k(step, cfg.top_k)
         # Materialise each hop: the next join reads it twice and the lineage would grow with the hops.
         frontier = step.localCheckpoint()
-        if weights[hop] != 0.0:
+        if cfg.per_layer:
+            terms.append(frontier.select((F.col("src") + hop * num_nodes).alias("src"), "dst", "w"))
+        elif weights[hop] != 0.0:
             terms.append(frontier.select("src", "dst", (F.col("w") * weights[hop]).alias("w")))
+    if cfg.per_layer:  # every hop was already pruned to its top K
+        return reduce(DataFrame.unionAll, terms)
     rows = terms[0]
     for term in terms[1:]:
         rows = rows.unionAll(term)

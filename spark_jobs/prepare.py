@@ -119,13 +119,14 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
 
     with log.stage("graph"):
         num_nodes = num_users + num_items
-        degrees = node_degrees(train, num_users, num_nodes, spark)
-        adjacency = normalised_adjacency(train, degrees, num_users)
+        degrees = node_degrees(train, num_users, num_nodes, spark, cfg.graph.self_loops)
+        adjacency = normalised_adjacency(train, degrees, num_users, cfg.graph.self_loops)
         if cfg.graph.max_neighbors is not None:
             adjacency = sample_neighbors(adjacency, degrees, cfg.graph.max_neighbors, cfg.seed)
         rows = propagation_rows(spark, adjacency, num_nodes, cfg.graph, parts)
-        nnz = write_csr(rows, "src", "dst", "w", num_nodes, root, layout.GRAPH_INDPTR, layout.GRAPH_INDICES, layout.GRAPH_WEIGHTS, scratch, parts)
-        log.log(f"propagation rows: {num_nodes} rows, {nnz} entries ({nnz / num_nodes:.1f} per row)")
+        num_rows = num_nodes * cfg.graph.blocks()
+        nnz = write_csr(rows, "src", "dst", "w", num_rows, root, layout.GRAPH_INDPTR, layout.GRAPH_INDICES, layout.GRAPH_WEIGHTS, scratch, parts)
+        log.log(f"propagation rows: {num_rows} rows, {nnz} entries ({nnz / num_rows:.1f} per row)")
 
     with log.stage("embeddings"):
         item_text = item_profiles(raw.item_text, items, cfg.profiles)
@@ -163,7 +164,9 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
             "layer_weights": cfg.graph.resolved_layer_weights(),
             "top_k": cfg.graph.top_k,
             "max_neighbors": cfg.graph.max_neighbors,
-            "rows": num_nodes,
+            "self_loops": cfg.graph.self_loops,
+            "per_layer": cfg.graph.per_layer,
+            "rows": num_rows,
             "nnz": nnz,
             "node_order": "users 0..num_users-1, then items num_users..num_users+num_items-1",
         },

@@ -52,3 +52,17 @@ def exact_dataset(spark, tmp_path_factory):
     source = write_csv_source(base / "raw", interaction_rows(num_users=30, num_items=25, per_user=6, seed=3), item_text=False)
     settings = {"graph.layers": 3, "graph.top_k": "null", "shards.factor": 2, "embedding.dim": 16}
     return prepare(small_config(base / "ds", source, **settings), spark=spark)
+
+
+@pytest.fixture(scope="session")
+def exact_gccf_dataset(spark, tmp_path_factory):
+    """The exact_dataset's interactions with GCCF's rows: exact per-layer powers of the self-loop graph."""
+    from spark_jobs.prepare import prepare
+    from tests.prepare_helpers import small_config
+    from tests.synthetic import interaction_rows, write_csv_source
+
+    base = tmp_path_factory.mktemp("exact-gccf")
+    source = write_csv_source(base / "raw", interaction_rows(num_users=30, num_items=25, per_user=6, seed=3), item_text=False)
+    settings = {"graph.layers": 3, "graph.top_k": "null", "graph.self_loops": "true", "graph.per_layer": "true",
+                "shards.factor": 2, "embedding.dim": 16}
+    return prepare(small_config(base / "ds", source, **settings), spark=spark)

@@ -36,7 +36,7 @@ def global_data():
         "l2": torch.randn(N, DL, generator=g, dtype=torch.float64),
         "l3": torch.randn(N, DL, generator=g, dtype=torch.float64),
         "ego": torch.randn(N, D, generator=g, dtype=torch.float64),
-        "w": torch.rand(N, generator=g, dtype=torch.float64),
+        "w": torch.rand(N, 1, generator=g, dtype=torch.float64),
         "centres": torch.randn(K, D, generator=g, dtype=torch.float64),
     }
 

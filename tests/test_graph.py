@@ -18,9 +18,9 @@ def edges():
     return sorted((u, i) for u, i in pairs if u != NUM_USERS - 1 and i != NUM_ITEMS - 1)
 
 
-def dense_adjacency(edges):
+def dense_adjacency(edges, self_loops=False):
     n = NUM_USERS + NUM_ITEMS
-    adj = np.zeros((n, n))
+    adj = np.eye(n) if self_loops else np.zeros((n, n))
     for u, i in edges:
         adj[u, NUM_USERS + i] = adj[NUM_USERS + i, u] = 1.0
     deg = adj.sum(1)
@@ -40,9 +40,10 @@ def top_k_rows(matrix, k):
 def spark_rows(spark, edges, cfg):
     train = spark.createDataFrame(edges, "user long, item long")
     n = NUM_USERS + NUM_ITEMS
-    degrees = node_degrees(train, NUM_USERS, n, spark)
-    rows = propagation_rows(spark, normalised_adjacency(train, degrees, NUM_USERS), n, cfg, partitions=3).collect()
-    dense = np.zeros((n, n))
+    degrees = node_degrees(train, NUM_USERS, n, spark, cfg.self_loops)
+    adjacency = normalised_adjacency(train, degrees, NUM_USERS, cfg.self_loops)
+    rows = propagation_rows(spark, adjacency, n, cfg, partitions=3).collect()
+    dense = np.zeros((n * cfg.blocks(), n))
     for r in rows:
         dense[r["src"], r["dst"]] = r["w"]
     return dense, len(rows)
@@ -56,6 +57,17 @@ def test_exact_rows_equal_dense_powers(spark, edges):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
     assert got[NUM_USERS - 1, NUM_USERS - 1] == pytest.approx(0.4)
     assert np.count_nonzero(got[NUM_USERS - 1]) == 1
+
+
+def test_per_layer_rows_with_self_loops_equal_dense_powers(spark, edges):
+    # GCCF's rows: each power of the self-loop-normalised adjacency kept apart, block k = rows k*n .. (k+1)*n-1.
+    cfg = GraphConfig(layers=2, top_k=None, self_loops=True, per_layer=True)
+    got, _ = spark_rows(spark, edges, cfg)
+    a = dense_adjacency(edges, self_loops=True)
+    expected = np.concatenate([np.linalg.matrix_power(a, k) for k in range(cfg.layers + 1)])
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+    isolated = NUM_USERS - 1  # its only neighbour is itself: (A + I) normalised by degree 1 keeps it at 1
+    assert [got[k * len(a) + isolated, isolated] for k in range(3)] == [1.0, 1.0, 1.0]
 
 
 def test_top_k_rows_keep_the_k_largest(spark, edges):

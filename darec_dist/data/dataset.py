@@ -72,8 +72,11 @@ class PreparedDataset:
             shape = self.embeddings(kind).shape
             if shape != (count, self.embedding_dim):
                 raise DatasetError(f"{self.root / layout.EMBEDDING_FILES[kind]}: shape {shape}, manifest says ({count}, {self.embedding_dim})")
-        if self.graph.num_rows != self.num_nodes:
-            raise DatasetError(f"{self.root / layout.GRAPH_INDPTR}: {self.graph.num_rows} rows, manifest says {self.num_nodes} nodes")
+        if self.graph.num_rows != self.num_nodes * self.graph_blocks:
+            raise DatasetError(
+                f"{self.root / layout.GRAPH_INDPTR}: {self.graph.num_rows} rows, manifest says {self.num_nodes} nodes "
+                f"x {self.graph_blocks} row block(s)"
+            )
         if not verify_checksums:
             return
         expected = [(rel, self.manifest["arrays"].get(rel), "array") for rel in layout.array_files()]
@@ -93,6 +96,12 @@ class PreparedDataset:
     @property
     def num_nodes(self) -> int:
         return self.num_users + self.num_items
+
+    @property
+    def graph_blocks(self) -> int:
+        """Row blocks of the graph: layers + 1 when each layer's rows are kept apart (GCCF), else 1."""
+        graph = self.manifest["graph"]
+        return int(graph["layers"]) + 1 if graph.get("per_layer", False) else 1
 
     @property
     def embedding_dim(self) -> int:

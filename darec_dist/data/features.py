@@ -5,6 +5,8 @@ architecture.md): for MF the row is the node itself, for LightGCN its
 precomputed propagation row. The row's user entries form a bag on the user
 table (feature `node_via_user`) and its item entries a bag on the item table
 (`node_via_item`); the pooled sums of both bags add up to the node's embedding.
+A backbone with several row blocks (GCCF: one per layer) has one such pair of
+features per block (`node_via_user_b1`, ...), whose sums are concatenated.
 Groups: `user` (the batch users), `pos` (their positives), `neg` (the negatives).
 A node that occurs several times in a batch (a popular item, an active user)
 is looked up once, and each group indexes the distinct nodes' embeddings: on
@@ -33,34 +35,43 @@ TABLES = ("user", "item")
 
 
 NODE_FEATURES = {"user": "node_via_user", "item": "node_via_item"}
+
+
+def node_feature(table: str, block: int) -> str:
+    """The feature that pools row block `block`'s entries on `table` (block 0 keeps the plain name)."""
+    return NODE_FEATURES[table] + (f"_b{block}" if block else "")
 EGO_FEATURES = {"user": "user_ego", "pos": "pos_ego", "neg": "neg_ego"}
 EGO_TABLE = {"user": "user", "pos": "item", "neg": "item"}
 LLM_FEATURES = {"user": "llm_user", "item": "llm_item"}
 
 
 class NodeRows:
-    """Rows of node ids (users 0..U-1, items U..U+I-1); None means identity rows (MF)."""
+    """Rows of node ids (users 0..U-1, items U..U+I-1) in `blocks` row blocks of num_nodes rows each;
+    graph None means identity rows (MF)."""
 
-    def __init__(self, num_users: int, graph: CSR | None):
-        self.num_users, self.graph = num_users, graph
+    def __init__(self, num_users: int, graph: CSR | None, blocks: int = 1):
+        self.num_users, self.graph, self.blocks = num_users, graph, blocks
+        self.num_nodes = None if graph is None else graph.num_rows // blocks
 
     def gather(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.graph is None:
             return np.ones(len(nodes), np.int64), nodes.astype(np.int64), np.ones(len(nodes), np.float32)
         return gather_rows(self.graph, nodes)
 
-    def split_by_table(self, nodes: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
-        """Per table: (bag lengths, table-local ids, weights) of the nodes' rows; and each node's self weight P_vv."""
-        lengths, columns, weights = self.gather(nodes)
-        is_user = columns < self.num_users
-        row_of_entry = np.repeat(np.arange(len(nodes)), lengths)
-        user_lengths = np.bincount(row_of_entry[is_user], minlength=len(nodes)).astype(np.int64)
-        is_self = columns == np.repeat(nodes, lengths)
-        self_weight = np.bincount(row_of_entry[is_self], weights=weights[is_self], minlength=len(nodes)).astype(np.float32)
-        parts = {
-            "user": (user_lengths, columns[is_user], weights[is_user]),
-            "item": (lengths - user_lengths, columns[~is_user] - self.num_users, weights[~is_user]),
-        }
+    def split_by_table(self, nodes: np.ndarray) -> tuple[dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+        """Per (table, block): (bag lengths, table-local ids, weights) of the nodes' rows in that block;
+        and each node's self weight P_vv per block, shape (nodes, blocks)."""
+        parts, self_weight = {}, np.zeros((len(nodes), self.blocks), np.float32)
+        for block in range(self.blocks):
+            rows = nodes if block == 0 else nodes + block * self.num_nodes
+            lengths, columns, weights = self.gather(rows)
+            is_user = columns < self.num_users
+            row_of_entry = np.repeat(np.arange(len(nodes)), lengths)
+            user_lengths = np.bincount(row_of_entry[is_user], minlength=len(nodes)).astype(np.int64)
+            is_self = columns == np.repeat(nodes, lengths)
+            self_weight[:, block] = np.bincount(row_of_entry[is_self], weights=weights[is_self], minlength=len(nodes))
+            parts["user", block] = (user_lengths, columns[is_user], weights[is_user])
+            parts["item", block] = (lengths - user_lengths, columns[~is_user] - self.num_users, weights[~is_user])
         return parts, self_weight
 
 
@@ -73,7 +84,8 @@ class BatchFeatures:
     neg: torch.Tensor
     sparse: KeyedJaggedTensor
     llm: KeyedJaggedTensor | None
-    # P_vv per group: how much of a node's own input row its embedding holds (used by masking aligners).
+    # P_vv per group and row block, (nodes, blocks): how much of a node's own input row each block of its
+    # embedding holds (used by masking aligners).
     self_weight: dict[str, torch.Tensor]
     # Per group: the position of each of its nodes among the distinct nodes that `sparse` looks up.
     node_index: dict[str, torch.Tensor]
@@ -124,8 +136,10 @@ def _single(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class FeatureBuilder:
     """Turns (users, positives, negatives) into BatchFeatures; runs inside DataLoader workers."""
 
-    def __init__(self, num_users: int, graph: CSR | None, llm_groups: tuple[str, ...] = (), llm_rows: int | None = None):
-        self.rows = NodeRows(num_users, graph)
+    def __init__(
+        self, num_users: int, graph: CSR | None, llm_groups: tuple[str, ...] = (), llm_rows: int | None = None, blocks: int = 1
+    ):
+        self.rows = NodeRows(num_users, graph, blocks)
         self.num_users, self.llm_groups = num_users, llm_groups
         # LLM embeddings are looked up for the first `llm_rows` interactions only (None: all).
         self.llm_rows = llm_rows
@@ -141,7 +155,7 @@ class FeatureBuilder:
 
     def feature_names(self, table: str) -> list[str]:
         """The trainable-table features served by `table` ("user" or "item")."""
-        names = [NODE_FEATURES[table]]
+        names = [node_feature(table, block) for block in range(self.rows.blocks)]
         if self.with_ego:
             names += [EGO_FEATURES[g] for g in GROUPS if EGO_TABLE[g] == table]
         return names
@@ -159,7 +173,7 @@ class FeatureBuilder:
         distinct, index = _distinct([nodes.get(g, empty) for g in GROUPS])
         node_index = dict(zip(GROUPS, index))
         by_table, distinct_self_weight = self.rows.split_by_table(distinct)
-        parts = {NODE_FEATURES[table]: part for table, part in by_table.items()}
+        parts = {node_feature(table, block): part for (table, block), part in by_table.items()}
         if self.with_ego:
             for group in GROUPS:
                 parts[EGO_FEATURES[group]] = _single((ego or {}).get(group, empty))

@@ -2,8 +2,10 @@
 
 MF uses identity rows (a node is its own table row). LightGCN uses the rows of
 P = sum_k a_k A^k that the Spark job precomputed, so LightGCN costs one weighted,
-pooled lookup per batch node instead of a full-graph propagation per step. A new
-backbone of this linear family is one more entry here.
+pooled lookup per batch node instead of a full-graph propagation per step. GCCF
+(as RLMRec runs it: no layer transforms) concatenates [E, A E, ..., A^L E] over
+the self-loop graph: one pooled lookup per layer's row block. A new backbone of
+this linear family is one more entry here.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from darec_dist.data.dataset import CSR, PreparedDataset
+from darec_dist.data.dataset import CSR, DatasetError, PreparedDataset
 
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["mf", "lightgcn"] = "lightgcn"
+    backbone: Literal["mf", "lightgcn", "gccf"] = "lightgcn"
     dim: int = 32
     # L2 penalty on the batch nodes' input embeddings (LightGCN's reg), divided by the batch size.
     reg: float = 1e-6
@@ -27,11 +29,22 @@ class ModelConfig:
 
 
 def propagation_rows(cfg: ModelConfig, dataset: PreparedDataset) -> CSR | None:
-    """The rows the backbone pools over; None stands for identity rows."""
+    """The rows the backbone pools over (in dataset.graph_blocks blocks); None stands for identity rows."""
     if cfg.backbone == "mf":
         return None
-    if cfg.backbone == "lightgcn":
-        if int(dataset.manifest["graph"]["layers"]) < 1:
-            raise ValueError(f"{dataset.root}: model.backbone=lightgcn needs graph rows with layers >= 1 (prepare graph.layers)")
-        return dataset.graph
-    raise ValueError(f"model.backbone: unknown backbone {cfg.backbone!r}")
+    graph = dataset.manifest["graph"]
+    if int(graph["layers"]) < 1:
+        raise DatasetError(f"{dataset.root}: model.backbone={cfg.backbone} needs graph rows with layers >= 1 (prepare graph.layers)")
+    per_layer = bool(graph.get("per_layer", False))
+    if cfg.backbone == "lightgcn" and per_layer:
+        raise DatasetError(f"{dataset.root}: model.backbone=lightgcn sums the layers, but this dataset keeps them apart "
+                         "(prepared with graph.per_layer=true, for gccf)")
+    if cfg.backbone == "gccf" and not (per_layer and graph.get("self_loops", False)):
+        raise DatasetError(f"{dataset.root}: model.backbone=gccf needs per-layer rows of the self-loop graph "
+                         "(prepare with graph.per_layer=true graph.self_loops=true)")
+    return dataset.graph
+
+
+def output_dim(cfg: ModelConfig, dataset: PreparedDataset) -> int:
+    """The width of a node's collaborative embedding: model.dim per row block."""
+    return cfg.dim * (dataset.graph_blocks if cfg.backbone == "gccf" else 1)

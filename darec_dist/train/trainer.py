@@ -10,12 +10,12 @@ import torch
 
 from darec_dist.config import ConfigError
 from darec_dist.data.dataset import PreparedDataset
-from darec_dist.data.features import EGO_FEATURES, EGO_TABLE, GROUPS, LLM_FEATURES, NODE_FEATURES, BatchFeatures, FeatureBuilder, pad_bags
+from darec_dist.data.features import EGO_FEATURES, EGO_TABLE, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, node_feature, pad_bags
 from darec_dist.data.loader import local_batch_size
 from darec_dist.distributed.collectives import max_over_ranks
 from darec_dist.distributed.env import DistEnv
 from darec_dist.models.aligners import AlignInputs, build_aligner
-from darec_dist.models.backbones import propagation_rows
+from darec_dist.models.backbones import output_dim, propagation_rows
 from darec_dist.models.dense import DenseArch
 from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
 from darec_dist.train.config import TrainConfig, resolve_path
@@ -30,7 +30,8 @@ def feature_builder(cfg: TrainConfig, dataset: PreparedDataset, aligner, world_s
             f"the tables only through a node's graph context, which model.backbone={cfg.model.backbone} does not have"
         )
     llm_rows = aligner.llm_rows(local_batch_size(cfg.loader, world_size), world_size)
-    return FeatureBuilder(dataset.num_users, rows, aligner.llm_groups, llm_rows)
+    blocks = dataset.graph_blocks if rows is not None else 1
+    return FeatureBuilder(dataset.num_users, rows, aligner.llm_groups, llm_rows, blocks)
 
 
 def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
@@ -65,7 +66,8 @@ def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
         self.cfg, self.env, self.dataset = cfg, env, dataset
-        self.aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim, cfg.seed)
+        self.dim = output_dim(cfg.model, dataset)
+        self.aligner = build_aligner(cfg.align, self.dim, dataset.embedding_dim, cfg.seed, input_dim=cfg.model.dim)
         self.features = feature_builder(cfg, dataset, self.aligner, env.world_size)
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
@@ -87,7 +89,7 @@ class Trainer:
         # need the same bag count on every rank in their backward (under gloo: ReduceScatterV's all-gather).
         (stride,) = max_over_ranks(batch.sparse.stride())
         pooled = self.tables.lookup(pad_bags(batch.sparse, stride).to(self.env.device))
-        nodes = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
+        nodes = self.combine_blocks(pooled)
         node_index = {g: i.to(self.env.device) for g, i in batch.node_index.items()}
         collab = {g: nodes[node_index[g]] for g in GROUPS}
         if self.features.with_ego:
@@ -123,9 +125,13 @@ class Trainer:
             part = nodes[c * chunk : (c + 1) * chunk]
             features, _, index = self.features.node_features({"user": part})
             pooled = self.tables.lookup(features.to(self.env.device))
-            nodes_pooled = pooled[NODE_FEATURES["user"]] + pooled[NODE_FEATURES["item"]]
-            out.append(nodes_pooled[torch.from_numpy(index["user"]).to(self.env.device)])
-        return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.cfg.model.dim)
+            out.append(self.combine_blocks(pooled)[torch.from_numpy(index["user"]).to(self.env.device)])
+        return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.dim)
+
+    def combine_blocks(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Node embeddings from the pooled bags: per row block, the user- and item-table sums added; blocks concatenated."""
+        blocks = [pooled[node_feature("user", b)] + pooled[node_feature("item", b)] for b in range(self.features.rows.blocks)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     def set_train(self, mode: bool) -> None:
         self.dense.train(mode)

@@ -19,13 +19,14 @@ class AlignConfig:
     darec: DaRecConfig = field(default_factory=DaRecConfig)
 
 
-def build_aligner(cfg: AlignConfig, collab_dim: int, llm_dim: int, seed: int = 0) -> Aligner:
+def build_aligner(cfg: AlignConfig, collab_dim: int, llm_dim: int, seed: int = 0, input_dim: int | None = None) -> Aligner:
+    """collab_dim: the width of the backbone's c; input_dim: of its table rows (default collab_dim)."""
     if cfg.method == "none":
         return NoAlignment()
     if cfg.method == "rlmrec-con":
         return RLMRecCon(cfg.con, collab_dim, llm_dim)
     if cfg.method == "rlmrec-gen":
-        return RLMRecGen(cfg.gen, collab_dim, llm_dim)
+        return RLMRecGen(cfg.gen, collab_dim, llm_dim, input_dim or collab_dim)
     if cfg.method == "darec":
         return DaRec(cfg.darec, collab_dim, llm_dim, seed)
     raise ValueError(f"align.method: unknown method {cfg.method!r}")

@@ -37,10 +37,11 @@ class RLMRecGen(Aligner):
     llm_groups = ("user", "pos")
     needs_graph_context = True
 
-    def __init__(self, cfg: GenConfig, collab_dim: int, llm_dim: int):
+    def __init__(self, cfg: GenConfig, collab_dim: int, llm_dim: int, input_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.mask_token = nn.Parameter(torch.zeros(collab_dim))
+        # The mask token replaces a node's input row, so it has the tables' width.
+        self.mask_token = nn.Parameter(torch.zeros(input_dim or collab_dim))
         self.up = projector(collab_dim, llm_dim)
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
@@ -50,6 +51,9 @@ class RLMRecGen(Aligner):
         return {"rlmrec_gen": self.cfg.weight * self.reconstruction_loss(masked)}
 
     def reconstruction_loss(self, masked: AlignInputs) -> torch.Tensor:
-        c, ego, w = masked.collab["all"], masked.ego["all"], masked.self_weight["all"].unsqueeze(-1)
-        context_only = c - w * (ego - self.mask_token)
-        return info_nce(self.up(context_only), masked.llm["all"], self.cfg.temperature)
+        return info_nce(self.up(self.masked_embeddings(masked)), masked.llm["all"], self.cfg.temperature)
+
+    def masked_embeddings(self, masked: AlignInputs) -> torch.Tensor:
+        """c~_v: each row block b of c holds P^b_vv E_v of the node's own input (one block but for GCCF)."""
+        c, ego, w = masked.collab["all"], masked.ego["all"], masked.self_weight["all"]
+        return c - (w.view(len(w), -1, 1) * (ego - self.mask_token).unsqueeze(1)).flatten(1)
