@@ -35,14 +35,14 @@ TABLES = ("user", "item")
 
 
 NODE_FEATURES = {"user": "node_via_user", "item": "node_via_item"}
+EGO_FEATURES = {"user": "user_ego", "pos": "pos_ego", "neg": "neg_ego"}
+EGO_TABLE = {"user": "user", "pos": "item", "neg": "item"}
+LLM_FEATURES = {"user": "llm_user", "item": "llm_item"}
 
 
 def node_feature(table: str, block: int) -> str:
     """The feature that pools row block `block`'s entries on `table` (block 0 keeps the plain name)."""
     return NODE_FEATURES[table] + (f"_b{block}" if block else "")
-EGO_FEATURES = {"user": "user_ego", "pos": "pos_ego", "neg": "neg_ego"}
-EGO_TABLE = {"user": "user", "pos": "item", "neg": "item"}
-LLM_FEATURES = {"user": "llm_user", "item": "llm_item"}
 
 
 class NodeRows:
