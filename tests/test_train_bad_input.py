@@ -115,3 +115,16 @@ def test_graph_only_aligner_needs_a_graph_backbone(small_dataset):
     assert builder("lightgcn").with_ego
     with pytest.raises(ConfigError, match="align.method=rlmrec-gen needs a graph backbone"):
         builder("mf")
+
+
+def test_backbone_and_graph_rows_must_agree(small_dataset, exact_gccf_dataset):
+    def builder(root, backbone: str):
+        dataset = PreparedDataset.open(root)
+        cfg = load_config(TrainConfig, None, [f"data.path={root}", f"model.backbone={backbone}"])
+        return feature_builder(cfg, dataset, build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim), world_size=1)
+
+    assert builder(exact_gccf_dataset, "gccf").rows.blocks == 4
+    with pytest.raises(DatasetError, match="model.backbone=gccf needs per-layer rows of the self-loop graph"):
+        builder(small_dataset[0], "gccf")
+    with pytest.raises(DatasetError, match="model.backbone=lightgcn sums the layers, but this dataset keeps them apart"):
+        builder(exact_gccf_dataset, "lightgcn")
