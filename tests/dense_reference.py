@@ -1,0 +1,78 @@
+"""Shared by the backbone reference tests: one SGD step of the real trainer (any world size) on exact rows,
+and the plain dense full-graph computation it is checked against."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import torch
+
+from darec_dist.data.dataset import PreparedDataset
+from darec_dist.distributed.env import DistEnv
+from darec_dist.models.losses import bpr_loss, l2_penalty
+from darec_dist.train.trainer import Trainer
+from tests.train_helpers import global_batch, train_config
+
+LR, REG, BATCH = 1.0, 0.01, 12
+
+
+def run_trainer(rank, world_size, root, out_dir, *overrides):
+    """All node outputs, then one step on a fixed global batch (rank r takes its slice); rank 0 writes run.pkl."""
+    dataset = PreparedDataset.open(root)
+    env = DistEnv(rank, rank, world_size, torch.device("cpu"), "gloo")
+    cfg = train_config(root, out_dir, "sparse.optimizer=sgd", f"sparse.lr={LR}", f"model.reg={REG}",
+                       f"loader.batch_size={BATCH}", "loader.num_negatives=1", *overrides)
+    trainer = Trainer(cfg, env, dataset)
+    dim = cfg.model.dim
+    before = {t: trainer.tables.full_table(t, n, dim) for t, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
+    outputs = trainer.node_embeddings(np.arange(dataset.num_nodes, dtype=np.int64), calls=1)
+    users, pos, neg = global_batch(dataset.num_users, dataset.num_items, BATCH, seed=9)
+    part = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    loss = trainer.train_step(trainer.features.build(users[part], pos[part], neg[part]))["total"].clone()
+    torch.distributed.all_reduce(loss)  # each rank's loss is its slice's mean: the global batch's is their mean
+    after = {t: trainer.tables.full_table(t, v.shape[0], dim) for t, v in before.items()}
+    if rank == 0:
+        run = {"before": before, "after": after, "outputs": outputs, "loss": loss.item() / world_size, "batch": (users, pos, neg)}
+        (out_dir / "run.pkl").write_bytes(pickle.dumps(run))
+
+
+def normalised_graph(dataset: PreparedDataset, self_loops: bool = False) -> torch.Tensor:
+    """The dense symmetric-normalised train graph over all nodes (A + I normalised by degree + 1 with self loops)."""
+    train = dataset.interactions("train")
+    u_count, n = dataset.num_users, dataset.num_nodes
+    adj = torch.eye(n, dtype=torch.float64) if self_loops else torch.zeros(n, n, dtype=torch.float64)
+    for u in range(u_count):
+        for i in train.indices[train.indptr[u] : train.indptr[u + 1]]:
+            adj[u, u_count + i] = adj[u_count + i, u] = 1.0
+    deg = adj.sum(1)
+    inv = torch.where(deg > 0, deg.clamp(min=1).rsqrt(), torch.zeros_like(deg))
+    return inv[:, None] * adj * inv[None, :]
+
+
+def powers(norm: torch.Tensor, e0: torch.Tensor, layers: int) -> list[torch.Tensor]:
+    """[E, A E, ..., A^L E]."""
+    out = [e0]
+    for _ in range(layers):
+        out.append(norm @ out[-1])
+    return out
+
+
+def check_run(tmp_path, dataset: PreparedDataset, backbone) -> None:
+    """The run's outputs, loss and SGD-updated tables equal the dense `backbone(e0)`'s on the same batch."""
+    got = pickle.loads((tmp_path / "run.pkl").read_bytes())
+    u_count = dataset.num_users
+    e0 = torch.cat([got["before"]["user_id"], got["before"]["item_id"]]).double().requires_grad_(True)
+    final = backbone(e0)
+    assert got["outputs"].shape == final.shape
+    np.testing.assert_allclose(got["outputs"].numpy(), final.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+    users, pos, neg = (torch.from_numpy(a) for a in got["batch"])
+    loss = bpr_loss(final[users], final[u_count + pos], final[u_count + neg])
+    loss = loss + REG * l2_penalty(len(users), e0[users], e0[u_count + pos], e0[u_count + neg])
+    loss.backward()
+    assert abs(got["loss"] - loss.item()) < 1e-6
+    expected = (e0 - LR * e0.grad).detach().numpy()
+    updated = torch.cat([got["after"]["user_id"], got["after"]["item_id"]]).numpy()
+    np.testing.assert_allclose(updated, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(updated - e0.detach().numpy()).max() > 1e-4  # the step really moved the tables
