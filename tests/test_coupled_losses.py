@@ -22,6 +22,8 @@ from darec_dist.models.aligners.coupled_losses import (
 from darec_dist.models.aligners.darec import DaRec, DaRecConfig
 from darec_dist.models.aligners.rlmrec_con import ConConfig, RLMRecCon
 from darec_dist.models.aligners.rlmrec_gen import GenConfig, RLMRecGen
+from darec_dist.models.dense import DenseArch
+from darec_dist.models.losses import bpr_loss
 from tests.dist_helpers import results_per_world_size
 
 N, D, DL, K = 16, 6, 10, 3
@@ -244,6 +246,18 @@ def test_darec_projects_each_distinct_node_once_with_the_same_result():
     assert plain_params.keys() == distinct_params.keys() and plain_params
     for name in plain_params:
         torch.testing.assert_close(distinct_params[name], plain_params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_bpr_trains_the_vectors_that_rank_items():
+    """With scoring=concat, BPR is taken on [c_sp, c_sh], the vectors evaluation ranks with, not on c."""
+    torch.manual_seed(4)
+    darec = DaRec(DaRecConfig(scoring="concat", collab_projector="linear"), D, DL).double()
+    c = {g: torch.randn(6, D, dtype=torch.float64) for g in ("user", "pos", "neg")}
+    l = {g: torch.randn(6, DL, dtype=torch.float64) for g in ("user", "pos")}
+    losses = DenseArch(darec, reg=0.0)(AlignInputs(c, l, {}, {}))
+    scored = {g: torch.cat([darec.collab_specific(c[g]), darec.collab_shared(c[g])], dim=-1) for g in c}
+    assert losses["bpr"].item() == pytest.approx(bpr_loss(scored["user"], scored["pos"], scored["neg"]).item(), rel=1e-12)
+    assert losses["bpr"].item() != pytest.approx(bpr_loss(c["user"], c["pos"], c["neg"]).item(), rel=1e-3)
 
 
 def test_moving_centres_match_a_plain_spherical_kmeans_step():

@@ -18,7 +18,9 @@ class DenseArch(nn.Module):
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         collab, ego = inputs.collab, inputs.ego
-        losses = {"bpr": bpr_loss(collab["user"], collab["pos"], collab["neg"])}
+        # BPR trains the vectors that rank items (the backbone's c unless the aligner scores with others).
+        score = self.aligner.scoring_vectors
+        losses = {"bpr": bpr_loss(score(collab["user"], "user"), score(collab["pos"], "item"), score(collab["neg"], "item"))}
         if self.reg > 0:
             losses["reg"] = self.reg * l2_penalty(collab["user"].shape[0], ego["user"], ego["pos"], ego["neg"])
         losses.update(self.aligner(inputs))
