@@ -47,9 +47,10 @@ def modules():
     torch.manual_seed(3)
     darec = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2), D, DL, seed=1).double()
     torch.manual_seed(3)
-    # The open readings together: moving centres, uniformity on every part, linear collaborative projections.
+    # The open readings together: moving centres, uniformity on every part, linear projections on both sides.
     ema_config = DaRecConfig(
-        clusters=K, sample_size=N, uniformity_sample=N // 2, centres="ema", uniformity_on="all", collab_projector="linear"
+        clusters=K, sample_size=N, uniformity_sample=N // 2, centres="ema", uniformity_on="all",
+        collab_projector="linear", llm_projector="linear",
     )
     darec_ema = DaRec(ema_config, D, DL, seed=1).double()
     torch.manual_seed(3)
