@@ -57,6 +57,8 @@ def modules():
     darec_matched = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, centres="matched"), D, DL, seed=1).double()
     torch.manual_seed(3)
     darec_neighbourhood = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_form="neighbourhood"), D, DL, seed=1).double()
+    torch.manual_seed(3)
+    darec_same_kind = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_pairs="same_kind"), D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
@@ -66,6 +68,7 @@ def modules():
         "darec_ema": darec_ema,
         "darec_matched": darec_matched,
         "darec_neighbourhood": darec_neighbourhood,
+        "darec_same_kind": darec_same_kind,
         "con": con,
         "gen": gen,
     }
@@ -106,6 +109,7 @@ def cases(x, mods):
         "darec_ema_centres": (darec_on_repeated_nodes(x, mods["darec_ema"]), mods["darec_ema"]),
         "darec_matched_centres": (darec_on_repeated_nodes(x, mods["darec_matched"]), mods["darec_matched"]),
         "darec_neighbourhood": (darec_on_repeated_nodes(x, mods["darec_neighbourhood"]), mods["darec_neighbourhood"]),
+        "darec_same_kind": (darec_on_repeated_nodes(x, mods["darec_same_kind"]), mods["darec_same_kind"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (mods["gen"].reconstruction_loss(masked), mods["gen"]),
     }
@@ -160,6 +164,7 @@ NAMES = [
     "darec_ema_centres",
     "darec_matched_centres",
     "darec_neighbourhood",
+    "darec_same_kind",
     "rlmrec_con",
     "rlmrec_gen",
 ]
@@ -220,13 +225,14 @@ def test_uniformity_matches_pairwise_definition():
     assert uniformity_loss(z).item() == pytest.approx(reference.item(), rel=1e-10)
 
 
-def test_darec_projects_each_distinct_node_once_with_the_same_result():
+@pytest.mark.parametrize("variant", ["darec", "darec_same_kind"])
+def test_darec_projects_each_distinct_node_once_with_the_same_result(variant):
     """DaRec given row keys (repeated nodes projected once) equals DaRec treating every row as distinct."""
     g = torch.Generator().manual_seed(5)
     users, items = torch.randint(0, 5, (N,), generator=g), torch.randint(5, 12, (N,), generator=g)
     outcomes = []
     for with_ids in (False, True):
-        darec = modules()["darec"]
+        darec = modules()[variant]
         node_c = torch.randn(12, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64).requires_grad_(True)
         node_l = torch.randn(12, DL, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
         inputs = AlignInputs(
@@ -247,6 +253,33 @@ def test_darec_projects_each_distinct_node_once_with_the_same_result():
     assert plain_params.keys() == distinct_params.keys() and plain_params
     for name in plain_params:
         torch.testing.assert_close(distinct_params[name], plain_params[name], rtol=1e-10, atol=1e-12)
+
+
+def test_same_kind_global_term_matches_the_explicit_blocks():
+    """global_pairs=same_kind equals the mean of mean((S_C - S_L)^2) over the explicit user-user and item-item
+    cosine blocks of the shared parts, with gradients."""
+    torch.manual_seed(3)
+    config = DaRecConfig(sample_size=N, global_pairs="same_kind", use_local=False, use_regularisers=False)
+    darec = DaRec(config, D, DL).double()
+    data = global_data()
+    c = {"user": data["c"].clone().requires_grad_(True), "pos": data["c2"].clone().requires_grad_(True)}
+    l = {"user": data["l"], "pos": data["l2"]}
+    fast = darec(AlignInputs(c, l, {}, {}))["darec_global"]
+    fast_grads = torch.autograd.grad(fast, (c["user"], c["pos"]))
+
+    def block(kind):
+        cn = torch.nn.functional.normalize(darec.collab_shared(c[kind]), dim=-1)
+        ln = torch.nn.functional.normalize(darec.llm_shared(l[kind]), dim=-1)
+        return ((cn @ cn.T - ln @ ln.T) ** 2).mean()
+
+    explicit = config.structure_weight * (block("user") + block("pos")) / 2
+    explicit_grads = torch.autograd.grad(explicit, (c["user"], c["pos"]))
+    assert fast.item() == pytest.approx(explicit.item(), rel=1e-10)
+    for got, want in zip(fast_grads, explicit_grads):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
+    everything = DaRec(DaRecConfig(sample_size=N, use_local=False, use_regularisers=False), D, DL).double()
+    everything.load_state_dict(darec.state_dict())
+    assert everything(AlignInputs(c, l, {}, {}))["darec_global"].item() != pytest.approx(fast.item(), rel=1e-3)
 
 
 def test_bpr_trains_the_vectors_that_rank_items():

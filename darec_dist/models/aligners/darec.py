@@ -72,6 +72,11 @@ class DaRecConfig:
     # node's nearest neighbours, the part of the structure that ranking uses, where the MSE weighs all pairs alike.
     global_form: Literal["similarity", "neighbourhood"] = "similarity"
     neighbourhood_temperature: float = 0.2
+    # Which pairs of the sample the global term ("similarity" form) compares. "all": every pair, user-item
+    # pairs included (the method note's default). "same_kind": user-user and item-item pairs, each kind's
+    # mean weighted alike. A text-side user-item cosine compares a user's profile with an item's
+    # description, two kinds of text, while the collaborative user-item cosine is what BPR ranks by.
+    global_pairs: Literal["all", "same_kind"] = "all"
     # Ablations.
     use_global: bool = True
     use_local: bool = True
@@ -92,6 +97,8 @@ class DaRecConfig:
             raise ValueError("align.darec.sample_size and align.darec.uniformity_sample must be >= 2, align.darec.clusters >= 1")
         if self.neighbourhood_temperature <= 0:
             raise ValueError(f"align.darec.neighbourhood_temperature must be > 0, got {self.neighbourhood_temperature}")
+        if self.global_pairs == "same_kind" and self.global_form != "similarity":
+            raise ValueError("align.darec.global_pairs=same_kind needs align.darec.global_form=similarity")
         if not 0.0 <= self.centre_momentum < 1.0:
             raise ValueError(f"align.darec.centre_momentum must lie in [0, 1), got {self.centre_momentum}")
 
@@ -131,15 +138,19 @@ class DaRec(Aligner):
         rows = inputs.llm["user"].shape[0]
         c = torch.cat([inputs.collab["user"][:rows], inputs.collab["pos"][:rows]])
         l = torch.cat([inputs.llm["user"], inputs.llm["pos"]])
+        is_item = torch.arange(2 * rows, device=c.device) >= rows
         if inputs.ids is None:
-            return self.losses(c, l)
+            return self.losses(c, l, is_item=is_item)
         # An active user or a popular item fills several sample rows: project each distinct node once.
         first, inverse = distinct_rows(torch.cat([inputs.ids["user"][:rows], inputs.ids["pos"][:rows]]))
-        return self.losses(c[first], l[first], inverse)
+        return self.losses(c[first], l[first], inverse, is_item[first])
 
-    def losses(self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor | None = None, is_item: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The DaRec losses of this rank's sample, whose rows are (c, l), or c[rows], l[rows] when given (each
-        distinct node once); coupled terms span every rank's sample."""
+        distinct node once); coupled terms span every rank's sample. is_item marks item rows (needed by
+        global_pairs=same_kind; the sample holds as many user rows as item rows)."""
         cfg = self.cfg
         c_sp, c_sh = self.collab_specific(c), self.collab_shared(c)
         l_sp, l_sh = self.llm_specific(l), self.llm_shared(l)
@@ -160,7 +171,13 @@ class DaRec(Aligner):
         # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
         # over ranks: one all-reduce carries them all.
         shares = {}
-        if cfg.use_global and not neighbourhood:
+        same_kind = cfg.use_global and cfg.global_pairs == "same_kind"
+        if same_kind and is_item is None:
+            raise ValueError("DaRec.losses: global_pairs=same_kind needs is_item (which rows are items)")
+        if same_kind:
+            for kind, mask in (("user", ~is_item), ("item", is_item)):
+                shares[f"gram_{kind}"] = similarity_gram(c_sh[mask], l_sh[mask], None if weight is None else weight[mask])
+        elif cfg.use_global and not neighbourhood:
             shares["gram"] = similarity_gram(c_sh, l_sh, weight)
         if cfg.use_regularisers:
             picked = anchors if rows is None else rows[anchors]
@@ -176,6 +193,10 @@ class DaRec(Aligner):
         if neighbourhood:
             pool = (c_sh, l_sh) if rows is None else (c_sh[rows], l_sh[rows])
             out["darec_global"] = cfg.structure_weight * neighbourhood_loss(*pool, anchors, cfg.neighbourhood_temperature)
+        elif same_kind:
+            kind_rows = sample_rows * world_size() // 2
+            per_kind = similarity_from_gram(totals["gram_user"], kind_rows) + similarity_from_gram(totals["gram_item"], kind_rows)
+            out["darec_global"] = cfg.structure_weight * per_kind / 2
         elif cfg.use_global:
             out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size())
         if matched:
