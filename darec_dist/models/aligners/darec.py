@@ -85,9 +85,9 @@ class DaRecConfig:
     # c_sp and c_sh are bias-free linear maps of c, so the structure terms cannot be met inside a hidden
     # layer (or by a bias shared by every node) and must shape c itself.
     collab_projector: Literal["mlp", "linear"] = "mlp"
-    # The same choice for the two LLM projections. A linear map of the frozen l can only rotate and scale the
-    # text's structure, so the structure terms cannot be met by reshaping the LLM side in a hidden layer and
-    # must move c toward it; it is also about 3.5x fewer multiplications per LLM row than the MLP.
+    # The same choice for the two LLM projections. A linear map of the frozen l can project the text's
+    # structure but not bend it, so the structure terms cannot be met by reshaping the LLM side in a hidden
+    # layer; about 4x fewer multiplications per LLM row than the MLP (no better on ML-100K: docs/results.md).
     llm_projector: Literal["mlp", "linear"] = "mlp"
     # Which vectors rank items: the backbone's c, or the concatenation [c_sp, c_sh].
     scoring: Literal["backbone", "concat"] = "backbone"
