@@ -138,12 +138,13 @@ class DaRec(Aligner):
         rows = inputs.llm["user"].shape[0]
         c = torch.cat([inputs.collab["user"][:rows], inputs.collab["pos"][:rows]])
         l = torch.cat([inputs.llm["user"], inputs.llm["pos"]])
-        is_item = torch.arange(2 * rows, device=c.device) >= rows
+        # Only the same-kind global term asks which rows are items (the users' rows come first).
+        is_item = torch.arange(2 * rows, device=c.device) >= rows if self.cfg.global_pairs == "same_kind" else None
         if inputs.ids is None:
             return self.losses(c, l, is_item=is_item)
         # An active user or a popular item fills several sample rows: project each distinct node once.
         first, inverse = distinct_rows(torch.cat([inputs.ids["user"][:rows], inputs.ids["pos"][:rows]]))
-        return self.losses(c[first], l[first], inverse, is_item[first])
+        return self.losses(c[first], l[first], inverse, None if is_item is None else is_item[first])
 
     def losses(
         self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor | None = None, is_item: torch.Tensor | None = None
