@@ -10,11 +10,14 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+_EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 T = TypeVar("T")
 
@@ -134,6 +137,9 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{_where(source, key)}: expected true or false, got {value!r}")
         return value
+    if tp in (int, float) and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-4 and 1e6, without a dot, as strings.
+        value = float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             # Allow 1e6-style floats that are whole numbers: sizes are often written that way.

@@ -25,6 +25,10 @@ def test_overrides_are_typed_by_yaml():
     assert parse_override("a=0.5") == ("a", 0.5)
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
+    # PyYAML reads exponents without a dot as strings; numeric keys take them anyway.
+    assert from_dict(Inner, {"rate": "1e-4", "layers": "1e3"}) == Inner(rate=1e-4, layers=1000)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        from_dict(Inner, {"layers": "1.5e0"})
 
 
 def test_from_dict_builds_nested_dataclasses():
@@ -61,3 +65,21 @@ def test_literal_and_validation_errors(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(PrepareConfig, tmp_path / "nope.yaml")
+
+
+def test_dense_lr_replaces_the_deepspeed_json_lr(tmp_path):
+    from darec_dist.train.trainer import deepspeed_settings
+
+    cfg = load_config(TrainConfig, None, ["data.path=x", "loader.batch_size=64"])
+    settings = deepspeed_settings(cfg, world_size=2)
+    assert settings["optimizer"]["params"]["lr"] == 0.001  # the JSON's own
+    assert (settings["train_batch_size"], settings["train_micro_batch_size_per_gpu"]) == (64, 32)
+    cfg = load_config(TrainConfig, None, ["data.path=x", "dense.lr=2.5e-4"])
+    assert deepspeed_settings(cfg, world_size=1)["optimizer"]["params"]["lr"] == 2.5e-4
+    with pytest.raises(ConfigError, match="dense.lr must be > 0"):
+        load_config(TrainConfig, None, ["data.path=x", "dense.lr=0"])
+    no_optimizer = tmp_path / "ds.json"
+    no_optimizer.write_text('{"zero_optimization": {"stage": 0}}')
+    cfg = load_config(TrainConfig, None, ["data.path=x", "dense.lr=1e-4", f"dense.deepspeed_config={no_optimizer}"])
+    with pytest.raises(ConfigError, match="no optimizer.params"):
+        deepspeed_settings(cfg, world_size=1)

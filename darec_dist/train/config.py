@@ -25,6 +25,12 @@ class DataConfig:
 class DenseConfig:
     # DeepSpeed JSON (ZeRO stage, optimizer); batch sizes are filled in from loader.batch_size.
     deepspeed_config: str = "configs/deepspeed/zero0.json"
+    # Replaces the JSON optimizer's lr when set, so that a sweep over it needs no JSON per value.
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"dense.lr must be > 0, got {self.lr}")
 
 
 @dataclass

@@ -53,14 +53,26 @@ def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
     if env.device.type == "cpu":
         # Skips a ~60 s JIT build of DeepSpeed's shared-memory all-reduce; gloo does the work on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    ds_config = json.loads(resolve_path(cfg.dense.deepspeed_config).read_text())
-    ds_config.update(
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=params, config=deepspeed_settings(cfg, env.world_size), dist_init_required=False
+    )
+    return engine
+
+
+def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON of `dense.deepspeed_config`, with the batch sizes and `dense.lr` of this run."""
+    path = resolve_path(cfg.dense.deepspeed_config)
+    settings = json.loads(path.read_text())
+    settings.update(
         train_batch_size=cfg.loader.batch_size,
-        train_micro_batch_size_per_gpu=cfg.loader.batch_size // env.world_size,
+        train_micro_batch_size_per_gpu=cfg.loader.batch_size // world_size,
         gradient_accumulation_steps=1,
     )
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config, dist_init_required=False)
-    return engine
+    if cfg.dense.lr is not None:
+        if "params" not in settings.get("optimizer", {}):
+            raise ConfigError(f"dense.lr is set but {path} has no optimizer.params to set it in")
+        settings["optimizer"]["params"]["lr"] = cfg.dense.lr
+    return settings
 
 
 class Trainer:
