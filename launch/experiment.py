@@ -77,15 +77,12 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
         str(REPO_ROOT / "launch" / "train.py"), cfg.train_config, *cfg.overrides, *overrides,
         f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false", "--resume", "auto",
     ]
-    started = time.perf_counter()
     with open(run_dir / "log.txt", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"run failed ({done.returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
-    record = json.loads(results.read_text())
-    record["wall_seconds"] = time.perf_counter() - started
-    results.write_text(json.dumps(record, indent=2))
-    return record
+    # Its wall_seconds is the trainer's, which also counts the time before a resume.
+    return json.loads(results.read_text())
 
 
 def summarise(cfg: ExperimentConfig, runs: dict[str, list[dict]]) -> dict:

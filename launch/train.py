@@ -35,7 +35,11 @@ from darec_dist.train.trainer import Trainer
 
 
 def fresh_state() -> dict:
-    return {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0, "epoch_seconds": []}
+    # wall_seconds: the run's time up to the last checkpoint, summed over every process that resumed it.
+    return {
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
+        "epoch_seconds": [], "wall_seconds": 0.0,
+    }
 
 
 def open_dataset(cfg: TrainConfig, env: DistEnv) -> PreparedDataset:
@@ -112,6 +116,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Run a whole training job in this process (one rank of torchrun, or alone); returns results.json's content."""
+    run_started = time.perf_counter()
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env)
@@ -130,6 +135,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         elif env.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
+        earlier = state.get("wall_seconds", 0.0)  # checkpoints written before this key have none
+
         while state["epoch"] < cfg.train.epochs:
             started = time.perf_counter()
             losses = train_epoch(trainer, cfg, env, state, run_dir)
@@ -144,7 +151,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                     "kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses,
                     "seconds": state["epoch_seconds"][-1], "memory_mib": memory_mib,
                 })
-            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={})
+            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={}, wall_seconds=earlier + time.perf_counter() - run_started)
             stop = False
             if not cfg.eval.validate:
                 if state["epoch"] == cfg.train.epochs:  # the final model is the one tested
@@ -171,6 +178,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 break
 
         results = test_best(trainer, cfg, env, run_dir, state)
+        results["wall_seconds"] = earlier + time.perf_counter() - run_started
         if env.is_main:
             table = report.write_results(run_dir, results, cfg.eval.ks)
             if cfg.output.plot:

@@ -58,6 +58,9 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, bac
     for split in ("val", "test"):
         for metric, value in reference[split].items():
             assert recovered[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+    # The run's wall time spans every attempt: at least the epochs it logged, in either attempt.
+    logged = [json.loads(line) for line in (crashed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert recovered["wall_seconds"] >= sum(r["seconds"] for r in logged if r["kind"] == "train")
 
 
 def _check_memory_record(dataset, run_dir, dim=8):
