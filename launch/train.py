@@ -35,7 +35,7 @@ from darec_dist.train.trainer import Trainer
 
 
 def fresh_state() -> dict:
-    # wall_seconds: the run's time up to the last checkpoint, summed over every process that resumed it.
+    # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
         "epoch_seconds": [], "wall_seconds": 0.0,
