@@ -100,11 +100,35 @@ def latest(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _check_complete(path: Path) -> None:
+    if not (path / COMPLETE).exists():
+        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
+
+
+def load_weights(trainer, path: str | Path) -> dict:
+    """Collective: restore only the model (table rows and dense module), for evaluation at any world size.
+
+    torch.distributed.checkpoint reshards the tables to this run's plan; the optimizer states, which
+    DeepSpeed's ZeRO stages partition by world size, are not read. Returns the checkpoint's loop state.
+    """
+    path = Path(path)
+    _check_complete(path)
+    state = {"tables": trainer.tables.module.state_dict()}
+    dcp.load(state, checkpoint_id=str(path / "tables"))
+    trainer.tables.module.load_state_dict(state["tables"])
+    if trainer.engine is not None:
+        loaded, _ = trainer.engine.load_checkpoint(
+            str(path / "dense"), tag="engine", load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+    return json.loads((path / STATE).read_text())
+
+
 def load(trainer, path: str | Path) -> dict:
     """Collective: restore tables, table optimizer, dense engine and this rank's RNG; returns the loop state."""
     path = Path(path)
-    if not (path / COMPLETE).exists():
-        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
+    _check_complete(path)
     optimizer = _table_optimizer(trainer)
     # Lazily created optimizer state (torch Adam) must exist before it can be loaded into.
     optimizer.init_state()

@@ -37,15 +37,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def markdown_table(results: dict, ks: list[int]) -> str:
+def metrics_table(by_split: dict[str, dict], ks: list[int]) -> str:
+    """One Markdown row per split that has metrics: Recall and NDCG at every k."""
     names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
     lines = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for split in ("val", "test"):
-        if results.get(split):
-            lines.append(f"| {split} | " + " | ".join(f"{results[split][n]:.4f}" for n in names) + " |")
+    for split, metrics in by_split.items():
+        if metrics:
+            lines.append(f"| {split} | " + " | ".join(f"{metrics[n]:.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(results: dict, ks: list[int]) -> str:
     chosen = "best epoch" if results.get("val") else "final epoch (no validation)"
     header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {results.get('seconds_per_epoch', 0):.2f} s/epoch\n\n"
-    return header + "\n".join(lines) + "\n"
+    return header + metrics_table({split: results.get(split) for split in ("val", "test")}, ks)
 
 
 def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:

@@ -1,0 +1,87 @@
+"""Evaluate a checkpoint of a finished (or running) training run, at any world size.
+
+    torchrun --nproc_per_node=N launch/evaluate.py RUN_DIR [--checkpoint best|latest|PATH] [--split val,test] [key=value ...]
+    python launch/evaluate.py RUN_DIR ...           (one process)
+
+The run's resolved config (RUN_DIR/config.yaml) rebuilds the model; overrides change what does not
+change the model, e.g. `data.path=DIR` for a dataset that moved or `eval.ks=[10,50]`. The tables are
+resharded to this world size (torch.distributed.checkpoint), the dense module is read from DeepSpeed's
+checkpoint, and the split is ranked exactly as at the end of training. Prints a metric table; rank 0
+writes RUN_DIR/eval-<checkpoint>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from darec_dist.config import ConfigError, load_config
+from darec_dist.data.dataset import DatasetError
+from darec_dist.distributed.env import distributed, seed_everything
+from darec_dist.train import checkpoint, report
+from darec_dist.train.config import TrainConfig
+from darec_dist.train.evaluate import evaluate
+from darec_dist.train.trainer import Trainer
+from launch.train import open_dataset
+
+SPLITS = ("val", "test")
+
+
+def checkpoint_path(run_dir: Path, which: str) -> Path:
+    if which == "latest":
+        found = checkpoint.latest(run_dir)
+        if found is None:
+            raise ConfigError(f"{run_dir}: no complete step checkpoint under {checkpoint.CHECKPOINTS}/")
+        return found
+    path = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST if which == "best" else Path(which)
+    if not (path / checkpoint.COMPLETE).exists():
+        raise ConfigError(f"{path}: not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
+    return path
+
+
+def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:
+    """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise ConfigError(f"{run_dir}: no config.yaml; not a run directory written by launch/train.py")
+    cfg = load_config(TrainConfig, config, [*overrides, f"run_dir={run_dir}"])
+    source = checkpoint_path(run_dir, which)
+    with distributed(cfg.device) as env:
+        seed_everything(cfg.seed, env.rank)
+        trainer = Trainer(cfg, env, open_dataset(cfg, env))
+        state = checkpoint.load_weights(trainer, source)
+        trainer.set_train(False)
+        results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}
+        for split in splits:
+            results[split] = evaluate(trainer, split, env.world_size, env.rank)
+        if env.is_main:
+            report.write_atomic(run_dir / f"eval-{source.name}.json", json.dumps(results, indent=2))
+            print(f"{source} ({state['epoch']} epochs trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by launch/train.py")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. data.path=DIR")
+    parser.add_argument("--checkpoint", default="best", help="'best' (default), 'latest' (newest step checkpoint) or a checkpoint directory")
+    parser.add_argument("--split", default="test", help="splits to rank, comma-separated: test (default), val or val,test")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides may follow the options
+    splits = tuple(args.split.split(","))
+    if not splits or not set(splits) <= set(SPLITS):
+        parser.error(f"--split {args.split!r}: expected a comma-separated list of {', '.join(SPLITS)}")
+    try:
+        evaluate_run(args.run_dir, args.checkpoint, splits, tuple(args.overrides))
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
