@@ -31,15 +31,39 @@ from darec_dist.distributed.env import DistEnv, distributed, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, gathered_blocks
-from darec_dist.train.trainer import Trainer
+from darec_dist.train.trainer import Trainer, deepspeed_settings
 
 
-def fresh_state() -> dict:
+def fresh_state(world_size: int) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
-        "epoch_seconds": [], "wall_seconds": 0.0,
+        "epoch_seconds": [], "wall_seconds": 0.0, "world_size": world_size,
     }
+
+
+def check_resumable(source: Path, world_size: int, zero_stage: int) -> None:
+    """A checkpoint resumes at another world size only at an epoch's end and without ZeRO partitions.
+
+    Inside an epoch its step count is a position in each rank's stream of shards, which another world size
+    splits differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
+    partition the optimizer state by world size and cannot load it at another.
+    """
+    saved = checkpoint.loop_state(source)
+    written_by = saved.get("world_size", world_size)  # checkpoints from before this key: assume the same
+    if written_by == world_size:
+        return
+    if saved["step_in_epoch"]:
+        raise ConfigError(
+            f"{source}: written by {written_by} processes inside epoch {saved['epoch']} (step {saved['step_in_epoch']}); "
+            f"resume it with {written_by} processes, or resume from a checkpoint taken at an epoch's end "
+            f"(checkpoint.every_epochs) with {world_size}"
+        )
+    if zero_stage > 0:
+        raise ConfigError(
+            f"{source}: written by {written_by} processes with ZeRO stage {zero_stage}, whose optimizer state is "
+            f"partitioned by world size; resume it with {written_by} processes (launch/evaluate.py reads it at any)"
+        )
 
 
 def open_dataset(cfg: TrainConfig, env: DistEnv) -> PreparedDataset:
@@ -126,10 +150,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             report.write_config(run_dir, cfg)
         trainer = Trainer(cfg, env, dataset)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state()
+        state = fresh_state(env.world_size)
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
         if source is not None:
-            state = checkpoint.load(trainer, source)
+            check_resumable(source, env.world_size, deepspeed_settings(cfg, env.world_size).get("zero_optimization", {}).get("stage", 0))
+            state = checkpoint.load(trainer, source) | {"world_size": env.world_size}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
         elif env.is_main:

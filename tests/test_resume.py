@@ -51,6 +51,7 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, bac
     out = finish(process)
     assert "resumed from" in out, out[-3000:]
     assert killed_at.name != checkpoint.latest(crashed_dir).name
+    assert checkpoint.loop_state(checkpoint.latest(crashed_dir))["world_size"] == 2
 
     reference = json.loads((reference_dir / "results.json").read_text())
     recovered = json.loads((crashed_dir / "results.json").read_text())
@@ -83,3 +84,24 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     assert checkpoint.latest(tmp_path).name == checkpoint.step_name(4)
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         checkpoint.load(None, root / checkpoint.step_name(9))
+
+
+def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_zero_partitions(tmp_path):
+    from darec_dist.config import ConfigError
+    from launch.train import check_resumable
+
+    path = tmp_path / checkpoint.step_name(7)
+    path.mkdir()
+    (path / checkpoint.COMPLETE).write_text("")
+    cases = [  # step_in_epoch, world size now, ZeRO stage, refusal
+        (5, 2, 1, None), (0, 1, 0, None),
+        (5, 1, 0, f"{path}: written by 2 processes inside epoch 3"),
+        (0, 1, 1, f"{path}: written by 2 processes with ZeRO stage 1"),
+    ]
+    for step_in_epoch, world_size, zero_stage, refusal in cases:
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2}))
+        if refusal:
+            with pytest.raises(ConfigError, match=refusal):
+                check_resumable(path, world_size, zero_stage)
+        else:
+            check_resumable(path, world_size, zero_stage)

@@ -105,6 +105,13 @@ def _check_complete(path: Path) -> None:
         raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
 
 
+def loop_state(path: str | Path) -> dict:
+    """The loop position saved with a complete checkpoint (epoch, step, best, world size, ...), read without loading it."""
+    path = Path(path)
+    _check_complete(path)
+    return json.loads((path / STATE).read_text())
+
+
 def load_weights(trainer, path: str | Path) -> dict:
     """Collective: restore only the model (table rows and dense module), for evaluation at any world size.
 
@@ -122,7 +129,7 @@ def load_weights(trainer, path: str | Path) -> dict:
         )
         if loaded is None:
             raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
-    return json.loads((path / STATE).read_text())
+    return loop_state(path)
 
 
 def load(trainer, path: str | Path) -> dict:
@@ -144,4 +151,4 @@ def load(trainer, path: str | Path) -> dict:
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / STATE).read_text())
+    return loop_state(path)
