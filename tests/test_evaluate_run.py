@@ -1,4 +1,5 @@
-"""launch/evaluate.py: a checkpoint trained by 2 processes, evaluated by 1 and by 2, gives the run's own test metrics.
+"""launch/evaluate.py: a checkpoint trained by 2 processes, evaluated by 1 and by 2, gives the run's own test metrics;
+launch/recommend.py: the exported vectors' top-K lists give them too.
 
 DaRec ranks by [c_sp, c_sh] here, so the metrics depend on the dense projections (DeepSpeed, ZeRO
 stage 1, whose optimizer state is partitioned by world size) as well as on the resharded tables.
@@ -8,8 +9,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from darec_dist.data.dataset import PreparedDataset
+from darec_dist.train.metrics import ranking_sums
+from launch.recommend import recommend
 from tests.conftest import REPO
 from tests.train_helpers import finish
 
@@ -24,7 +30,7 @@ def launch(nproc: int, *args: str) -> subprocess.Popen:
     return subprocess.Popen([*runner, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_checkpoint_evaluates_to_the_runs_metrics_at_any_world_size(small_dataset, tmp_path):
+def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, tmp_path):
     root, _ = small_dataset
     run_dir = tmp_path / "run"
     finish(launch(2, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={run_dir}", *TRAIN))
@@ -38,6 +44,19 @@ def test_checkpoint_evaluates_to_the_runs_metrics_at_any_world_size(small_datase
         for split in ("val", "test"):
             for metric, value in trained[split].items():
                 assert evaluated[split][metric] == pytest.approx(value, abs=1e-6), (nproc, split, metric)
+
+    # The lists a user would serve from the export: every user's top 20, original ids.
+    table = recommend(run_dir, None, k=20)
+    ids = {kind: pd.read_parquet(run_dir / "export" / f"{kind}_ids.parquet").set_index("raw")["id"] for kind in ("user", "item")}
+    dataset = PreparedDataset.open(root)
+    assert table["user"].nunique() == dataset.num_users and (table.groupby("user")["rank"].max() == 20).all()
+    top = np.full((dataset.num_users, 20), -1, dtype=np.int64)
+    top[ids["user"][table["user"]].to_numpy(), table["rank"].to_numpy() - 1] = ids["item"][table["item"]].to_numpy()
+    train = dataset.interactions("train")
+    assert not any(np.isin(top[u], train.row(u)).any() for u in range(dataset.num_users))  # seen items left out
+    sums = ranking_sums(top, np.arange(dataset.num_users), dataset.interactions("test"), [20])
+    for metric in ("recall@20", "ndcg@20"):
+        assert sums[metric] / sums["users"] == pytest.approx(trained["test"][metric], abs=1e-6), metric
 
 
 def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):

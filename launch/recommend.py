@@ -1,0 +1,112 @@
+"""Top-K items for users from a run's exported vectors: retrieval without the trainer, tables or processes.
+
+    python launch/recommend.py RUN_DIR --users 196 186 --k 10          # original user ids, printed
+    python launch/recommend.py RUN_DIR --k 20 --out recs.parquet       # every user, written as Parquet
+
+Scores are user vector . item vector over RUN_DIR/export (the vectors the run ranked by when it
+tested its best model); items in the user's train split are left out unless --keep-seen, as in
+evaluation, so these lists are the ones the run's test metrics were computed from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from darec_dist.config import ConfigError
+from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.train.config import resolve_path
+from darec_dist.train.evaluate import MAX_SCORES
+from darec_dist.train.metrics import mask_rows
+
+
+def load_export(run_dir: Path, kind: str) -> tuple[np.ndarray, pd.Series]:
+    """(vectors, original ids) of `kind`; row i of the vectors is contiguous id i."""
+    vectors, ids = run_dir / "export" / f"{kind}_vectors.npy", run_dir / "export" / f"{kind}_ids.parquet"
+    if not vectors.exists() or not ids.exists():
+        raise ConfigError(f"{run_dir}: no export/{kind}_vectors.npy and {kind}_ids.parquet (runs export them unless output.export_embeddings=false)")
+    raw = pd.read_parquet(ids).sort_values("id")["raw"].astype(str).reset_index(drop=True)
+    return np.load(vectors, mmap_mode="r"), raw
+
+
+def top_items(users: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray, k: int, seen=None) -> tuple[np.ndarray, np.ndarray]:
+    """(items, scores), each users x k, best first; `seen` (a CSR of items per user) is excluded when given."""
+    items = torch.from_numpy(np.array(item_vectors, dtype=np.float32))  # a writable copy of the memory map
+    k = min(k, items.shape[0])
+    chunk = max(1, MAX_SCORES // items.shape[0])
+    top, best = [], []
+    for start in range(0, len(users), chunk):
+        part = users[start : start + chunk]
+        scores = torch.from_numpy(np.ascontiguousarray(user_vectors[part])) @ items.T
+        if seen is not None:
+            mask_rows(scores, part, seen)
+        values, indices = torch.topk(scores, k, dim=1)
+        top.append(indices.numpy())
+        best.append(values.numpy())
+    return np.concatenate(top) if top else np.zeros((0, k), np.int64), np.concatenate(best) if best else np.zeros((0, k), np.float32)
+
+
+def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: bool = False, data: str | None = None) -> pd.DataFrame:
+    """One row per (user, rank): user and item as original ids, the score."""
+    user_vectors, user_raw = load_export(run_dir, "user")
+    item_vectors, item_raw = load_export(run_dir, "item")
+    if raw_users is None:
+        users = np.arange(len(user_raw), dtype=np.int64)
+    else:
+        position = pd.Series(np.arange(len(user_raw)), index=user_raw)
+        unknown = [u for u in raw_users if u not in position.index]
+        if unknown:
+            raise ConfigError(f"{run_dir}: unknown user ids {unknown[:5]} (not in export/user_ids.parquet)")
+        users = position[raw_users].to_numpy(np.int64)
+    seen = None
+    if not keep_seen:
+        path = data or yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"]
+        seen = PreparedDataset.open(resolve_path(path), verify_checksums=False).interactions("train")
+    items, scores = top_items(users, user_vectors, item_vectors, k, seen)
+    # Fewer than k unseen items leave -inf scores at the end of a row: those are not recommendations.
+    valid = np.isfinite(scores)
+    return pd.DataFrame({
+        "user": np.repeat(user_raw.to_numpy()[users], items.shape[1])[valid.ravel()],
+        "rank": np.tile(np.arange(1, items.shape[1] + 1), len(users))[valid.ravel()],
+        "item": item_raw.to_numpy()[items[valid]],
+        "score": scores[valid],
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by launch/train.py")
+    parser.add_argument("--users", nargs="+", help="original user ids (default: every user)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--keep-seen", action="store_true", help="do not leave out the user's train items")
+    parser.add_argument("--data", help="the prepared dataset, if it moved since the run (default: the run's data.path)")
+    parser.add_argument("--out", type=Path, help="write Parquet here instead of printing")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.k < 1:
+        parser.error(f"--k must be >= 1, got {args.k}")
+    try:
+        table = recommend(args.run_dir, args.users, args.k, args.keep_seen, args.data)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        print(table.to_string(index=False))
+    else:
+        staging = args.out.with_name(f".{args.out.name}.tmp")
+        table.to_parquet(staging, index=False)
+        os.replace(staging, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
