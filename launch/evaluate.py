@@ -30,6 +30,8 @@ from darec_dist.train.trainer import Trainer
 from launch.train import open_dataset
 
 SPLITS = ("val", "test")
+# Config sections that decide the shapes and meaning of what a checkpoint holds.
+MODEL_SECTIONS = ("model", "align")
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
@@ -49,6 +51,9 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     config = run_dir / "config.yaml"
     if not config.exists():
         raise ConfigError(f"{run_dir}: no config.yaml; not a run directory written by launch/train.py")
+    shaping = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in MODEL_SECTIONS]
+    if shaping:
+        raise ConfigError(f"{shaping}: these keys shape the model the checkpoint holds; evaluate.py keeps the run's ({config})")
     cfg = load_config(TrainConfig, config, [*overrides, f"run_dir={run_dir}"])
     source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env:

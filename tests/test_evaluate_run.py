@@ -64,6 +64,9 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "no config.yaml" in out and str(tmp_path) in out, out[-2000:]
     (tmp_path / "config.yaml").write_text("seed: 1\n")
+    process = launch(1, "launch/evaluate.py", str(tmp_path), "model.dim=16")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 2 and "['model.dim=16']: these keys shape the model" in out, out[-2000:]
     process = launch(1, "launch/evaluate.py", str(tmp_path), "--checkpoint", "latest")
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "no complete step checkpoint" in out, out[-2000:]
