@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=N launch/evaluate.py RUN_DIR [--checkpoint best|latest|PATH] [--split val,test] [key=value ...]
     python launch/evaluate.py RUN_DIR ...           (one process)
 
-The run's resolved config (RUN_DIR/config.yaml) rebuilds the model; overrides change what does not
-change the model, e.g. `data.path=DIR` for a dataset that moved or `eval.ks=[10,50]`. The tables are
+The run's resolved config (RUN_DIR/config.yaml) rebuilds the model; overrides may change anything but
+the model (model.*, align.*), e.g. `data.path=DIR` for a dataset that moved or `eval.ks=[10,20,50]`. The tables are
 resharded to this world size (torch.distributed.checkpoint), the dense module is read from DeepSpeed's
 checkpoint, and the split is ranked exactly as at the end of training. Prints a metric table; rank 0
 writes RUN_DIR/eval-<checkpoint>.json.
