@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import DenseTableBatchedEmbeddingBagsCodegen, SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import DataType, EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
@@ -248,16 +249,48 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
     tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary, pooled=module.pooled)
     if frozen:
         _freeze(dmp)
+    else:
+        _skip_weight_gradients(dmp)
     return tables
+
+
+def _skip_weight_gradients(dmp: DistributedModelParallel) -> None:
+    """Spare fbgemm the gradient of the bags' per-sample weights when they need none.
+
+    fbgemm's table-batched backward also differentiates the per-sample weights whenever a lookup has them,
+    unless `feature_requires_grad` says per feature that no gradient is wanted, and TorchRec never passes
+    it. Ours are propagation coefficients, data: on this CPU that unused gradient was most of the table
+    backward (a weighted bag's backward about 2 to 6 times slower than it needs to be). The tables'
+    gradients and updates are unchanged bit for bit.
+    """
+    for module in _table_batched_modules(dmp):
+        module.forward = _without_weight_gradients(module.forward, module.feature_dims.numel())
+
+
+def _without_weight_gradients(forward: Callable, features: int) -> Callable:
+    def lookup(indices, offsets, per_sample_weights=None, feature_requires_grad=None, **kwargs):
+        if per_sample_weights is not None and feature_requires_grad is None and not per_sample_weights.requires_grad:
+            feature_requires_grad = torch.zeros(features, dtype=torch.int32, device=per_sample_weights.device)
+        return forward(indices, offsets, per_sample_weights=per_sample_weights, feature_requires_grad=feature_requires_grad, **kwargs)
+
+    return lookup
+
+
+def _table_batched_modules(dmp: DistributedModelParallel):
+    """The fbgemm modules that hold a sharded collection's tables (TorchRec keeps its lookups, and any DDP
+    around them, out of the module tree)."""
+    (collection,) = dmp._dmp_wrapped_module.children()
+    for lookup in collection._lookups:
+        for module in lookup.modules():
+            if isinstance(module, (DenseTableBatchedEmbeddingBagsCodegen, SplitTableBatchedEmbeddingBagsCodegen)):
+                yield module
 
 
 def _freeze(dmp: DistributedModelParallel) -> None:
     """Stop autograd at the frozen tables' storage, so no backward runs through them."""
-    (collection,) = dmp._dmp_wrapped_module.children()
-    for lookup in collection._lookups:
-        for emb in lookup._emb_modules:
-            for param in emb._emb_module.parameters(recurse=False):
-                param.requires_grad_(False)
+    for module in _table_batched_modules(dmp):
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(False)
 
 
 def init_rows(seed: int, table: str, num_rows: int, dim: int, cfg: SparseConfig) -> Callable[[int, int], np.ndarray]:
