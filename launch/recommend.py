@@ -53,7 +53,7 @@ def top_items(users: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndar
         values, indices = torch.topk(scores, k, dim=1)
         top.append(indices.numpy())
         best.append(values.numpy())
-    return np.concatenate(top) if top else np.zeros((0, k), np.int64), np.concatenate(best) if best else np.zeros((0, k), np.float32)
+    return np.concatenate(top), np.concatenate(best)
 
 
 def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: bool = False, data: str | None = None) -> pd.DataFrame:

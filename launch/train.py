@@ -31,7 +31,7 @@ from darec_dist.distributed.env import DistEnv, distributed, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, gathered_blocks
-from darec_dist.train.trainer import Trainer, deepspeed_settings
+from darec_dist.train.trainer import Trainer
 
 
 def fresh_state(world_size: int) -> dict:
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         state = fresh_state(env.world_size)
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
         if source is not None:
-            check_resumable(source, env.world_size, deepspeed_settings(cfg, env.world_size).get("zero_optimization", {}).get("stage", 0))
+            check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0)
             state = checkpoint.load(trainer, source) | {"world_size": env.world_size}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
