@@ -58,7 +58,9 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
-        trainer = Trainer(cfg, env, open_dataset(cfg, env))
+        dataset = open_dataset(cfg, env)
+        checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
+        trainer = Trainer(cfg, env, dataset)
         state = checkpoint.load_weights(trainer, source)
         trainer.set_train(False)
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}

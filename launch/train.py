@@ -34,12 +34,24 @@ from darec_dist.train.evaluate import evaluate, gathered_blocks
 from darec_dist.train.trainer import Trainer
 
 
-def fresh_state(world_size: int) -> dict:
+def fresh_state(world_size: int, identity: dict) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
-        "epoch_seconds": [], "wall_seconds": 0.0, "world_size": world_size,
+        "epoch_seconds": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
     }
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A new run must not start among another run's checkpoints: pruning keeps the highest step numbers, so
+    the old ones would outlive the new run's, and a later --resume auto would pick them up."""
+    root = run_dir / checkpoint.CHECKPOINTS
+    found = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+    if found:
+        raise ConfigError(
+            f"{run_dir}: holds checkpoints of an earlier run ({', '.join(found[:3])}); continue it with --resume auto, "
+            "or give this run another run_dir (or delete that one)"
+        )
 
 
 def check_resumable(source: Path, world_size: int, zero_stage: int) -> None:
@@ -145,16 +157,20 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env)
         run_dir = Path(cfg.run_dir).expanduser()
+        source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+        if source is not None:
+            checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
+        elif resume is None:
+            check_fresh(run_dir)
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(run_dir, cfg)
         trainer = Trainer(cfg, env, dataset)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state(env.world_size)
-        source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+        state = fresh_state(env.world_size, checkpoint.identity(cfg, dataset))
         if source is not None:
             check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0)
-            state = checkpoint.load(trainer, source) | {"world_size": env.world_size}
+            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": state["identity"]}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
         elif env.is_main:

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from darec_dist.config import ConfigError
 from darec_dist.train import checkpoint
 from tests.conftest import REPO
 from tests.train_helpers import finish
@@ -82,12 +83,11 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     (root / checkpoint.step_name(9)).mkdir()  # written, never marked complete
     (root / f".tmp-{checkpoint.step_name(12)}").mkdir()
     assert checkpoint.latest(tmp_path).name == checkpoint.step_name(4)
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
         checkpoint.load(None, root / checkpoint.step_name(9))
 
 
 def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_zero_partitions(tmp_path):
-    from darec_dist.config import ConfigError
     from launch.train import check_resumable
 
     path = tmp_path / checkpoint.step_name(7)
@@ -105,3 +105,41 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
                 check_resumable(path, world_size, zero_stage)
         else:
             check_resumable(path, world_size, zero_stage)
+
+
+def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(tmp_path):
+    from types import SimpleNamespace
+
+    from darec_dist.config import load_config
+    from darec_dist.train.config import TrainConfig
+
+    def identity(*overrides, users=943):
+        cfg = load_config(TrainConfig, "configs/train/default.yaml", ["model.backbone=mf", *overrides])
+        return checkpoint.identity(cfg, SimpleNamespace(num_users=users, num_items=1682, embedding_dim=384))
+
+    path = tmp_path / checkpoint.step_name(7)
+    path.mkdir()
+    (path / checkpoint.COMPLETE).write_text("")
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0}))
+    checkpoint.check_identity(path, identity("model.backbone=lightgcn"))  # written before checkpoints recorded it
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": identity()}))
+    checkpoint.check_identity(path, identity("train.epochs=9", "sparse.lr=0.5"))  # the loop may change, not the model
+    refusals = [
+        (identity("model.backbone=lightgcn"), "model.backbone: 'mf' in the checkpoint, 'lightgcn' now"),
+        (identity("align.method=darec"), "align.method: 'none' in the checkpoint, 'darec' now"),
+        (identity(users=40), "dataset.users: 943 in the checkpoint, 40 now"),
+    ]
+    for current, refusal in refusals:
+        with pytest.raises(ConfigError, match=refusal):
+            checkpoint.check_identity(path, current)
+
+
+def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_path):
+    from launch.train import check_fresh
+
+    check_fresh(tmp_path / "new")
+    (tmp_path / checkpoint.CHECKPOINTS / f".tmp-{checkpoint.step_name(3)}").mkdir(parents=True)  # a crashed save only
+    check_fresh(tmp_path)
+    (tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(42)).mkdir()
+    with pytest.raises(ConfigError, match=f"{tmp_path}: holds checkpoints of an earlier run .*--resume auto"):
+        check_fresh(tmp_path)

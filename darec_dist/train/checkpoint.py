@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.optim.keyed import CombinedOptimizer
 
+from darec_dist.config import ConfigError, to_dict
+
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 STATE = "state.json"
@@ -100,9 +102,44 @@ def latest(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def identity(cfg, dataset) -> dict:
+    """What a checkpoint's contents depend on: the model and aligner config, the dataset's node counts and LLM width.
+
+    Saved in every checkpoint's loop state; a checkpoint loads only where it is the same (check_identity),
+    so a resume or an evaluation never fills a model of another shape or meaning with its tensors.
+    """
+    return json.loads(json.dumps({
+        "model": to_dict(cfg.model), "align": to_dict(cfg.align),
+        "dataset": {"users": dataset.num_users, "items": dataset.num_items, "embedding_dim": dataset.embedding_dim},
+    }))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_identity(path: str | Path, current: dict) -> None:
+    """Refuse a checkpoint written for another model config or dataset, naming the keys that differ."""
+    saved = loop_state(path).get("identity")
+    if saved is None:  # written before checkpoints recorded it
+        return
+    before, now = _flatten(saved), _flatten(current)
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in differ[:6])
+        more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+        raise ConfigError(f"{path}: written for another model or dataset; {shown}{more}")
+
+
 def _check_complete(path: Path) -> None:
     if not (path / COMPLETE).exists():
-        raise ValueError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
+        raise ConfigError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
 
 
 def loop_state(path: str | Path) -> dict:
