@@ -71,6 +71,13 @@ def test_embedding_shape_disagrees_with_manifest(dataset_copy):
         PreparedDataset.open(dataset_copy)
 
 
+def test_truncated_array(dataset_copy):
+    path = dataset_copy / "embeddings" / "item.npy"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DatasetError, match=r"embeddings/item.npy: not a readable .npy array .*truncated or corrupted"):
+        PreparedDataset.open(dataset_copy)
+
+
 def test_world_size_the_shards_cannot_serve(small_dataset):
     dataset = PreparedDataset.open(small_dataset[0])
     shards = len(dataset.shards)
@@ -90,6 +97,18 @@ def test_unknown_keys_and_wrong_types():
         load_config(TrainConfig, None, ["train.epochs=ten"])
     with pytest.raises(ConfigError, match=r"'model.backbone': 'ngcf' is not one of"):
         load_config(TrainConfig, None, ["model.backbone=ngcf"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.ks=[20,-1]", r"eval.ks must be a non-empty list of cut-offs >= 1, got \[20, -1\]"),
+    ("eval.ks=[]", "eval.ks must be a non-empty list"),
+    ("checkpoint.every_epochs=0", "checkpoint.every_epochs and checkpoint.keep must be >= 1"),
+    ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be >= 1 or null, got 0"),
+    ("sparse.lr=-1", "sparse.lr, sparse.eps and sparse.init_std must be > 0, got -1.0"),
+])
+def test_values_out_of_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, [override])
 
 
 def test_cli_reports_errors_before_training(dataset_copy):

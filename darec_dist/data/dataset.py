@@ -115,7 +115,10 @@ class PreparedDataset:
         return [str(self.root / s["path"]) for s in self.shards]
 
     def _load(self, rel: str) -> np.ndarray:
-        return np.load(self.root / rel, mmap_mode="r")
+        try:
+            return np.load(self.root / rel, mmap_mode="r")
+        except (ValueError, EOFError, OSError) as err:  # a truncated or overwritten file: its header no longer fits
+            raise DatasetError(f"{self.root / rel}: not a readable .npy array ({err}); the file is truncated or corrupted") from None
 
     def interactions(self, split: str) -> CSR:
         """Per-user sorted item ids of a split (memory-mapped)."""

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from darec_dist.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -31,7 +33,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device=cuda but no CUDA device is visible")
+            raise ConfigError("device=cuda but no CUDA device is visible")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

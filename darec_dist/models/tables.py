@@ -56,6 +56,8 @@ class SparseConfig:
     init_std: float = 0.1
 
     def __post_init__(self) -> None:
+        if not self.lr > 0 or not self.eps > 0 or not self.init_std > 0:
+            raise ValueError(f"sparse.lr, sparse.eps and sparse.init_std must be > 0, got {self.lr}, {self.eps}, {self.init_std}")
         if self.llm_sharding == "data_parallel":
             raise ValueError("sparse.llm_sharding: the frozen LLM tables are sharded, never copied to every rank; "
                              "use auto, table_wise, row_wise or column_wise")

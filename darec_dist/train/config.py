@@ -47,8 +47,10 @@ class LoopConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.eval_every < 1 or self.patience < 1:
-            raise ValueError("train.epochs, train.eval_every and train.patience must be >= 1")
+        if min(self.epochs, self.eval_every, self.patience, self.log_every) < 1 or self.min_epochs < 0:
+            raise ValueError("train.epochs, train.eval_every, train.patience and train.log_every must be >= 1, train.min_epochs >= 0")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"train.max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
 
 
 @dataclass
@@ -66,6 +68,12 @@ class EvalConfig:
     # Items scored per round (gathered from all ranks): bounds a rank's memory whatever the catalogue.
     item_block: int = 65536
 
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"eval.ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
+        if min(self.user_chunk, self.node_chunk, self.item_block) < 1 or (self.max_users is not None and self.max_users < 1):
+            raise ValueError("eval.user_chunk, eval.node_chunk, eval.item_block and eval.max_users must be >= 1")
+
 
 @dataclass
 class CheckpointConfig:
@@ -73,6 +81,10 @@ class CheckpointConfig:
     # Also checkpoint inside an epoch every N steps (null = only at epoch ends).
     every_steps: int | None = None
     keep: int = 2
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 1 or self.keep < 1 or (self.every_steps is not None and self.every_steps < 1):
+            raise ValueError("checkpoint.every_epochs and checkpoint.keep must be >= 1, checkpoint.every_steps >= 1 or null")
 
 
 @dataclass

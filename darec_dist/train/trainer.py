@@ -62,7 +62,12 @@ def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
 def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
     """The DeepSpeed JSON of `dense.deepspeed_config`, with the batch sizes and `dense.lr` of this run."""
     path = resolve_path(cfg.dense.deepspeed_config)
-    settings = json.loads(path.read_text())
+    if not path.is_file():
+        raise ConfigError(f"dense.deepspeed_config: {path} does not exist (a DeepSpeed JSON, e.g. configs/deepspeed/zero0.json)")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"dense.deepspeed_config: {path} is not valid JSON ({err})") from None
     settings.update(
         train_batch_size=cfg.loader.batch_size,
         train_micro_batch_size_per_gpu=cfg.loader.batch_size // world_size,
