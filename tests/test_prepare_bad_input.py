@@ -93,6 +93,15 @@ def test_duplicate_ids_in_text_table(spark, tmp_path):
           **{"embedding.encoder": "sentence-transformers"})
 
 
+@pytest.mark.parametrize("bad_row", ["i5,a book, about topic 5", "i6"])
+def test_text_row_with_the_wrong_number_of_fields(spark, tmp_path, bad_row):
+    source, _ = csv_with_lines(tmp_path, [], item_text=True)
+    items = tmp_path / "raw" / "items.csv"
+    items.write_text(items.read_text() + bad_row + "\n")
+    fails(spark, tmp_path, source, rf"items.csv: row\(s\) without exactly 2 fields \(item, text\): \[{bad_row!r}\]",
+          **{"embedding.encoder": "sentence-transformers"})
+
+
 def test_missing_text_for_some_items(spark, tmp_path):
     source, _ = csv_with_lines(tmp_path, [], item_text=True)
     items = tmp_path / "raw" / "items.csv"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StringType, StructField, StructType
 
 from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
@@ -23,10 +24,21 @@ def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str) -> None:
 
 def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, numeric_ids: bool, out_id: str) -> DataFrame:
     """A CSV with a header, one row per node: returns (out_id, text). Quoted multi-line text is allowed."""
-    table = spark.read.csv(path, header=True, multiLine=True, escape='"')
-    missing = [c for c in (id_col, text_col) if c not in table.columns]
+    columns = spark.read.csv(path, header=True, multiLine=True, escape='"').columns  # reads the header only
+    missing = [c for c in (id_col, text_col) if c not in columns]
     if missing:
-        raise PrepareError(f"{path}: missing column(s) {missing}; found {table.columns}")
+        raise PrepareError(f"{path}: missing column(s) {missing}; found {columns}")
+    # Spark's permissive reader would cut a row with an unquoted comma at the header's width, dropping the rest
+    # of its text, and pad a short row with nulls; with a corrupt-record column it keeps such rows apart instead.
+    corrupt = "_corrupt_record"
+    schema = StructType([StructField(c, StringType()) for c in columns] + [StructField(corrupt, StringType())])
+    table = spark.read.csv(path, header=True, multiLine=True, escape='"', schema=schema, columnNameOfCorruptRecord=corrupt)
+    # (Spark refuses a query of the corrupt-record column alone.)
+    bad = [r[corrupt] for r in table.where(F.col(corrupt).isNotNull()).select(id_col, corrupt).limit(3).collect()]
+    if bad:
+        raise PrepareError(
+            f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {bad}; quote text that holds commas"
+        )
     if numeric_ids:
         bad = table.where(~F.trim(F.col(id_col)).rlike(r"^-?[0-9]+$") | F.col(id_col).isNull()).limit(3).collect()
         if bad:
