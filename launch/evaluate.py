@@ -59,6 +59,9 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env)
+        empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
+        if empty:
+            raise DatasetError(f"{dataset.root}: no {' or '.join(empty)} interactions to rank")
         checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
         trainer = Trainer(cfg, env, dataset)
         state = checkpoint.load_weights(trainer, source)

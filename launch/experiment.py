@@ -66,6 +66,10 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+class RunFailed(RuntimeError):
+    """A training run of the experiment exited with an error (its log names it)."""
+
+
 def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
     """One torchrun job; returns its results.json (skips the job when that file already exists)."""
     results = run_dir / "results.json"
@@ -80,7 +84,7 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     with open(run_dir / "log.txt", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     if done.returncode != 0:
-        raise RuntimeError(f"run failed ({done.returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
+        raise RunFailed(f"run failed ({done.returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
     # Its wall_seconds is the trainer's, which also counts the time before a resume.
     return json.loads(results.read_text())
 
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=sorted(STATE_FACTOR), default="rowwise_adagrad")
     parser.add_argument("--batch-size", type=int, default=4096, help="local batch per device")
     args = parser.parse_args(argv)
+    positive = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node, "--hbm-gb": args.hbm_gb, "--users": args.users,
+                "--items": args.items, "--dim": args.dim, "--batch-size": args.batch_size}
+    for flag, value in positive.items():
+        if not value > 0:
+            parser.error(f"{flag} must be > 0, got {value:g}")
+    if args.llm_dim < 0 or args.ddr_gb < 0:
+        parser.error("--llm-dim and --ddr-gb must be >= 0")
 
     world = args.nodes * args.gpus_per_node
     users, items = int(args.users), int(args.items)

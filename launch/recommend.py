@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         print(table.to_string(index=False))
     else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         staging = args.out.with_name(f".{args.out.name}.tmp")
         table.to_parquet(staging, index=False)
         os.replace(staging, args.out)

@@ -22,8 +22,8 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from darec_dist.config import load_config
-from darec_dist.data.dataset import PreparedDataset
+from darec_dist.config import ConfigError, load_config
+from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.distributed.env import distributed
 from darec_dist.models.aligners.coupled_losses import soft_assignments
 from darec_dist.models.aligners.darec import DaRec
@@ -72,7 +72,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    parts, entropy = representations(args.run_dir, args.nodes, args.seed)
+    if args.nodes < 8:  # t-SNE's perplexity (30) needs more than 30 points; each node gives four (its parts)
+        parser.error(f"--nodes must be >= 8, got {args.nodes}")
+    try:
+        parts, entropy = representations(args.run_dir, args.nodes, args.seed)
+    except (ConfigError, DatasetError) as err:
+        raise SystemExit(f"error: {err}") from None
     from sklearn.manifold import TSNE
 
     names = list(parts)

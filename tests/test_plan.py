@@ -1,5 +1,7 @@
 """launch/plan.py: a plan and memory per device for a scale that fits, a clear error for one that does not."""
 
+import pytest
+
 from launch.plan import main
 
 
@@ -16,3 +18,14 @@ def test_scale_that_cannot_fit_says_by_how_much(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "short by 3,805.1 GiB" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "0"], "--nodes must be > 0, got 0"),
+    (["--users", "-5"], "--users must be > 0, got -5"),
+    (["--llm-dim", "-1"], "--llm-dim and --ddr-gb must be >= 0"),
+])
+def test_nonsense_sizes_are_refused(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        main(["--users", "1e6", "--items", "1e6", *flags])
+    assert message in capsys.readouterr().err
