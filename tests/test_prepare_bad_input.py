@@ -47,6 +47,7 @@ def csv_with_lines(tmp_path, body_lines, header="user,item,rating,timestamp", **
         ("101,501,four,881250949", "non-numeric rating 'four'"),
         ("101,501,4,yesterday", "non-numeric timestamp 'yesterday'"),
         ("", "empty line"),
+        ('"101,501,4,881250949', "unclosed double quote"),
     ],
 )
 def test_malformed_rows_fail_with_file_and_line(spark, tmp_path, bad_line, message):
@@ -64,6 +65,18 @@ def test_malformed_fraction_can_be_tolerated_and_is_reported(spark, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["malformed_rows"] == {str(path): {"rows": 162, "malformed": 2}}
     assert sum(manifest["splits"].values()) == 160
+
+
+def test_quoted_csv_fields_may_hold_the_delimiter(spark, tmp_path):
+    import json
+
+    import pandas as pd
+
+    quoted = [f'"Smith, John",{item},"4",881250949' for item in range(1, 6)]
+    source, path = csv_with_lines(tmp_path, quoted, item_text=False)
+    out = prepare(small_config(tmp_path / "out", source), spark=spark)
+    assert json.loads((out / "manifest.json").read_text())["malformed_rows"] == {str(path): {"rows": 165, "malformed": 0}}
+    assert "Smith, John" in set(pd.read_parquet(out / "ids" / "user.parquet")["raw"])
 
 
 def test_non_numeric_id_in_lightgcn_format(spark, tmp_path):

@@ -180,7 +180,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     if path.endswith(".parquet") or Path(path).is_dir():
         rows = _parquet_rows(spark, path, columns)
     else:
-        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=False)
+        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=False, quoted=True)
     interactions, report = drop_malformed(rows, cfg.malformed, path, log)
     files = [str(Path(path).resolve())]
     item_text = user_text = None

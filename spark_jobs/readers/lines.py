@@ -39,12 +39,33 @@ def numbered_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
     )
 
 
-def split_fields(lines: DataFrame, delimiter: str, regex: bool = False) -> DataFrame:
-    """Adds `fields`: the line split on the delimiter, each field trimmed and unquoted."""
+def split_fields(lines: DataFrame, delimiter: str, regex: bool = False, quoted: bool = False) -> DataFrame:
+    """Adds `fields`: the line split on the delimiter, each field trimmed and unquoted.
+
+    quoted: CSV quoting (RFC 4180, within one line): a delimiter inside double quotes is text and `""` inside
+    quotes is a quote. Formats that do not quote (RecBole's atomic files) keep a lone `"` as text.
+    """
     pattern = delimiter if regex else _escape(delimiter)
-    fields = F.split(F.trim(F.col("value")), pattern, -1)
-    cleaned = F.transform(fields, lambda f: F.regexp_replace(F.trim(f), r'^"(.*)"$', "$1"))
-    return lines.withColumn("fields", cleaned)
+    value = F.trim(F.col("value"))
+    fields = F.split(value, pattern, -1)
+    if quoted:
+        # A delimiter is outside quotes when an even number of quote characters follows it on the line.
+        outside = F.split(value, pattern + r'(?=(?:[^"]*"[^"]*")*[^"]*$)', -1)
+        fields = F.when(value.contains('"'), outside).otherwise(fields)
+
+    def unquote(field):
+        field = F.trim(field)
+        inner = F.regexp_extract(field, r'^"(.*)"$', 1)
+        if not quoted:
+            return F.when(field.rlike(r'^"(.*)"$'), inner).otherwise(field)
+        return F.when(field.rlike(r'^"(.*)"$'), F.regexp_replace(inner, '""', '"')).otherwise(field)
+
+    return lines.withColumn("fields", F.transform(fields, unquote))
+
+
+def unbalanced_quotes(column: F.Column) -> F.Column:
+    """True when a line holds an odd number of double quotes (an unclosed quoted field)."""
+    return (F.length(column) - F.length(F.regexp_replace(column, '"', ""))) % 2 == 1
 
 
 def _escape(delimiter: str) -> str:

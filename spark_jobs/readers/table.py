@@ -8,7 +8,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import first_problem, is_integer, is_number, numbered_lines, split_fields
+from spark_jobs.readers.lines import first_problem, is_integer, is_number, numbered_lines, split_fields, unbalanced_quotes
 
 
 @dataclass
@@ -38,7 +38,7 @@ def positions_from_header(
     return ColumnPositions(count=len(header), **index)
 
 
-def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool) -> DataFrame:
+def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool, quoted: bool = False) -> DataFrame:
     """Rows with `fields` -> file, line, value, problem, user, item, rating, timestamp (strings/doubles)."""
     fields = F.col("fields")
     n = F.size(fields)
@@ -48,6 +48,7 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool)
 
     checks = [
         (F.trim(F.col("value")) == "", "empty line"),
+        (F.lit(quoted) & unbalanced_quotes(F.col("value")), "unclosed double quote"),
         (n != pos.count, F.format_string(f"expected {pos.count} columns, got %d", n)),
         ((field(pos.user) == "") | (field(pos.item) == ""), "empty user or item id"),
     ]
@@ -87,9 +88,12 @@ def read_delimited_interactions(
     columns: dict[str, str | None],
     numeric_ids: bool,
     header_parser=None,
+    quoted: bool = False,
 ) -> DataFrame:
-    """Read one delimited file into validated interaction rows (problem column set, nothing dropped yet)."""
-    lines = split_fields(numbered_lines(spark, [path]), delimiter)
+    """Read one delimited file into validated interaction rows (problem column set, nothing dropped yet).
+
+    quoted: fields may be CSV-quoted (split_fields)."""
+    lines = split_fields(numbered_lines(spark, [path]), delimiter, quoted=quoted)
     if header:
         names = header_names(lines, path)
         if header_parser is not None:
@@ -99,4 +103,4 @@ def read_delimited_interactions(
     else:
         order = [k for k in ("user", "item", "rating", "timestamp") if columns.get(k)]
         pos = ColumnPositions(count=len(order), **{k: i for i, k in enumerate(order)})
-    return parse_interactions(lines, pos, numeric_ids)
+    return parse_interactions(lines, pos, numeric_ids, quoted)
