@@ -157,9 +157,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env)
         run_dir = Path(cfg.run_dir).expanduser()
+        identity = checkpoint.identity(cfg, dataset)
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
         if source is not None:
-            checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
+            checkpoint.check_identity(source, identity)
         elif resume is None:
             check_fresh(run_dir)
         if env.is_main:
@@ -167,10 +168,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             report.write_config(run_dir, cfg)
         trainer = Trainer(cfg, env, dataset)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state(env.world_size, checkpoint.identity(cfg, dataset))
+        state = fresh_state(env.world_size, identity)
         if source is not None:
             check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0)
-            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": state["identity"]}
+            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
         elif env.is_main:
