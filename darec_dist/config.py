@@ -73,7 +73,10 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
+    # A bad key may come from the file or from the command line: name both when there are overrides.
     source = str(path) if path is not None else "<overrides>"
+    if path is not None and overrides:
+        source += " with the command-line overrides"
     return from_dict(cls, tree, source=source)
 
 
