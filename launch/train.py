@@ -126,7 +126,7 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
 
 
 def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, state: dict) -> dict:
-    checkpoint.load(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+    checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)  # testing needs no optimizer state
     trainer.set_train(False)
     test = evaluate(trainer, "test", env.world_size, env.rank)
     results = {

@@ -33,14 +33,18 @@ def torchrun(dataset, run_dir, *extra):
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("backbone", ["lightgcn"])
-def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, backbone):
+@pytest.mark.parametrize("options", [
+    ["model.backbone=lightgcn"],
+    # A stateless fused optimizer on tables placed whole on either rank: checkpoints without table optimizer state.
+    ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=0.5", "sparse.sharding=table_wise"],
+], ids=["lightgcn-adam", "mf-sgd-table_wise"])
+def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, options):
     root, _ = small_dataset
     reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
-    finish(torchrun(root, reference_dir, f"model.backbone={backbone}"))
+    finish(torchrun(root, reference_dir, *options))
     _check_memory_record(root, reference_dir)
 
-    process = torchrun(root, crashed_dir, f"model.backbone={backbone}", "--resume", "auto")
+    process = torchrun(root, crashed_dir, *options, "--resume", "auto")
     deadline = time.time() + 300
     while checkpoint.latest(crashed_dir) is None:
         assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"

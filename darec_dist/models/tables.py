@@ -29,11 +29,12 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import column_wise, construct_module_sharding_plan, data_parallel, row_wise, table_wise
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from darec_dist.config import ConfigError
 from darec_dist.distributed.env import DistEnv
 
 Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
@@ -212,9 +213,12 @@ def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, 
     # Processes per node (torchrun sets it): the planner and TorchRec's placements tell intra- from inter-node links by it.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     if sharding == "auto":
+        # The dense kernel's torch optimizer keeps plain per-rank tensors, which a checkpoint cannot tell apart
+        # across the shards of a row- or column-wise table (below): let the planner place such tables whole.
+        types = [ShardingType.DATA_PARALLEL.value, ShardingType.TABLE_WISE.value] if kernel == EmbeddingComputeKernel.DENSE.value else None
         planner = EmbeddingShardingPlanner(
             topology=Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type),
-            constraints={t: ParameterConstraints(compute_kernels=[kernel]) for t in tables},
+            constraints={t: ParameterConstraints(compute_kernels=[kernel], sharding_types=types) for t in tables},
         )
         return planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     fixed = {
@@ -238,6 +242,14 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
     else:
         kernel = compute_kernel(cfg, sharding, env.device)
         fused = _fused_optimizer(cfg, env.device)
+        if kernel == EmbeddingComputeKernel.DENSE.value and sharding in ("row_wise", "column_wise"):
+            # torch.distributed.checkpoint would keep one rank's optimizer state for every shard (same key, plain
+            # tensors), so a resume would load it into the other ranks' rows or columns.
+            raise ConfigError(
+                f"sparse.sharding={sharding} with sparse.optimizer={cfg.optimizer} on {env.device.type}: this runs the dense "
+                "kernel, whose optimizer state cannot be checkpointed per shard; use sparse.sharding=auto, table_wise or "
+                "data_parallel, or a fused optimizer (rowwise_adagrad, adagrad, sgd)"
+            )
     sharder = module.sharder(fused_params=fused)
     plan = make_plan(module, sharding, kernel, sharder, env)
     dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=[sharder])

@@ -41,6 +41,20 @@ def _table_optimizer(trainer) -> CombinedOptimizer:
     return CombinedOptimizer(parts)
 
 
+def _table_state(trainer, optimizer: CombinedOptimizer) -> dict:
+    """The tables' part of a checkpoint: their rows and, where it holds any, their optimizer state.
+
+    A stateless optimizer (SGD) leaves an empty entry per table, which torch.distributed.checkpoint saves as
+    nothing and then fails to find on load; it is left out instead.
+    """
+    state = {"tables": trainer.tables.module.state_dict()}
+    optim = optimizer.state_dict()
+    optim["state"] = {key: value for key, value in optim["state"].items() if value}
+    if optim["state"]:
+        state["table_optim"] = optim
+    return state
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -65,7 +79,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    dcp.save({"tables": trainer.tables.module.state_dict(), "table_optim": _table_optimizer(trainer).state_dict()}, checkpoint_id=str(staging / "tables"))
+    dcp.save(_table_state(trainer, _table_optimizer(trainer)), checkpoint_id=str(staging / "tables"))
     if trainer.engine is not None:
         trainer.engine.save_checkpoint(str(staging / "dense"), tag="engine", save_latest=False)
     torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
@@ -176,10 +190,11 @@ def load(trainer, path: str | Path) -> dict:
     optimizer = _table_optimizer(trainer)
     # Lazily created optimizer state (torch Adam) must exist before it can be loaded into.
     optimizer.init_state()
-    state = {"tables": trainer.tables.module.state_dict(), "table_optim": optimizer.state_dict()}
+    state = _table_state(trainer, optimizer)
     dcp.load(state, checkpoint_id=str(path / "tables"))
     trainer.tables.module.load_state_dict(state["tables"])
-    optimizer.load_state_dict(state["table_optim"])
+    if "table_optim" in state:
+        optimizer.load_state_dict(state["table_optim"])
     if trainer.engine is not None:
         loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine")
         if loaded is None:
