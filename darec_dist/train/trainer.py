@@ -99,6 +99,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dense = DenseArch(self.aligner, cfg.model.reg).to(env.device)
         self.engine = deepspeed_engine(self.dense, cfg, env)
+        self._stepped = False  # see train_step
 
     def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         sizes = batch.group_sizes()
@@ -125,6 +126,14 @@ class Trainer:
         """One step: forward, one backward through dense and sparse parts, optimizer steps."""
         losses = self.losses(batch)
         if self.engine is not None:
+            if not self._stepped:
+                # An aligner may initialise parameters in place from its first batch (DaRec's k-means centres).
+                # ZeRO stages 1 and 2 step a separate fp32 master copy, which would overwrite that write unless it
+                # takes the module's values first (stage 0 has no such copy).
+                refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+                if refresh is not None:
+                    refresh()
+                self._stepped = True
             self.engine.backward(losses["total"])
             self.engine.step()
         else:
