@@ -95,6 +95,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def differences(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees, each as 'key: old -> new'."""
+    found = []
+    for key in sorted(before.keys() | after.keys()):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
 def _where(source: str, key: str) -> str:
     return f"{source}: key {key!r}" if key else source
 
@@ -191,6 +203,7 @@ def _convert_dataclass(cls: Any, value: Any, source: str, key: str) -> Any:
 
 __all__ = [
     "ConfigError",
+    "differences",
     "from_dict",
     "load_config",
     "parse_override",

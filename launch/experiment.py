@@ -24,8 +24,8 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from darec_dist.config import ConfigError, load_config
-from darec_dist.train.config import REPO_ROOT
+from darec_dist.config import ConfigError, differences, load_config, to_dict
+from darec_dist.train.config import REPO_ROOT, TrainConfig
 
 REPORTED = ["recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"]
 
@@ -73,13 +73,20 @@ class RunFailed(RuntimeError):
 def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
     """One torchrun job; returns its results.json (skips the job when that file already exists)."""
     results = run_dir / "results.json"
+    settings = [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
     if results.exists():
+        # A finished run counts only if it ran what is asked now (an edited experiment must not reuse it).
+        asked = to_dict(load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings))
+        ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
+        changed = differences(ran, asked)
+        if changed:
+            raise ConfigError(f"{run_dir}: finished with other settings (ran -> asked now): {'; '.join(changed[:6])}; "
+                              "delete that run or give the experiment another out_dir")
         return json.loads(results.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--max-restarts=1",
-        str(REPO_ROOT / "launch" / "train.py"), cfg.train_config, *cfg.overrides, *overrides,
-        f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false", "--resume", "auto",
+        str(REPO_ROOT / "launch" / "train.py"), cfg.train_config, *settings, "--resume", "auto",
     ]
     with open(run_dir / "log.txt", "a") as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -127,7 +134,7 @@ def markdown(cfg: ExperimentConfig, summary: dict) -> str:
                 lines.append(f"| {name} | " + " | ".join(f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" for m in REPORTED) + " |")
     model = next(iter(summary.values()))["embedding_model"]
     wall = sum(s["wall_seconds"] for s in summary.values())
-    lines += ["", f"LLM embeddings: {model}. Total wall time of the runs: {wall / 60:.1f} min."]
+    lines += ["", f"LLM embeddings: {model}. Total wall time of the runs (the trainers' own, without process start-up): {wall / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 

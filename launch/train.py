@@ -135,7 +135,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "test": test,
         "epochs_run": state["epoch"],
         "seconds_per_epoch": sum(state["epoch_seconds"]) / max(1, len(state["epoch_seconds"])),
-        "steps_per_epoch": steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, 0, env.world_size),
+        "steps_per_epoch": min(steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, 0, env.world_size), cfg.train.max_steps_per_epoch or math.inf),
         "world_size": env.world_size,
         "backbone": cfg.model.backbone,
         "align": cfg.align.method,

@@ -1,7 +1,11 @@
 """The experiment runner: variants x seeds under torchrun, a resumable grid, and the summary table."""
 
+import dataclasses
 import json
 
+import pytest
+
+from darec_dist.config import ConfigError
 from launch.experiment import ExperimentConfig, run_experiment
 
 
@@ -26,3 +30,7 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     stamp = (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime
     run_experiment(cfg)  # everything is done: nothing is trained again
     assert (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp
+    # An edited experiment does not pass off the old runs as its own.
+    edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
+    with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): train.epochs: 2 -> 3"):
+        run_experiment(edited)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.optim.keyed import CombinedOptimizer
 
-from darec_dist.config import ConfigError, to_dict
+from darec_dist.config import ConfigError, differences, to_dict
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -128,27 +128,15 @@ def identity(cfg, dataset) -> dict:
     }))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_identity(path: str | Path, current: dict) -> None:
     """Refuse a checkpoint written for another model config or dataset, naming the keys that differ."""
     saved = loop_state(path).get("identity")
     if saved is None:  # written before checkpoints recorded it
         return
-    before, now = _flatten(saved), _flatten(current)
-    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    differ = differences(saved, current)
     if differ:
-        shown = ", ".join(f"{k}: {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in differ[:6])
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
-        raise ConfigError(f"{path}: written for another model or dataset; {shown}{more}")
+        raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {'; '.join(differ[:6])}{more}")
 
 
 def _check_complete(path: Path) -> None:
