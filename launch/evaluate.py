@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError
-from darec_dist.distributed.env import distributed, seed_everything
+from darec_dist.distributed.env import distributed, exit_without_finalisation, seed_everything
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.evaluate import evaluate
@@ -94,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_finalisation(main())

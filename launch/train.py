@@ -27,7 +27,7 @@ from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, local_batch_size, steps_per_epoch
 from darec_dist.distributed.collectives import all_reduce_sum
-from darec_dist.distributed.env import DistEnv, distributed, seed_everything
+from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, gathered_blocks
@@ -250,4 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_finalisation(main())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from darec_dist.distributed.env import exit_without_finalisation
 
 
 def free_port() -> int:
@@ -25,12 +26,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
-    # fn has finished and written its results: leave without interpreter finalisation, which now and
-    # then aborted the process (SIGABRT, "terminate called without an active exception", about one
-    # run in twelve of test_lightgcn_reference) after run.pkl was complete, failing a passed test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # fn has finished and written its results (see exit_without_finalisation).
+    exit_without_finalisation(0)
 
 
 def run_distributed(fn, world_size: int, *args) -> None:
