@@ -74,9 +74,10 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     """One torchrun job; returns its results.json (skips the job when that file already exists)."""
     results = run_dir / "results.json"
     settings = [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
+    # Checked here, before torchrun: a bad key fails at once instead of in every restart of the job.
+    asked = to_dict(load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings))
     if results.exists():
         # A finished run counts only if it ran what is asked now (an edited experiment must not reuse it).
-        asked = to_dict(load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings))
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
         changed = differences(ran, asked)
         if changed:
