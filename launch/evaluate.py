@@ -41,8 +41,7 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
             raise ConfigError(f"{run_dir}: no complete step checkpoint under {checkpoint.CHECKPOINTS}/")
         return found
     path = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST if which == "best" else Path(which)
-    if not (path / checkpoint.COMPLETE).exists():
-        raise ConfigError(f"{path}: not a complete checkpoint (no {checkpoint.COMPLETE} marker)")
+    checkpoint.check_complete(path)
     return path
 
 

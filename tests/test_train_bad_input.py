@@ -147,3 +147,14 @@ def test_backbone_and_graph_rows_must_agree(small_dataset, exact_gccf_dataset):
         builder(small_dataset[0], "gccf")
     with pytest.raises(DatasetError, match="model.backbone=lightgcn sums the layers, but this dataset keeps them apart"):
         builder(exact_gccf_dataset, "lightgcn")
+
+
+def test_dense_kernel_refuses_tables_split_across_ranks(small_dataset, tmp_path):
+    # Adam on CPU runs the dense kernel, whose per-rank optimizer state a checkpoint cannot keep per shard.
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "launch/train.py", "configs/train/default.yaml",
+         f"data.path={small_dataset[0]}", "device=cpu", "sparse.optimizer=adam", "sparse.sharding=row_wise", f"run_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert done.returncode != 0
+    assert "sparse.sharding=row_wise with sparse.optimizer=adam on cpu: this runs the dense kernel" in done.stderr, done.stderr[-2000:]

@@ -139,7 +139,7 @@ def check_identity(path: str | Path, current: dict) -> None:
         raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {'; '.join(differ[:6])}{more}")
 
 
-def _check_complete(path: Path) -> None:
+def check_complete(path: Path) -> None:
     if not (path / COMPLETE).exists():
         raise ConfigError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
 
@@ -147,7 +147,7 @@ def _check_complete(path: Path) -> None:
 def loop_state(path: str | Path) -> dict:
     """The loop position saved with a complete checkpoint (epoch, step, best, world size, ...), read without loading it."""
     path = Path(path)
-    _check_complete(path)
+    check_complete(path)
     return json.loads((path / STATE).read_text())
 
 
@@ -158,7 +158,7 @@ def load_weights(trainer, path: str | Path) -> dict:
     DeepSpeed's ZeRO stages partition by world size, are not read. Returns the checkpoint's loop state.
     """
     path = Path(path)
-    _check_complete(path)
+    check_complete(path)
     state = {"tables": trainer.tables.module.state_dict()}
     dcp.load(state, checkpoint_id=str(path / "tables"))
     trainer.tables.module.load_state_dict(state["tables"])
@@ -174,7 +174,7 @@ def load_weights(trainer, path: str | Path) -> dict:
 def load(trainer, path: str | Path) -> dict:
     """Collective: restore tables, table optimizer, dense engine and this rank's RNG; returns the loop state."""
     path = Path(path)
-    _check_complete(path)
+    check_complete(path)
     optimizer = _table_optimizer(trainer)
     # Lazily created optimizer state (torch Adam) must exist before it can be loaded into.
     optimizer.init_state()

@@ -55,10 +55,8 @@ def split_fields(lines: DataFrame, delimiter: str, regex: bool = False, quoted: 
 
     def unquote(field):
         field = F.trim(field)
-        inner = F.regexp_extract(field, r'^"(.*)"$', 1)
-        if not quoted:
-            return F.when(field.rlike(r'^"(.*)"$'), inner).otherwise(field)
-        return F.when(field.rlike(r'^"(.*)"$'), F.regexp_replace(inner, '""', '"')).otherwise(field)
+        unquoted = F.regexp_replace(field, r'^"(.*)"$', "$1")
+        return F.when(field.rlike(r'^".*"$'), F.regexp_replace(unquoted, '""', '"')).otherwise(field) if quoted else unquoted
 
     return lines.withColumn("fields", F.transform(fields, unquote))
 

@@ -48,7 +48,7 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool,
 
     checks = [
         (F.trim(F.col("value")) == "", "empty line"),
-        (F.lit(quoted) & unbalanced_quotes(F.col("value")), "unclosed double quote"),
+        *([(unbalanced_quotes(F.col("value")), "unclosed double quote")] if quoted else []),
         (n != pos.count, F.format_string(f"expected {pos.count} columns, got %d", n)),
         ((field(pos.user) == "") | (field(pos.item) == ""), "empty user or item id"),
     ]
