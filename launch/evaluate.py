@@ -57,7 +57,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
-        dataset = open_dataset(cfg, env)
+        dataset = open_dataset(cfg, env.world_size)
         empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
         if empty:
             raise DatasetError(f"{dataset.root}: no {' or '.join(empty)} interactions to rank")

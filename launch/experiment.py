@@ -25,7 +25,9 @@ if __package__ in (None, ""):
 import numpy as np
 
 from darec_dist.config import ConfigError, differences, load_config, to_dict
+from darec_dist.data.dataset import DatasetError
 from darec_dist.train.config import REPO_ROOT, TrainConfig
+from launch.train import open_dataset
 
 REPORTED = ["recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"]
 
@@ -75,7 +77,8 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     results = run_dir / "results.json"
     settings = [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
     # Checked here, before torchrun: a bad key fails at once instead of in every restart of the job.
-    asked = to_dict(load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings))
+    asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
+    asked = to_dict(asked_cfg)
     if results.exists():
         # A finished run counts only if it ran what is asked now (an edited experiment must not reuse it).
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
@@ -84,6 +87,8 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
             raise ConfigError(f"{run_dir}: finished with other settings (ran -> asked now): {'; '.join(changed[:6])}; "
                               "delete that run or give the experiment another out_dir")
         return json.loads(results.read_text())
+    # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
+    open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--max-restarts=1",
@@ -108,7 +113,7 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, list[dict]]) -> dict:
             "test_std": dict(zip(REPORTED, test.std(0, ddof=1).tolist() if len(records) > 1 else [0.0] * len(REPORTED))),
             "val_mean": dict(zip(REPORTED, val.mean(0).tolist())),
             "best_epochs": [r["best_epoch"] for r in records],
-            "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in records])),
+            "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in records if r["seconds_per_epoch"] is not None] or [np.nan])),
             "wall_seconds": float(np.sum([r.get("wall_seconds", 0.0) for r in records])),
             "embedding_model": records[0].get("embedding_model"),
         }
@@ -190,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ExperimentConfig, argv[0], argv[1:])
         run_experiment(cfg)
-    except ConfigError as err:
+    except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C reaches torchrun too, so the run stopped as asked: not a failure, and nothing is lost.
+        print("interrupted: finished runs are kept, and the same command continues (the interrupted run resumes "
+              "from its last checkpoint)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -38,8 +38,18 @@ def fresh_state(world_size: int, identity: dict) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
-        "epoch_seconds": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
+        "epoch_seconds": [], "epoch_world_sizes": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
     }
+
+
+def seconds_per_epoch(state: dict, world_size: int) -> float | None:
+    """Mean time of the epochs run at this world size (a run resumed at another size ran some at that one);
+    None when there are none."""
+    seconds = state["epoch_seconds"]
+    sizes = state.get("epoch_world_sizes", [])
+    sizes = [world_size] * (len(seconds) - len(sizes)) + sizes  # checkpoints from before sizes were kept
+    timed = [s for s, size in zip(seconds, sizes) if size == world_size]
+    return sum(timed) / len(timed) if timed else None
 
 
 def check_fresh(run_dir: Path) -> None:
@@ -78,12 +88,13 @@ def check_resumable(source: Path, world_size: int, zero_stage: int) -> None:
         )
 
 
-def open_dataset(cfg: TrainConfig, env: DistEnv) -> PreparedDataset:
+def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = True) -> PreparedDataset:
+    """The dataset, checked against this run's settings (checksums too where both arguments ask for it)."""
     if not cfg.data.path:
         raise ConfigError("data.path: required (a directory made by spark_jobs.prepare)")
-    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=cfg.data.verify_checksums)
-    check_world_fits(dataset, env.world_size, cfg.loader.num_workers)
-    local_batch_size(cfg.loader, env.world_size)
+    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=verify_checksums and cfg.data.verify_checksums)
+    check_world_fits(dataset, world_size, cfg.loader.num_workers)
+    local_batch_size(cfg.loader, world_size)
     if cfg.eval.validate and dataset.manifest["splits"]["val"] == 0:
         raise DatasetError(
             f"{dataset.root}: no validation interactions; early stopping needs a validation split "
@@ -134,7 +145,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "val": state["best"]["metrics"],
         "test": test,
         "epochs_run": state["epoch"],
-        "seconds_per_epoch": sum(state["epoch_seconds"]) / max(1, len(state["epoch_seconds"])),
+        "seconds_per_epoch": seconds_per_epoch(state, env.world_size),
         "steps_per_epoch": min(steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, 0, env.world_size), cfg.train.max_steps_per_epoch or math.inf),
         "world_size": env.world_size,
         "backbone": cfg.model.backbone,
@@ -155,7 +166,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     run_started = time.perf_counter()
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
-        dataset = open_dataset(cfg, env)
+        dataset = open_dataset(cfg, env.world_size)
         run_dir = Path(cfg.run_dir).expanduser()
         identity = checkpoint.identity(cfg, dataset)
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
@@ -183,6 +194,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             started = time.perf_counter()
             losses = train_epoch(trainer, cfg, env, state, run_dir)
             state["epoch_seconds"].append(time.perf_counter() - started)
+            state.setdefault("epoch_world_sizes", []).append(env.world_size)
             epoch = state["epoch"]
             if "tables" not in memory_mib:  # fixed once the first step has created every optimizer's state
                 tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB

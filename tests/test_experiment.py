@@ -2,10 +2,17 @@
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from darec_dist.config import ConfigError
+from darec_dist.data.dataset import DatasetError
+from darec_dist.train.config import REPO_ROOT
 from launch.experiment import ExperimentConfig, run_experiment
 
 
@@ -34,3 +41,41 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
     with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): train.epochs: 2 -> 3"):
         run_experiment(edited)
+
+
+def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_dataset, tmp_path):
+    root, _ = small_dataset
+    experiment = tmp_path / "exp.yaml"
+    out = tmp_path / "exp"
+    experiment.write_text(
+        "train_config: configs/train/default.yaml\n"
+        f"overrides: [data.path={root}, device=cpu, model.dim=8, loader.batch_size=64, train.epochs=50, model.backbone=mf]\n"
+        "variants: {base: [align.method=none]}\nseeds: [1]\nnproc: 1\n"
+        f"out_dir: {out}\n"
+    )
+    # Its own session, so that the signal goes to the runner and its torchrun together, as Ctrl-C in a terminal does.
+    runner = subprocess.Popen([sys.executable, "launch/experiment.py", str(experiment)], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "base" / "seed-1" / "config.yaml").exists():  # the run has started
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+        time.sleep(0.2)
+    os.killpg(runner.pid, signal.SIGINT)
+    _, stderr = runner.communicate(timeout=120)
+    assert runner.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and "error:" not in stderr
+
+
+def test_a_bad_dataset_fails_before_torchrun_starts(small_dataset, tmp_path):
+    root, _ = small_dataset
+    cfg = ExperimentConfig(
+        overrides=[f"data.path={root}", "device=cpu", "model.backbone=mf"],
+        variants={"base": ["align.method=none"]}, seeds=[1], nproc=64, out_dir=str(tmp_path / "exp"),
+    )
+    with pytest.raises(DatasetError, match="cannot feed 64 ranks"):
+        run_experiment(cfg)
+    empty = tmp_path / "not-a-dataset"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="not a finished dataset"):
+        run_experiment(dataclasses.replace(cfg, nproc=1, overrides=[f"data.path={empty}", "device=cpu"]))
+    assert not (tmp_path / "exp" / "base" / "seed-1" / "log.txt").exists()  # no job was started

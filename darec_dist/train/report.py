@@ -49,7 +49,9 @@ def metrics_table(by_split: dict[str, dict], ks: list[int]) -> str:
 
 def markdown_table(results: dict, ks: list[int]) -> str:
     chosen = "best epoch" if results.get("val") else "final epoch (no validation)"
-    header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {results.get('seconds_per_epoch', 0):.2f} s/epoch\n\n"
+    timed = results.get("seconds_per_epoch")
+    pace = f"{timed:.2f} s/epoch" if timed is not None else "no epoch run at this world size"
+    header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {pace}\n\n"
     return header + metrics_table({split: results.get(split) for split in ("val", "test")}, ks)
 
 
