@@ -45,6 +45,12 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed * 1000 + rank)
     np.random.seed((seed * 1000 + rank) % 2**32)
     torch.manual_seed(seed * 1000 + rank)
+    # The same seed must give the same run also with several threads per process: otherwise a gather's
+    # backward (an index_put that accumulates, e.g. into the rows of a batch's distinct nodes) adds in
+    # whatever order the threads finish. On CPU this cost nothing measurable; kernels without a deterministic
+    # form warn instead of failing, and cuBLAS needs this workspace setting (read when CUDA first multiplies).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @contextmanager
