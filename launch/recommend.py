@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from darec_dist.config import ConfigError
+from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.train.config import resolve_path
 from darec_dist.train.evaluate import MAX_SCORES
@@ -71,7 +72,16 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
     seen = None
     if not keep_seen:
         path = data or yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"]
-        seen = PreparedDataset.open(resolve_path(path), verify_checksums=False).interactions("train")
+        dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
+        for kind, raw in (("user", user_raw), ("item", item_raw)):
+            # Another dataset's train items would be left out of the lists (or its ids would not fit them).
+            theirs = pd.read_parquet(dataset.root / layout.id_map(kind)).sort_values("id")["raw"].astype(str).reset_index(drop=True)
+            if not theirs.equals(raw):
+                raise DatasetError(
+                    f"{dataset.root}: its {kind} ids are not those of {run_dir}/export ({len(theirs)} {kind}s against "
+                    f"{len(raw)}); give --data the dataset the run trained on"
+                )
+        seen = dataset.interactions("train")
     items, scores = top_items(users, user_vectors, item_vectors, k, seen)
     # Fewer than k unseen items leave -inf scores at the end of a row: those are not recommendations.
     valid = np.isfinite(scores)
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory; give a file name such as {args.out / 'recs.parquet'}")
     try:
         table = recommend(args.run_dir, args.users, args.k, args.keep_seen, args.data)
     except (ConfigError, DatasetError) as err:
@@ -102,10 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         print(table.to_string(index=False))
     else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         staging = args.out.with_name(f".{args.out.name}.tmp")
-        table.to_parquet(staging, index=False)
-        os.replace(staging, args.out)
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            table.to_parquet(staging, index=False)
+            os.replace(staging, args.out)
+        except OSError as err:
+            staging.unlink(missing_ok=True)
+            print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
+            return 2
     return 0
 
 

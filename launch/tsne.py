@@ -26,7 +26,6 @@ from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.distributed.env import distributed
 from darec_dist.models.aligners.coupled_losses import soft_assignments
-from darec_dist.models.aligners.darec import DaRec
 from darec_dist.train import checkpoint
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.trainer import Trainer
@@ -34,12 +33,13 @@ from darec_dist.train.trainer import Trainer
 
 def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     cfg = load_config(TrainConfig, run_dir / "config.yaml", ["device=cpu"])
+    if cfg.align.method != "darec":
+        raise ConfigError(f"{run_dir}: align.method is {cfg.align.method}; only a darec run has shared and specific parts")
     with distributed("cpu") as env:
         dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
         trainer = Trainer(cfg, env, dataset)
-        if not isinstance(trainer.aligner, DaRec):
-            raise SystemExit(f"{run_dir}: align.method is {cfg.align.method}, not darec")
-        checkpoint.load(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+        # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
+        checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
         trainer.set_train(False)
         rng = np.random.default_rng(seed)
         users = np.sort(rng.choice(dataset.num_users, size=min(nodes // 2, dataset.num_users), replace=False))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from darec_dist.data.dataset import PreparedDataset
+from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.train.metrics import ranking_sums
 from launch.recommend import recommend
 from tests.conftest import REPO
@@ -30,7 +30,7 @@ def launch(nproc: int, *args: str) -> subprocess.Popen:
     return subprocess.Popen([*runner, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, tmp_path):
+def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_dataset, tmp_path):
     root, _ = small_dataset
     run_dir = tmp_path / "run"
     finish(launch(2, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={run_dir}", *TRAIN))
@@ -57,6 +57,17 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, tmp_pat
     sums = ranking_sums(top, np.arange(dataset.num_users), dataset.interactions("test"), [20])
     for metric in ("recall@20", "ndcg@20"):
         assert sums[metric] / sums["users"] == pytest.approx(trained["test"][metric], abs=1e-6), metric
+
+    # Recommendations filtered by another dataset's train items are refused, naming the mismatch.
+    with pytest.raises(DatasetError, match="user ids are not those of"):
+        recommend(run_dir, None, k=5, data=str(exact_dataset))
+    refused = subprocess.run([sys.executable, "launch/recommend.py", str(run_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "is a directory" in refused.stderr and "Traceback" not in refused.stderr
+
+    # The t-SNE picture reads the best weights of this 2-process ZeRO-1 run from one process.
+    picture = tmp_path / "tsne.png"
+    out = finish(launch(1, "launch/tsne.py", str(run_dir), "--nodes", "40", "--out", str(picture)))
+    assert picture.stat().st_size > 0 and "c_sh: mean pairwise cosine" in out, out[-2000:]
 
 
 def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
