@@ -12,6 +12,7 @@ A scale that cannot fit exits with an error saying by how much it is short.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,9 +28,10 @@ from torchrec.distributed.types import ShardingPlan
 from darec_dist.models.tables import RowModule, TableModule, llm_table_configs, trainable_table_configs
 
 GIB = 1024**3
-# Optimizer state per table element, as a multiple of the weights: row-wise Adagrad keeps one
-# float per row (negligible for wide rows), Adam two moments, frozen tables none.
-STATE_FACTOR = {"rowwise_adagrad": 0.0, "adagrad": 1.0, "adam": 2.0, "sgd": 0.0}
+# Optimizer state of a table: (a multiple of its weights, bytes per row). Adagrad keeps one value per
+# weight, Adam two moments, row-wise Adagrad one float per row; SGD and the frozen LLM tables keep none.
+OPTIMIZER_STATE = {"rowwise_adagrad": (0.0, 4), "adagrad": (1.0, 0), "adam": (2.0, 0), "sgd": (0.0, 0)}
+NO_STATE = (0.0, 0)
 
 
 class ClusterTables(nn.Module):
@@ -44,8 +46,9 @@ class ClusterTables(nn.Module):
             self.llm = RowModule(llm_table_configs({"user": (users, llm_dim), "item": (items, llm_dim)}, llm_features, llm_dtype))
 
 
-def table_bytes(rows: int, cols: int, bytes_per_value: int, state_factor: float) -> float:
-    return rows * cols * bytes_per_value * (1.0 + state_factor) + (rows * 4 if state_factor == 0.0 else 0)
+def table_bytes(rows: int, cols: int, bytes_per_value: int, state: tuple[float, int]) -> float:
+    per_weight, per_row = state
+    return rows * cols * bytes_per_value * (1.0 + per_weight) + rows * per_row
 
 
 def per_device_bytes(plan: ShardingPlan, widths: dict, optimizer: str, llm_bytes: int) -> dict[int, float]:
@@ -53,18 +56,18 @@ def per_device_bytes(plan: ShardingPlan, widths: dict, optimizer: str, llm_bytes
     totals: dict[int, float] = defaultdict(float)
     for name, sharding in table_plans(plan):
         frozen = name.endswith("_llm")
-        factor = 0.0 if frozen else STATE_FACTOR[optimizer]
+        state = NO_STATE if frozen else OPTIMIZER_STATE[optimizer]
         value_bytes = llm_bytes if frozen else 4
         spec = sharding.sharding_spec
         if spec is None:  # data parallel: every rank holds the whole table
             rows, cols = widths[name]
             for rank in sharding.ranks or []:
-                totals[rank] += table_bytes(rows, cols, value_bytes, factor)
+                totals[rank] += table_bytes(rows, cols, value_bytes, state)
             continue
         for shard in spec.shards:
             rank = shard.placement.rank()
             rows, cols = shard.shard_sizes
-            totals[rank] += table_bytes(rows, cols, value_bytes, factor)
+            totals[rank] += table_bytes(rows, cols, value_bytes, state)
     return totals
 
 
@@ -85,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--llm-dim", type=int, default=0, help="width of the frozen LLM tables (0: none)")
     parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default="fp16")
-    parser.add_argument("--optimizer", choices=sorted(STATE_FACTOR), default="rowwise_adagrad")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="rowwise_adagrad")
     parser.add_argument("--batch-size", type=int, default=4096, help="local batch per device")
     args = parser.parse_args(argv)
     positive = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node, "--hbm-gb": args.hbm_gb, "--users": args.users,
                 "--items": args.items, "--dim": args.dim, "--batch-size": args.batch_size}
     for flag, value in positive.items():
-        if not value > 0:
-            parser.error(f"{flag} must be > 0, got {value:g}")
-    if args.llm_dim < 0 or args.ddr_gb < 0:
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a finite number > 0, got {value:g}")
+    for flag, value in {"--users": args.users, "--items": args.items}.items():
+        if value < 1:
+            parser.error(f"{flag} counts rows: at least 1, got {value:g}")
+    if args.llm_dim < 0 or not (math.isfinite(args.ddr_gb) and args.ddr_gb >= 0):
         parser.error("--llm-dim and --ddr-gb must be >= 0")
 
     world = args.nodes * args.gpus_per_node
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     llm_bytes = 2 if args.llm_dtype == "fp16" else 4
     widths = {"user_id": (users, args.dim), "item_id": (items, args.dim), "user_llm": (users, args.llm_dim), "item_llm": (items, args.llm_dim)}
     needed = sum(
-        table_bytes(rows, cols, llm_bytes if name.endswith("_llm") else 4, 0.0 if name.endswith("_llm") else STATE_FACTOR[args.optimizer])
+        table_bytes(rows, cols, llm_bytes if name.endswith("_llm") else 4, NO_STATE if name.endswith("_llm") else OPTIMIZER_STATE[args.optimizer])
         for name, (rows, cols) in widths.items()
         if cols > 0
     )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from launch.plan import main
+from launch.plan import NO_STATE, OPTIMIZER_STATE, main, table_bytes
 
 
 def test_plan_for_a_cluster_that_fits(capsys):
@@ -17,15 +17,25 @@ def test_scale_that_cannot_fit_says_by_how_much(capsys):
     code = main(["--nodes", "8", "--gpus-per-node", "8", "--hbm-gb", "80", "--users", "1e9", "--items", "1e8", "--dim", "128", "--llm-dim", "4096"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "does not fit" in err and "short by 3,805.1 GiB" in err
+    assert "does not fit" in err and "short by 3,801.0 GiB" in err
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--nodes", "0"], "--nodes must be > 0, got 0"),
-    (["--users", "-5"], "--users must be > 0, got -5"),
+    (["--nodes", "0"], "--nodes must be a finite number > 0, got 0"),
+    (["--users", "-5"], "--users must be a finite number > 0, got -5"),
+    (["--users", "inf"], "--users must be a finite number > 0, got inf"),
+    (["--items", "0.5"], "--items counts rows: at least 1, got 0.5"),
     (["--llm-dim", "-1"], "--llm-dim and --ddr-gb must be >= 0"),
 ])
 def test_nonsense_sizes_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit):
         main(["--users", "1e6", "--items", "1e6", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_optimizer_state_is_counted_only_where_it_exists():
+    weights = 1000 * 64 * 4
+    assert table_bytes(1000, 64, 4, NO_STATE) == weights  # frozen LLM tables
+    assert table_bytes(1000, 64, 4, OPTIMIZER_STATE["sgd"]) == weights
+    assert table_bytes(1000, 64, 4, OPTIMIZER_STATE["rowwise_adagrad"]) == weights + 1000 * 4  # one float per row
+    assert table_bytes(1000, 64, 4, OPTIMIZER_STATE["adam"]) == 3 * weights  # two moments per weight
