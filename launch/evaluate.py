@@ -77,7 +77,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run directory written by launch/train.py")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. data.path=DIR")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the run's config, e.g. data.path=DIR")
     parser.add_argument("--checkpoint", default="best", help="'best' (default), 'latest' (newest step checkpoint) or a checkpoint directory")
     parser.add_argument("--split", default="test", help="splits to rank, comma-separated: test (default), val or val,test")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides may follow the options

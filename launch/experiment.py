@@ -55,6 +55,14 @@ class ExperimentConfig:
     # Gains are reported relative to these variants when present.
     baselines: list[str] = field(default_factory=lambda: ["base", "rlmrec-con"])
 
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1 (processes per run), got {self.nproc}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if self.sweep.key and not self.sweep.values:
+            raise ValueError(f"sweep.values: give at least one value of {self.sweep.key}")
+
 
 def variants_of(cfg: ExperimentConfig) -> dict[str, list[str]]:
     if cfg.sweep.key:
@@ -189,9 +197,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print("usage: python launch/experiment.py EXPERIMENT.yaml [key=value ...]\nerror: give an experiment file "
+              "(configs/experiments/*.yaml)", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv else 2
+        return 0
     try:
         cfg = load_config(ExperimentConfig, argv[0], argv[1:])
         run_experiment(cfg)

@@ -244,9 +244,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 def parse_args(argv: list[str]) -> tuple[str, list[str], str | None]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config, e.g. configs/train/default.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.path=data/ml-100k train.epochs=5")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. data.path=data/ml-100k train.epochs=5")
     parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint in run_dir) or a checkpoint directory")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     return args.config, args.overrides, args.resume
 
 

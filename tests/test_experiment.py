@@ -79,3 +79,16 @@ def test_a_bad_dataset_fails_before_torchrun_starts(small_dataset, tmp_path):
     with pytest.raises(DatasetError, match="not a finished dataset"):
         run_experiment(dataclasses.replace(cfg, nproc=1, overrides=[f"data.path={empty}", "device=cpu"]))
     assert not (tmp_path / "exp" / "base" / "seed-1" / "log.txt").exists()  # no job was started
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["nproc=0"], "nproc must be >= 1"),
+    (["seeds=[]"], "give at least one seed"),
+    (["sweep.key=align.darec.clusters", "sweep.values=[]"], "give at least one value of align.darec.clusters"),
+])
+def test_an_experiment_that_would_run_nothing_is_refused(capsys, overrides, message):
+    from launch.experiment import main
+
+    assert main(["configs/experiments/quickstart.yaml", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert main([]) == 2 and "error: give an experiment file" in capsys.readouterr().err

@@ -147,3 +147,8 @@ def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_pat
     (tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(42)).mkdir()
     with pytest.raises(ConfigError, match=f"{tmp_path}: holds checkpoints of an earlier run .*--resume auto"):
         check_fresh(tmp_path)
+
+
+def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
+    with pytest.raises(ConfigError, match="no such checkpoint directory"):
+        checkpoint.check_complete(tmp_path / "nope")

@@ -158,3 +158,10 @@ def test_dense_kernel_refuses_tables_split_across_ranks(small_dataset, tmp_path)
     )
     assert done.returncode != 0
     assert "sparse.sharding=row_wise with sparse.optimizer=adam on cpu: this runs the dense kernel" in done.stderr, done.stderr[-2000:]
+
+
+def test_overrides_may_follow_the_options():
+    from launch.train import parse_args
+
+    assert parse_args(["c.yaml", "seed=2", "--resume", "auto", "run_dir=r"]) == ("c.yaml", ["seed=2", "run_dir=r"], "auto")
+    assert parse_args(["c.yaml"]) == ("c.yaml", [], None)

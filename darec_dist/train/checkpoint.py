@@ -140,6 +140,8 @@ def check_identity(path: str | Path, current: dict) -> None:
 
 
 def check_complete(path: Path) -> None:
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such checkpoint directory")
     if not (path / COMPLETE).exists():
         raise ConfigError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
 
