@@ -57,10 +57,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--override", nargs="*", default=[])
     args = parser.parse_args()
+    from darec_dist.config import ConfigError
+    from darec_dist.data.dataset import DatasetError
+
     print(f"{'workers':>8} {'interactions/s (this rank)':>28} {'x world size':>14}")
-    for workers in args.workers:
-        rate = measure(args, workers)
-        print(f"{workers:>8} {rate:>28.0f} {rate * args.world_size:>14.0f}")
+    try:
+        for workers in args.workers:
+            rate = measure(args, workers)
+            print(f"{workers:>8} {rate:>28.0f} {rate * args.world_size:>14.0f}")
+    except (ConfigError, DatasetError) as err:
+        # A bad config or a dataset that does not fit it (e.g. too small for one batch): the message
+        # says what to change, a traceback would only hide it.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

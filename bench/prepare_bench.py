@@ -54,7 +54,8 @@ def bench(name: str, args: list[str], extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS), metavar="NAME",
+                        help=f"datasets to prepare, among {', '.join(DATASETS)} (default: all)")
     parser.add_argument("--override", nargs="*", default=[], help="key=value passed to every prepare run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

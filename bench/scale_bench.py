@@ -11,7 +11,9 @@ For each size (interactions drawn; users = items = size / 10, or --nodes) this
 4. trains one full epoch of LightGCN on 2 processes (loader included) and records the epoch time
    and the peak memory of each training process,
 5. times a plain full-graph LightGCN step for contrast (bench/full_graph_lightgcn.py),
-then writes everything to --out and plots cost against size (--plot).
+then writes everything to --out and plots cost against size (--plot, by default the figure
+docs/scaling.md shows) from --out and --plot-also (by default both committed results files).
+Sizes already in --out are reused, not measured again, unless --remeasure is given.
 Datasets are kept under --data-root (delete them afterwards; they are large).
 """
 
@@ -104,6 +106,13 @@ def full_graph(data: str) -> dict:
     return {"ms_per_step": float(ms), "epoch_seconds": float(epoch), "peak_rss_mib": float(peak)}
 
 
+def plot_points(results: list[dict], also: list[Path]) -> list[dict]:
+    """This run's results and those of the --plot-also files, one point per size (this run's wins)."""
+    points = {r["size"]: r for path in also if path.exists() for r in json.loads(path.read_text())}
+    points.update({r["size"]: r for r in results})
+    return [points[size] for size in sorted(points)]
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -131,15 +140,28 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000, 10_000_000])
     parser.add_argument("--data-root", type=Path, default=REPO / "data")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaling_results.json")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scaling.png")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "figures" / "scaling.png")
+    # The committed figure shows both results files (--nodes 1000000 went to a file of its own): drawn
+    # from --out alone, a run of one size would leave a plot of only that size.
+    parser.add_argument("--plot-also", type=Path, nargs="*", metavar="JSON",
+                        default=[REPO / "docs" / "scaling_results.json", REPO / "docs" / "scaling_results_1m_nodes.json"],
+                        help="other results files whose sizes are drawn in the same plot (default: the two committed ones; "
+                             "give none to plot --out alone)")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure sizes already in --out again and replace their entries (a dataset already prepared "
+                             "under --data-root is reused with its Spark figures; delete it to time Spark again)")
     parser.add_argument("--full-graph-max", type=int, default=5_000_000, help="largest size for the full-graph contrast")
     parser.add_argument("--nodes", type=int, help="users = items = this for every size (default: size / 10)")
     parser.add_argument("--steps-max", type=int, default=10_000_000, help="largest size for the per-step benchmarks (8 launches)")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {r["size"] for r in results}
+    measured = {r["size"] for r in results}
+    reused = [] if args.remeasure else [size for size in args.sizes if size in measured]
+    if reused:
+        # Say so: otherwise a run of sizes already measured ends at once with nothing printed.
+        print(f"[scale] {' '.join(map(str, reused))}: already in {args.out}, reused (--remeasure to measure again)", flush=True)
     for size in args.sizes:
-        if size in done:
+        if size in reused:
             continue
         print(f"[scale] {size} interactions: prepare", flush=True)
         entry = {"size": size, "prepare": prepare(size, args.data_root, args.nodes)}
@@ -151,11 +173,12 @@ def main() -> None:
         entry["epoch"] = full_epoch(data)
         if size <= args.full_graph_max:
             entry["full_graph"] = full_graph(data)
-        results.append(entry)
+        results = [r for r in results if r["size"] != size] + [entry]
         args.out.write_text(json.dumps(results, indent=2))
         print(json.dumps({k: v for k, v in entry.items() if k != "prepare"}, indent=1), flush=True)
     results.sort(key=lambda r: r["size"])
-    plot(results, args.plot)
+    plot(plot_points(results, args.plot_also), args.plot)
+    print(f"[scale] plot: {args.plot}", flush=True)
 
 
 if __name__ == "__main__":
