@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +18,11 @@ class ColumnsConfig:
     item: str = "item"
     rating: str | None = None
     timestamp: str | None = None
+
+    def __post_init__(self) -> None:
+        named = [c for c in (self.user, self.item, self.rating, self.timestamp) if c is not None]
+        if len(set(named)) < len(named) or "" in named:
+            raise ValueError(f"source.columns: user, item, rating and timestamp must name different, non-empty columns, got {named}")
 
 
 @dataclass
@@ -70,9 +77,15 @@ class SourceConfig:
     item_text: str | None = None
     user_text: str | None = None
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # Any string (ML-1M's "::" too); quote it, in YAML and in overrides: "\t" for a tab, "|" for a pipe.
     delimiter: str = ","
     header: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if not self.delimiter:
+            # An unquoted | is a YAML block marker and a bare tab is stripped: both arrive empty.
+            raise ValueError('source.delimiter is empty; quote it: source.delimiter="\\t" for a tab, source.delimiter="|" for a pipe')
 
 
 @dataclass
@@ -84,6 +97,8 @@ class MalformedConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_fraction < 1.0:
             raise ValueError(f"malformed.max_fraction must be in [0, 1), got {self.max_fraction}")
+        if self.examples < 0:
+            raise ValueError(f"malformed.examples must be >= 0, got {self.examples}")
 
 
 @dataclass
@@ -94,6 +109,10 @@ class CleanConfig:
     # Iterative k-core: users and items with fewer interactions are removed until stable; 0 = off.
     k_core: int = 0
     k_core_max_rounds: int = 50
+
+    def __post_init__(self) -> None:
+        if self.k_core < 0 or self.k_core_max_rounds < 1:
+            raise ValueError(f"clean.k_core must be >= 0 and clean.k_core_max_rounds >= 1, got {self.k_core} and {self.k_core_max_rounds}")
 
 
 @dataclass
@@ -106,7 +125,7 @@ class SplitConfig:
     val_from_train: float = 0.1
 
     def __post_init__(self) -> None:
-        if len(self.ratios) != 3 or any(r < 0 for r in self.ratios) or self.ratios[0] <= 0:
+        if len(self.ratios) != 3 or any(not 0 <= r < math.inf for r in self.ratios) or self.ratios[0] <= 0:
             raise ValueError(f"split.ratios must be three non-negative numbers with train > 0, got {self.ratios}")
         if not 0.0 <= self.val_from_train < 1.0:
             raise ValueError(f"split.val_from_train must be in [0, 1), got {self.val_from_train}")
@@ -137,6 +156,8 @@ class GraphConfig:
             raise ValueError(f"graph.layers must be >= 0, got {self.layers}")
         if self.layer_weights is not None and len(self.layer_weights) != self.layers + 1:
             raise ValueError(f"graph.layer_weights needs layers+1 = {self.layers + 1} values")
+        if self.layer_weights is not None and (min(self.layer_weights) < 0 or sum(self.layer_weights) <= 0):
+            raise ValueError(f"graph.layer_weights must be >= 0 with a positive sum, got {self.layer_weights}")
         if self.per_layer and self.layer_weights is not None:
             raise ValueError("graph.layer_weights: per-layer rows (graph.per_layer=true) are not weighted; leave it null")
         if self.top_k is not None and self.top_k < 1:
@@ -158,6 +179,10 @@ class ProfileConfig:
     max_user_items: int = 30
     max_chars: int = 2000
 
+    def __post_init__(self) -> None:
+        if self.max_user_items < 0 or self.max_chars < 1:
+            raise ValueError(f"profiles.max_user_items must be >= 0 and profiles.max_chars >= 1, got {self.max_user_items} and {self.max_chars}")
+
 
 @dataclass
 class EmbeddingConfig:
@@ -173,6 +198,13 @@ class EmbeddingConfig:
     # Only for id-hash (text encoders define their own dimension).
     dim: int = 384
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.max_length, self.dim) < 1:
+            raise ValueError(
+                f"embedding.batch_size, embedding.max_length and embedding.dim must be >= 1, got {self.batch_size}, "
+                f"{self.max_length} and {self.dim}"
+            )
 
 
 @dataclass
@@ -195,6 +227,12 @@ class SparkConfig:
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
     conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shuffle_partitions < 1:
+            raise ValueError(f"spark.shuffle_partitions must be >= 1, got {self.shuffle_partitions}")
+        if not re.fullmatch(r"[0-9]+[kmgtKMGT]?", self.driver_memory):
+            raise ValueError(f"spark.driver_memory must be a JVM size such as 4g or 512m, got {self.driver_memory!r}")
 
 
 @dataclass

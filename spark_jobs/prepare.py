@@ -101,7 +101,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         log.log(f"{num_users} users, {num_items} items")
 
     with log.stage("split"):
-        split = split_interactions(mapped, cfg.split, raw.has_split, cfg.seed).persist(StorageLevel.MEMORY_AND_DISK)
+        split = split_interactions(mapped, cfg.split, raw.has_split, cfg.seed, repeated_pairs=not cfg.clean.dedupe).persist(StorageLevel.MEMORY_AND_DISK)
         counts = {r["split"]: r["count"] for r in split.groupBy("split").count().collect()}
         splits = {name: int(counts.get(name, 0)) for name in layout.SPLITS}
         if splits["train"] == 0:

@@ -17,8 +17,24 @@ def _seeded_order(seed: int) -> F.Column:
     return F.xxhash64(F.lit(seed), F.col("user"), F.col("item"))
 
 
-def split_interactions(df: DataFrame, cfg: SplitConfig, has_source_split: bool, seed: int) -> DataFrame:
-    """Returns user, item, rating, timestamp, split with split in {train, val, test}."""
+def split_interactions(df: DataFrame, cfg: SplitConfig, has_source_split: bool, seed: int, repeated_pairs: bool = False) -> DataFrame:
+    """Returns user, item, rating, timestamp, split with split in {train, val, test}.
+
+    repeated_pairs: the rows may repeat a (user, item) pair (clean.dedupe=false); every copy then goes to the
+    split of its first copy (train before validation before test), so that no held-out item is a train item.
+    """
+    split = _split(df, cfg, has_source_split, seed)
+    return _one_split_per_pair(split) if repeated_pairs else split
+
+
+def _one_split_per_pair(df: DataFrame) -> DataFrame:
+    names = F.array(F.lit("train"), F.lit("val"), F.lit("test"))
+    rank = F.array_position(names, F.col("split"))  # 1-based
+    first = F.min(rank).over(Window.partitionBy("user", "item"))
+    return df.withColumn("split", F.element_at(names, first.cast("int")))
+
+
+def _split(df: DataFrame, cfg: SplitConfig, has_source_split: bool, seed: int) -> DataFrame:
     method = cfg.method
     if method == "auto":
         method = "source" if has_source_split else "ratio"

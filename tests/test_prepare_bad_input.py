@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -182,3 +183,47 @@ def test_unknown_format_and_keys_are_config_errors(tmp_path):
 def test_source_vectors_only_from_a_source_that_has_them(spark, tmp_path):
     source, _ = csv_with_lines(tmp_path, [], item_text=False)
     fails(spark, tmp_path, source, "embedding.encoder=source: source.format=csv brings no vectors", **{"embedding.encoder": "source"})
+
+
+def test_integer_ids_beyond_int64_stay_ids(spark, tmp_path):
+    import pandas as pd
+
+    from darec_dist.data import layout
+    from darec_dist.data.dataset import PreparedDataset
+
+    huge = 12345678901234567890  # above int64: a numeric cast would make it null and drop its rows
+    rows = interaction_rows(num_users=20) + [(huge, 500 + i, 4.0, 10**8 + i) for i in range(8)]
+    source = write_csv_source(tmp_path / "raw", rows, item_text=False)
+    dataset = PreparedDataset.open(prepare(small_config(tmp_path / "out", source), spark=spark))
+    users = pd.read_parquet(dataset.root / layout.id_map("user"))
+    assert str(huge) in set(users["raw"]) and users["raw"].notna().all() and dataset.num_users == 21
+    assert sum(dataset.manifest["splits"].values()) == len(rows)
+
+
+def test_repeated_pairs_kept_by_dedupe_false_stay_in_one_split(spark, tmp_path):
+    from darec_dist.data.dataset import PreparedDataset
+
+    rows = [(u, i, 4.0, 10**8 + c) for u in range(100, 112) for i in range(500, 510) for c in range(3)]
+    source = write_csv_source(tmp_path / "raw", rows, item_text=False)
+    dataset = PreparedDataset.open(prepare(small_config(tmp_path / "out", source, **{"clean.dedupe": "false"}), spark=spark))
+    splits = {name: dataset.interactions(name) for name in ("train", "val", "test")}
+    for user in range(dataset.num_users):
+        train, val, test = (set(splits[name].row(user).tolist()) for name in ("train", "val", "test"))
+        assert not (train & val) and not (train & test) and not (val & test), user
+    assert dataset.manifest["splits"]["val"] > 0 and dataset.manifest["splits"]["test"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("source.columns.user=item", "must name different, non-empty columns"),
+    ("source.delimiter=|", "source.delimiter is empty; quote it"),
+    ("embedding.dim=0", "embedding.dim must be >= 1"),
+    ("spark.shuffle_partitions=0", "spark.shuffle_partitions must be >= 1"),
+    ("spark.driver_memory=lots", "spark.driver_memory must be a JVM size"),
+    ("clean.k_core=-1", "clean.k_core must be >= 0"),
+    ("graph.layer_weights=[1,-1,0,0]", "graph.layer_weights must be >= 0"),
+    ("split.ratios=[.inf,1,1]", "split.ratios must be three non-negative numbers"),
+    ("profiles.max_chars=0", "profiles.max_chars >= 1"),
+])
+def test_nonsense_prepare_settings_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", [override])

@@ -134,7 +134,7 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
     if user_path.is_file():
         user_text = read_metadata_table(spark, str(user_path), "user_id", "user", cfg.malformed, log).drop("title")
         files.append(str(user_path))
-    numeric = _all_integer(interactions)
+    numeric = _all_integer(interactions, canonical=True)  # RecBole's ids are tokens: "007" is not "7"
     return RawSource(
         name=name,
         interactions=_standard(interactions, has_split=False),
@@ -148,10 +148,16 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
     )
 
 
-def _all_integer(interactions: DataFrame) -> bool:
-    pattern = r"^-?[0-9]+$"
-    non_numeric = interactions.where(~F.col("user").rlike(pattern) | ~F.col("item").rlike(pattern)).limit(1).count()
-    return non_numeric == 0
+def _all_integer(interactions: DataFrame, canonical: bool = False) -> bool:
+    """Whether every id is an integer that fits int64 (then ids are ordered as numbers); ids beyond it stay
+    strings rather than turning null. canonical: also written in one way only (no leading zeros), for sources
+    whose ids are tokens that are not canonicalised, where "007" and "7" would be two ids of the same number."""
+    pattern = r"^(0|-?[1-9][0-9]*)$" if canonical else r"^-?[0-9]+$"
+
+    def integer(column: str) -> F.Column:
+        return F.col(column).rlike(pattern) & F.col(column).try_cast("long").isNotNull()
+
+    return interactions.where(~(integer("user") & integer("item"))).limit(1).count() == 0
 
 
 def _standard(df: DataFrame, has_split: bool) -> DataFrame:
