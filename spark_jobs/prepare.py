@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -39,18 +40,26 @@ from spark_jobs.session import StageLog, start_session
 from spark_jobs.split import split_interactions
 from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
 
+# In a staging directory: "host pid" of the job writing it, so that a later job can tell a killed job's
+# leftovers from a running one's.
+OWNER = "OWNER"
+
 
 def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog | None = None) -> Path:
     """Run the whole job; returns the finished dataset directory."""
     log = log or StageLog()
     output = Path(cfg.output).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise PrepareError(f"output: {output} is a file; give a directory path for the dataset")
     if (output / layout.MANIFEST).exists() and not cfg.overwrite:
         raise PrepareError(f"output: {output} already holds a dataset; pass overwrite=true to replace it")
     if output.exists() and not (output / layout.MANIFEST).exists() and any(output.iterdir()):
         raise PrepareError(f"output: {output} exists and is not a dataset directory; choose another path")
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(output, log)
     staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    (staging / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
     own_session = spark is None
     started = time.perf_counter()
     try:
@@ -58,6 +67,7 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         manifest = _build(spark, cfg, staging, log)
         manifest["timings_s"] = dict(log.seconds, total=round(time.perf_counter() - started, 3))
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (staging / OWNER).unlink()
         _publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -67,6 +77,31 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
             spark.stop()
     _print_summary(manifest, output, log)
     return output
+
+
+def _remove_abandoned_staging(output: Path, log: StageLog) -> None:
+    """Delete the staging directories of earlier jobs for this output that were killed (no cleanup ran):
+    those whose owner process, on this host, is gone. A running job's directory, or one from another host
+    (a shared filesystem), is left alone."""
+    host = socket.gethostname()
+    for staging in output.parent.glob(f".{output.name}.tmp-*"):
+        try:
+            owner_host, pid = (staging / OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue  # not ours to judge
+        if owner_host == host and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            log.log(f"removed {staging.name}, left by a killed job")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _publish(staging: Path, output: Path) -> None:
@@ -106,6 +141,10 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         splits = {name: int(counts.get(name, 0)) for name in layout.SPLITS}
         if splits["train"] == 0:
             raise PrepareError("the split left no training interactions")
+        if splits["val"] == 0:
+            # The trainer stops early on validation; say so here rather than at its start.
+            log.log("warning: the split left no validation interactions (users with few interactions get none); "
+                    "train with eval.validate=false, or raise split.ratios' validation share or split.val_from_train")
         train = split.where(F.col("split") == "train")
         log.log(f"splits {splits}")
 

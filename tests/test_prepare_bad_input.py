@@ -227,3 +227,28 @@ def test_repeated_pairs_kept_by_dedupe_false_stay_in_one_split(spark, tmp_path):
 def test_nonsense_prepare_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", [override])
+
+
+def test_a_killed_jobs_staging_is_removed_and_a_running_ones_kept(spark, tmp_path):
+    import socket
+
+    from spark_jobs.prepare import OWNER
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # that process has exited
+    killed, running = tmp_path / ".out.tmp-killed00", tmp_path / ".out.tmp-running0"
+    for staging, pid in ((killed, dead_pid), (running, os.getpid())):
+        staging.mkdir()
+        (staging / OWNER).write_text(f"{socket.gethostname()} {pid}")
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), item_text=False)
+    output = prepare(small_config(tmp_path / "out", source), spark=spark)
+    assert not killed.exists() and running.exists()
+    assert not (output / OWNER).exists()  # the marker does not reach the dataset
+
+
+def test_an_output_path_that_is_a_file_is_refused(spark, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("not a dataset")
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), item_text=False)
+    with pytest.raises(PrepareError, match="is a file; give a directory path"):
+        prepare(small_config(target, source), spark=spark)
