@@ -170,6 +170,10 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
     with log.stage("embeddings"):
         item_text = item_profiles(raw.item_text, items, cfg.profiles)
         user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
+        if cfg.embedding.encoder not in ("source", "id-hash"):  # both kinds checked before the slow encoding starts
+            for kind, ids, profiles in (("user", users, user_text), ("item", items, item_text)):
+                if profiles is not None:
+                    fail_on_missing_text(profiles, ids, kind, getattr(cfg.source, f"{kind}_text") or f"{cfg.source.format} {kind} text")
         dims = {}
         for kind, ids, profiles, count in (("user", users, user_text, num_users), ("item", items, item_text, num_items)):
             vectors = _node_vectors(raw, cfg, kind, ids, profiles, root, scratch, parts)
@@ -238,7 +242,6 @@ def _node_vectors(raw, cfg: PrepareConfig, kind: str, ids, profiles, root: Path,
     if profiles is None:
         raise PrepareError(f"source.format={cfg.source.format}: no {kind} text to embed; give a {kind} text table or set embedding.encoder=id-hash")
     profiles = profiles.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK)
-    fail_on_missing_text(profiles, kind, f"{cfg.source.format} {kind} text")
     write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
     return embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
 

@@ -59,12 +59,13 @@ def user_profiles(
     return base.join(listed, "id", "left").select("id", F.substring(text, 1, cfg.max_chars).alias("text"))
 
 
-def fail_on_missing_text(profiles: DataFrame, kind: str, source: str) -> None:
-    missing = profiles.where(F.col("text").isNull() | (F.trim(F.col("text")) == ""))
+def fail_on_missing_text(profiles: DataFrame, ids: DataFrame, kind: str, source: str) -> None:
+    """Fails naming the nodes (by their ids in the source) that have no text; ids maps id -> raw."""
+    missing = profiles.where(F.col("text").isNull() | (F.trim(F.col("text")) == "")).join(ids, "id")
     count = missing.count()
     if count:
-        examples = [r["id"] for r in missing.orderBy("id").limit(5).collect()]
+        examples = [r["raw"] for r in missing.orderBy("id").limit(5).collect()]
         raise PrepareError(
-            f"{source}: {count} {kind}(s) have no text to embed (contiguous ids {examples} ...); "
-            f"every {kind} in the interactions needs a row in the {kind} text table"
+            f"{source}: {count} {kind}(s) have no text to embed (ids {examples}{' ...' if count > 5 else ''}); "
+            f"every {kind} in the interactions needs a row with non-empty text in the {kind} text table"
         )

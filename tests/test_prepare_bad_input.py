@@ -119,8 +119,12 @@ def test_text_row_with_the_wrong_number_of_fields(spark, tmp_path, bad_row):
 def test_missing_text_for_some_items(spark, tmp_path):
     source, _ = csv_with_lines(tmp_path, [], item_text=True)
     items = tmp_path / "raw" / "items.csv"
-    items.write_text("\n".join(items.read_text().splitlines()[:-3]) + "\n")
-    fails(spark, tmp_path, source, r"3 item\(s\) have no text to embed", **{"embedding.encoder": "sentence-transformers"})
+    lines = items.read_text().splitlines()
+    dropped = [line.split(",")[0] for line in lines[-3:]]
+    items.write_text("\n".join(lines[:-3]) + "\n")
+    # Named by the text file and the source's own ids (not the dataset's contiguous ones, which die with the job).
+    fails(spark, tmp_path, source, rf"{re.escape(str(items))}: 3 item\(s\) have no text to embed \(ids {re.escape(repr(dropped))}\)",
+          **{"embedding.encoder": "sentence-transformers"})
 
 
 def test_source_without_text_needs_id_hash(spark, tmp_path):
