@@ -47,6 +47,7 @@ def csv_with_lines(tmp_path, body_lines, header="user,item,rating,timestamp", **
         ("101,501,4", "expected 4 columns, got 3"),
         ("101,501,four,881250949", "non-numeric rating 'four'"),
         ("101,501,4,yesterday", "non-numeric timestamp 'yesterday'"),
+        ("101,501,4,1e30", "timestamp '1e30' beyond the 64-bit integer range"),
         ("", "empty line"),
         ('"101,501,4,881250949', "unclosed double quote"),
     ],

@@ -53,12 +53,16 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool,
         ((field(pos.user) == "") | (field(pos.item) == ""), "empty user or item id"),
     ]
     if numeric_ids:
-        checks.append((~is_integer(field(pos.user)), F.format_string("non-numeric user id '%s'", field(pos.user))))
-        checks.append((~is_integer(field(pos.item)), F.format_string("non-numeric item id '%s'", field(pos.item))))
+        for kind, i in (("user", pos.user), ("item", pos.item)):
+            checks.append((~is_integer(field(i)), F.format_string(f"non-numeric {kind} id '%s'", field(i))))
+            checks.append((field(i).try_cast("long").isNull(), F.format_string(f"{kind} id '%s' beyond the 64-bit integer range", field(i))))
     if pos.rating is not None:
         checks.append((~is_number(field(pos.rating)), F.format_string("non-numeric rating '%s'", field(pos.rating))))
     if pos.timestamp is not None:
         checks.append((~is_number(field(pos.timestamp)), F.format_string("non-numeric timestamp '%s'", field(pos.timestamp))))
+        # A number (1e30) that no 64-bit timestamp holds would otherwise become a missing timestamp.
+        checks.append((field(pos.timestamp).try_cast("double").try_cast("long").isNull(),
+                       F.format_string("timestamp '%s' beyond the 64-bit integer range", field(pos.timestamp))))
 
     def numeric(i):
         return field(i).try_cast("double") if i is not None else F.lit(None).cast("double")
