@@ -141,6 +141,12 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         splits = {name: int(counts.get(name, 0)) for name in layout.SPLITS}
         if splits["train"] == 0:
             raise PrepareError("the split left no training interactions")
+        untrained = (
+            split.groupBy("user").agg(F.max((F.col("split") == "train").cast("int")).alias("in_train")).where("in_train = 0").count()
+        )
+        if untrained:
+            log.log(f"warning: {untrained} user(s) have held-out interactions but none in train; they are evaluated "
+                    "with untrained vectors (a source split can do this; the ratio split keeps train first)")
         if splits["val"] == 0:
             # The trainer stops early on validation; say so here rather than at its start.
             log.log("warning: the split left no validation interactions (users with few interactions get none); "

@@ -257,3 +257,17 @@ def test_an_output_path_that_is_a_file_is_refused(spark, tmp_path):
     source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), item_text=False)
     with pytest.raises(PrepareError, match="is a file; give a directory path"):
         prepare(small_config(target, source), spark=spark)
+
+
+def test_a_split_without_validation_or_with_untrained_users_is_warned_about(spark, tmp_path, capsys):
+    source = tmp_path / "raw"
+    source.mkdir()
+    # LightGCN's format: "user item item ...". Too few train items per user for a 10% validation share, and
+    # user 7 only in test.
+    (source / "train.txt").write_text("".join(f"{u} 0 1 2 3 {u + 4}\n" for u in range(5)))
+    (source / "test.txt").write_text("0 5\n1 6\n7 1 2\n")
+    settings = {"source.format": "lightgcn", "source.path": str(source), "split.method": "source", "shards.factor": 1}
+    prepare(small_config(tmp_path / "out", {}, **settings), spark=spark)
+    out = capsys.readouterr().out
+    assert "warning: the split left no validation interactions" in out
+    assert "warning: 1 user(s) have held-out interactions but none in train" in out
