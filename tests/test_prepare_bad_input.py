@@ -271,3 +271,11 @@ def test_a_split_without_validation_or_with_untrained_users_is_warned_about(spar
     out = capsys.readouterr().out
     assert "warning: the split left no validation interactions" in out
     assert "warning: 1 user(s) have held-out interactions but none in train" in out
+
+
+def test_text_rows_of_ids_that_are_not_in_the_interactions_are_left_out(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=True)
+    items = tmp_path / "raw" / "items.csv"
+    items.write_text(items.read_text() + "abc,an item nobody rated\n99999,another one\n")
+    output = prepare(small_config(tmp_path / "out", source), spark=spark)
+    assert (output / "manifest.json").exists()

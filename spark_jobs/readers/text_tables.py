@@ -40,9 +40,9 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
             f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {bad}; quote text that holds commas"
         )
     if numeric_ids:
-        bad = table.where(~F.trim(F.col(id_col)).rlike(r"^-?[0-9]+$") | F.col(id_col).isNull()).limit(3).collect()
-        if bad:
-            raise PrepareError(f"{path}: non-numeric id(s) in column {id_col!r}: {[r[id_col] for r in bad]}")
+        # A row whose id is not an integer names no node of the interactions, like any extra row: it is left out
+        # (a node whose text row is mistyped is then reported as a node without text).
+        table = table.where(F.trim(F.col(id_col)).rlike(r"^-?[0-9]+$") & F.trim(F.col(id_col)).try_cast("long").isNotNull())
         ids = F.trim(F.col(id_col)).try_cast("long").cast("string")
     else:
         ids = F.trim(F.col(id_col))
