@@ -34,12 +34,18 @@ from darec_dist.train.evaluate import evaluate, gathered_blocks
 from darec_dist.train.trainer import Trainer
 
 
-def fresh_state(world_size: int, identity: dict) -> dict:
+def fresh_state(world_size: int, identity: dict, tables: dict) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
         "epoch_seconds": [], "epoch_world_sizes": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
+        "tables": tables,
     }
+
+
+def table_layout(cfg: TrainConfig, trainer: Trainer) -> dict:
+    """What the shape of the trainable tables' optimizer state depends on, beyond the world size."""
+    return {"optimizer": cfg.sparse.optimizer, "sharding": {table: plan[0] for table, plan in trainer.tables.plan.items()}}
 
 
 def seconds_per_epoch(state: dict, world_size: int) -> float | None:
@@ -64,15 +70,30 @@ def check_fresh(run_dir: Path) -> None:
         )
 
 
-def check_resumable(source: Path, world_size: int, zero_stage: int) -> None:
-    """A checkpoint resumes at another world size only at an epoch's end and without ZeRO partitions.
+def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict) -> None:
+    """A checkpoint resumes with the same table optimizer, and at another world size only at an epoch's end and
+    without state partitioned by world size.
 
     Inside an epoch its step count is a position in each rank's stream of shards, which another world size
     splits differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
-    partition the optimizer state by world size and cannot load it at another.
+    partition the optimizer state by world size and cannot load it at another, and so does row-wise Adagrad
+    on column-wise tables (each column shard keeps its own per-row state).
     """
     saved = checkpoint.loop_state(source)
     written_by = saved.get("world_size", world_size)  # checkpoints from before this key: assume the same
+    saved_tables = saved.get("tables", tables)  # likewise
+    if saved_tables["optimizer"] != tables["optimizer"]:
+        raise ConfigError(
+            f"{source}: its tables' optimizer state is {saved_tables['optimizer']}'s, not {tables['optimizer']}'s; resume "
+            f"with sparse.optimizer={saved_tables['optimizer']} (launch/evaluate.py reads the weights with any)"
+        )
+    per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind)
+    if tables["optimizer"] == "rowwise_adagrad" and per_column_shard and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
+        raise ConfigError(
+            f"{source}: its column-wise tables ({', '.join(per_column_shard)}) keep row-wise Adagrad state per column "
+            f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
+            "resume with those"
+        )
     if written_by == world_size:
         return
     if saved["step_in_epoch"]:
@@ -152,7 +173,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "align": cfg.align.method,
         "dataset": str(trainer.dataset.root),
         "embedding_model": trainer.dataset.manifest["embedding"]["model"],
-        "sharding_plan": {t: list(p[:2]) for t, p in trainer.tables.plan.items()},
+        "sharding_plan": {t: list(p[:2]) for tables in (trainer.tables, trainer.llm) if tables is not None for t, p in tables.plan.items()},
     }
     if cfg.output.export_embeddings:
         counts = {"user": trainer.dataset.num_users, "item": trainer.dataset.num_items}
@@ -174,15 +195,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             checkpoint.check_identity(source, identity)
         elif resume is None:
             check_fresh(run_dir)
-        if env.is_main:
+        trainer = Trainer(cfg, env, dataset)
+        if env.is_main:  # after the model is built: a config it refuses leaves no run_dir behind
             run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(run_dir, cfg)
-        trainer = Trainer(cfg, env, dataset)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state(env.world_size, identity)
+        tables_layout = table_layout(cfg, trainer)
+        state = fresh_state(env.world_size, identity, tables_layout)
         if source is not None:
-            check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0)
-            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity}
+            check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0, tables_layout)
+            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
         elif env.is_main:

@@ -35,6 +35,7 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_d
     run_dir = tmp_path / "run"
     finish(launch(2, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={run_dir}", *TRAIN))
     trained = json.loads((run_dir / "results.json").read_text())
+    assert {"user_id", "item_id", "user_llm", "item_llm"} <= set(trained["sharding_plan"])  # the LLM tables' plan too
 
     for nproc in (1, 2):
         out = finish(launch(nproc, "launch/evaluate.py", str(run_dir), "--split", "val,test"))

@@ -102,13 +102,31 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
         (5, 1, 0, f"{path}: written by 2 processes inside epoch 3"),
         (0, 1, 1, f"{path}: written by 2 processes with ZeRO stage 1"),
     ]
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     for step_in_epoch, world_size, zero_stage, refusal in cases:
-        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2}))
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam}))
         if refusal:
             with pytest.raises(ConfigError, match=refusal):
-                check_resumable(path, world_size, zero_stage)
+                check_resumable(path, world_size, zero_stage, adam)
         else:
-            check_resumable(path, world_size, zero_stage)
+            check_resumable(path, world_size, zero_stage, adam)
+
+
+def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
+    from launch.train import check_resumable
+
+    path = tmp_path / checkpoint.step_name(7)
+    path.mkdir()
+    (path / checkpoint.COMPLETE).write_text("")
+    column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
+    check_resumable(path, 2, 0, column_wise)
+    with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
+        check_resumable(path, 2, 0, {**column_wise, "optimizer": "adagrad"})
+    with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
+        check_resumable(path, 1, 0, column_wise)  # another world size: another number of column shards
+    with pytest.raises(ConfigError, match="per column shard"):
+        check_resumable(path, 2, 0, {**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}})
 
 
 def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(tmp_path):

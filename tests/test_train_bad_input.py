@@ -165,3 +165,23 @@ def test_overrides_may_follow_the_options():
 
     assert parse_args(["c.yaml", "seed=2", "--resume", "auto", "run_dir=r"]) == ("c.yaml", ["seed=2", "run_dir=r"], "auto")
     assert parse_args(["c.yaml"]) == ("c.yaml", [], None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3; use 0, 1 or 2"),
+    ({"fp16": {"enabled": True}}, "enables fp16"),
+    ({"bf16": {"enabled": True}}, "enables bf16"),
+    ({"optimizer": None}, "has no optimizer section"),
+    ({"gradient_accumulation_steps": 4}, "sets gradient_accumulation_steps"),
+])
+def test_deepspeed_settings_the_trainer_cannot_honour_are_refused(tmp_path, change, message):
+    from darec_dist.train.trainer import deepspeed_settings
+
+    settings = json.loads((REPO / "configs" / "deepspeed" / "zero0.json").read_text())
+    settings.update(change)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(settings))
+    cfg = load_config(TrainConfig, None, [f"dense.deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_settings(cfg, 2)

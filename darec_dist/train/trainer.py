@@ -68,6 +68,7 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
         settings = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"dense.deepspeed_config: {path} is not valid JSON ({err})") from None
+    check_deepspeed_settings(settings, path)
     settings.update(
         train_batch_size=cfg.loader.batch_size,
         train_micro_batch_size_per_gpu=cfg.loader.batch_size // world_size,
@@ -78,6 +79,28 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
             raise ConfigError(f"dense.lr is set but {path} has no optimizer.params to set it in")
         settings["optimizer"]["params"]["lr"] = cfg.dense.lr
     return settings
+
+
+def check_deepspeed_settings(settings: dict, path) -> None:
+    """Refuse before training what this trainer does not do with the dense part (each crashed mid-run)."""
+    stage = settings.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(
+            f"dense.deepspeed_config: {path} asks for ZeRO stage {stage}; use 0, 1 or 2 (stage 3 partitions the dense "
+            "parameters themselves, which the aligners' in-place initialisation and the checkpoints here do not handle)"
+        )
+    for precision in ("fp16", "bf16"):
+        if settings.get(precision, {}).get("enabled"):
+            raise ConfigError(
+                f"dense.deepspeed_config: {path} enables {precision}; the dense part trains in fp32 here (its inputs are "
+                "the tables' fp32 rows), so leave it out"
+            )
+    if "optimizer" not in settings:
+        raise ConfigError(f"dense.deepspeed_config: {path} has no optimizer section; DeepSpeed owns the dense optimizer "
+                          "(see configs/deepspeed/zero0.json)")
+    if settings.get("gradient_accumulation_steps", 1) != 1:
+        raise ConfigError(f"dense.deepspeed_config: {path} sets gradient_accumulation_steps; the trainer steps once per "
+                          "batch (loader.batch_size is the global batch): leave it out")
 
 
 class Trainer:
