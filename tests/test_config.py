@@ -79,7 +79,7 @@ def test_dense_lr_replaces_the_deepspeed_json_lr(tmp_path):
     with pytest.raises(ConfigError, match="dense.lr must be > 0"):
         load_config(TrainConfig, None, ["data.path=x", "dense.lr=0"])
     no_optimizer = tmp_path / "ds.json"
-    no_optimizer.write_text('{"zero_optimization": {"stage": 0}}')
+    no_optimizer.write_text('{"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW"}}')  # no params to set lr in
     cfg = load_config(TrainConfig, None, ["data.path=x", "dense.lr=1e-4", f"dense.deepspeed_config={no_optimizer}"])
     with pytest.raises(ConfigError, match="no optimizer.params"):
         deepspeed_settings(cfg, world_size=1)
