@@ -36,8 +36,12 @@ def load_export(run_dir: Path, kind: str) -> tuple[np.ndarray, pd.Series]:
     vectors, ids = run_dir / "export" / f"{kind}_vectors.npy", run_dir / "export" / f"{kind}_ids.parquet"
     if not vectors.exists() or not ids.exists():
         raise ConfigError(f"{run_dir}: no export/{kind}_vectors.npy and {kind}_ids.parquet (runs export them unless output.export_embeddings=false)")
-    raw = pd.read_parquet(ids).sort_values("id")["raw"].astype(str).reset_index(drop=True)
-    return np.load(vectors, mmap_mode="r"), raw
+    return np.load(vectors, mmap_mode="r"), raw_ids(ids)
+
+
+def raw_ids(id_map: Path) -> pd.Series:
+    """The original ids of an id map (Parquet of raw, id), in contiguous-id order."""
+    return pd.read_parquet(id_map).sort_values("id")["raw"].astype(str).reset_index(drop=True)
 
 
 def top_items(users: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray, k: int, seen=None) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +79,7 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
         dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
         for kind, raw in (("user", user_raw), ("item", item_raw)):
             # Another dataset's train items would be left out of the lists (or its ids would not fit them).
-            theirs = pd.read_parquet(dataset.root / layout.id_map(kind)).sort_values("id")["raw"].astype(str).reset_index(drop=True)
+            theirs = raw_ids(dataset.root / layout.id_map(kind))
             if not theirs.equals(raw):
                 raise DatasetError(
                     f"{dataset.root}: its {kind} ids are not those of {run_dir}/export ({len(theirs)} {kind}s against "

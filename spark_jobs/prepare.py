@@ -141,12 +141,6 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         splits = {name: int(counts.get(name, 0)) for name in layout.SPLITS}
         if splits["train"] == 0:
             raise PrepareError("the split left no training interactions")
-        untrained = (
-            split.groupBy("user").agg(F.max((F.col("split") == "train").cast("int")).alias("in_train")).where("in_train = 0").count()
-        )
-        if untrained:
-            log.log(f"warning: {untrained} user(s) have held-out interactions but none in train; they are evaluated "
-                    "with untrained vectors (a source split can do this; the ratio split keeps train first)")
         if splits["val"] == 0:
             # The trainer stops early on validation; say so here rather than at its start.
             log.log("warning: the split left no validation interactions (users with few interactions get none); "
@@ -155,12 +149,16 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         log.log(f"splits {splits}")
 
     with log.stage("interactions"):
-        evaluated_users = {}
+        per_user = {}
         for name in layout.SPLITS:
             part = split.where(F.col("split") == name).select("user", "item")
             write_csr(part, "user", "item", None, num_users, root, layout.split_indptr(name), layout.split_items(name), None, scratch, parts)
-            indptr = np.load(root / layout.split_indptr(name), mmap_mode="r")
-            evaluated_users[name] = int(np.count_nonzero(np.diff(indptr)))
+            per_user[name] = np.diff(np.load(root / layout.split_indptr(name), mmap_mode="r"))
+        evaluated_users = {name: int(np.count_nonzero(counts)) for name, counts in per_user.items()}
+        untrained = int(np.count_nonzero((per_user["train"] == 0) & (per_user["val"] + per_user["test"] > 0)))
+        if untrained:
+            log.log(f"warning: {untrained} user(s) have held-out interactions but none in train; they are evaluated "
+                    "with untrained vectors (a source split can do this; the ratio split keeps train first)")
 
     with log.stage("graph"):
         num_nodes = num_users + num_items
@@ -176,7 +174,9 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
     with log.stage("embeddings"):
         item_text = item_profiles(raw.item_text, items, cfg.profiles)
         user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
-        if cfg.embedding.encoder not in ("source", "id-hash"):  # both kinds checked before the slow encoding starts
+        if cfg.embedding.encoder not in ("source", "id-hash"):
+            # Persisted once: both kinds are checked for missing text before the slow encoding starts, then encoded.
+            item_text, user_text = (None if p is None else p.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK) for p in (item_text, user_text))
             for kind, ids, profiles in (("user", users, user_text), ("item", items, item_text)):
                 if profiles is not None:
                     fail_on_missing_text(profiles, ids, kind, getattr(cfg.source, f"{kind}_text") or f"{cfg.source.format} {kind} text")
@@ -247,7 +247,6 @@ def _node_vectors(raw, cfg: PrepareConfig, kind: str, ids, profiles, root: Path,
         return embed_profiles(ids.select("id"), cfg.embedding, kind, cfg.seed)
     if profiles is None:
         raise PrepareError(f"source.format={cfg.source.format}: no {kind} text to embed; give a {kind} text table or set embedding.encoder=id-hash")
-    profiles = profiles.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK)
     write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
     return embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
 

@@ -8,7 +8,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 
 from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import drop_malformed, first_problem, numbered_lines, split_fields
+from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, numbered_lines, split_fields
 from spark_jobs.session import StageLog
 
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
@@ -42,7 +42,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     if numeric_ids:
         # A row whose id is not an integer names no node of the interactions, like any extra row: it is left out
         # (a node whose text row is mistyped is then reported as a node without text).
-        table = table.where(F.trim(F.col(id_col)).rlike(r"^-?[0-9]+$") & F.trim(F.col(id_col)).try_cast("long").isNotNull())
+        table = table.where(is_integer(F.trim(F.col(id_col))) & F.trim(F.col(id_col)).try_cast("long").isNotNull())
         ids = F.trim(F.col(id_col)).try_cast("long").cast("string")
     else:
         ids = F.trim(F.col(id_col))
