@@ -21,8 +21,11 @@ from spark_jobs.config import GraphConfig
 
 
 def node_degrees(train: DataFrame, num_users: int, num_nodes: int, spark: SparkSession, self_loops: bool = False) -> DataFrame:
-    """node, degree for every node (0 for nodes without train edges; one more each with self loops)."""
-    edges = train.select(F.col("user").alias("node")).unionAll(train.select((F.col("item") + num_users).alias("node")))
+    """node, degree for every node (0 for nodes without train edges; one more each with self loops).
+
+    A pair that `train` repeats (clean.dedupe=false) is one edge, as in the adjacency."""
+    pairs = train.select("user", "item").distinct()
+    edges = pairs.select(F.col("user").alias("node")).unionAll(pairs.select((F.col("item") + num_users).alias("node")))
     counted = edges.groupBy("node").agg(F.count(F.lit(1)).alias("degree"))
     nodes = spark.range(num_nodes).withColumnRenamed("id", "node")
     loops = 1 if self_loops else 0

@@ -152,6 +152,8 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         per_user = {}
         for name in layout.SPLITS:
             part = split.where(F.col("split") == name).select("user", "item")
+            if not cfg.clean.dedupe:  # a held-out item counts once in Recall's denominator, a train item masks once
+                part = part.distinct()
             write_csr(part, "user", "item", None, num_users, root, layout.split_indptr(name), layout.split_items(name), None, scratch, parts)
             per_user[name] = np.diff(np.load(root / layout.split_indptr(name), mmap_mode="r"))
         evaluated_users = {name: int(np.count_nonzero(counts)) for name, counts in per_user.items()}

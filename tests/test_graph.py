@@ -49,6 +49,14 @@ def spark_rows(spark, edges, cfg):
     return dense, len(rows)
 
 
+def test_repeated_train_pairs_are_one_edge(spark, edges):
+    """clean.dedupe=false keeps repeated interactions in train: the graph still has each pair once."""
+    cfg = GraphConfig(layers=2, top_k=None, layer_weights=[0.4, 0.3, 0.3])
+    once, _ = spark_rows(spark, edges, cfg)
+    twice, _ = spark_rows(spark, edges + edges[::3], cfg)
+    np.testing.assert_allclose(twice, once, rtol=1e-12, atol=1e-14)
+
+
 def test_exact_rows_equal_dense_powers(spark, edges):
     cfg = GraphConfig(layers=3, top_k=None, layer_weights=[0.4, 0.3, 0.2, 0.1])
     got, _ = spark_rows(spark, edges, cfg)

@@ -96,3 +96,24 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
     assert reseeded["config"]["seed"] == 7
     assert [s["sha256"] for s in reseeded["shards"]] != [s["sha256"] for s in shards[0]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_rlmrec_source_without_user_profiles_builds_them_from_train_history(spark, tmp_path):
+    import pickle
+
+    import scipy.sparse as sp
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    dense = {name: (rng.random((12, 9)) < 0.3).astype(np.float32) for name in ("trn", "val", "tst")}
+    dense["val"][dense["trn"] > 0] = dense["tst"][dense["trn"] > 0] = 0
+    dense["tst"][dense["val"] > 0] = 0
+    dense["trn"][:, 0] = dense["trn"][0] = 1  # every user and item in train
+    for name, matrix in dense.items():
+        (raw / f"{name}_mat.pkl").write_bytes(pickle.dumps(sp.coo_matrix(matrix)))
+    (raw / "itm_prf.csv").write_text("item_id_int,profile_text\n" + "".join(f'{i},"Book {i}"\n' for i in range(9)))
+    source = {"source.format": "rlmrec", "source.path": str(raw)}
+    root = prepare(small_config(tmp_path / "out", source, **{"embedding.encoder": "sentence-transformers"}), spark=spark)
+    profiles = pd.read_parquet(root / layout.profile_file("user")).set_index("id")["text"]
+    assert len(profiles) == 12 and profiles.str.startswith("Interacted with: Book").all()

@@ -213,7 +213,10 @@ def test_repeated_pairs_kept_by_dedupe_false_stay_in_one_split(spark, tmp_path):
     dataset = PreparedDataset.open(prepare(small_config(tmp_path / "out", source, **{"clean.dedupe": "false"}), spark=spark))
     splits = {name: dataset.interactions(name) for name in ("train", "val", "test")}
     for user in range(dataset.num_users):
-        train, val, test = (set(splits[name].row(user).tolist()) for name in ("train", "val", "test"))
+        rows = {name: splits[name].row(user).tolist() for name in ("train", "val", "test")}
+        # Each item once per split: a repeated held-out pair would count twice in Recall's denominator.
+        assert all(len(set(items)) == len(items) for items in rows.values()), user
+        train, val, test = (set(rows[name]) for name in ("train", "val", "test"))
         assert not (train & val) and not (train & test) and not (val & test), user
     assert dataset.manifest["splits"]["val"] > 0 and dataset.manifest["splits"]["test"] > 0
 

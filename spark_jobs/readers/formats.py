@@ -273,7 +273,7 @@ def read_rlmrec(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
         files=files,
         item_text=item_text,
         user_text=user_text,
-        user_text_is_profile=True,
+        user_text_is_profile=user_text is not None,
     )
 
 
