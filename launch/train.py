@@ -132,7 +132,9 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
     steps = steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, epoch, env.world_size)
     if cfg.train.max_steps_per_epoch is not None:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in state["epoch_loss_sums"].items()}
+    # A checkpoint holds the sums over all ranks of the epoch's earlier steps: rank 0 carries them on.
+    carried = state["epoch_loss_sums"] if env.is_main else {}
+    sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in carried.items()}
     trainer.set_train(True)
     batches = epoch_batches(trainer.dataset, cfg.loader, trainer.features, cfg.seed, epoch, env.world_size, skip=state["step_in_epoch"])
     bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch}", disable=not (env.is_main and cfg.train.progress_bar), leave=False)
@@ -149,12 +151,17 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
         bar.update(1)
         every = cfg.checkpoint.every_steps
         if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps:
-            state["epoch_loss_sums"] = {k: v.item() for k, v in sums.items()}
+            state["epoch_loss_sums"] = summed_over_ranks(sums, env)
             checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
     bar.close()
+    return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
+
+
+def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, float]:
+    """Each loss's sum over every rank's steps (a collective: every rank calls it)."""
     names = sorted(sums)
     totals = all_reduce_sum(torch.stack([sums[n] for n in names]).to(env.device)).cpu() if names else torch.zeros(0)
-    return {name: totals[i].item() / (steps * env.world_size) for i, name in enumerate(names)}
+    return {name: totals[i].item() for i, name in enumerate(names)}
 
 
 def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, state: dict) -> dict:
@@ -196,14 +203,15 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         elif resume is None:
             check_fresh(run_dir)
         trainer = Trainer(cfg, env, dataset)
-        if env.is_main:  # after the model is built: a config it refuses leaves no run_dir behind
+        tables_layout = table_layout(cfg, trainer)
+        if source is not None:
+            check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0, tables_layout)
+        if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        tables_layout = table_layout(cfg, trainer)
         state = fresh_state(env.world_size, identity, tables_layout)
         if source is not None:
-            check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0, tables_layout)
             state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)

@@ -43,6 +43,7 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, opt
     reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
     finish(torchrun(root, reference_dir, *options))
     _check_memory_record(root, reference_dir)
+    _check_refused_resume_keeps_the_config(root, reference_dir, options)
 
     process = torchrun(root, crashed_dir, *options, "--resume", "auto")
     deadline = time.time() + 300
@@ -67,6 +68,25 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, opt
     # The run's wall time spans every attempt: at least the epochs it logged, in either attempt.
     logged = [json.loads(line) for line in (crashed_dir / "metrics.jsonl").read_text().splitlines()]
     assert recovered["wall_seconds"] >= sum(r["seconds"] for r in logged if r["kind"] == "train")
+    # Each epoch's mean training loss too, the epoch interrupted mid-way included (its last record).
+    losses = [{r["epoch"]: r["losses"] for r in _records(run_dir) if r["kind"] == "train"} for run_dir in (reference_dir, crashed_dir)]
+    assert losses[0].keys() == losses[1].keys()
+    for epoch, expected in losses[0].items():
+        assert losses[1][epoch] == pytest.approx(expected, rel=1e-9), epoch
+
+
+def _check_refused_resume_keeps_the_config(dataset, run_dir, options):
+    """A resume refused after the model is built (here: another table optimizer) leaves the run's config as it ran."""
+    written = (run_dir / "config.yaml").read_text()
+    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}",
+               *SETTINGS, *options, "sparse.optimizer=rowwise_adagrad", "--resume", "auto"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "resume with sparse.optimizer=" in done.stderr, done.stderr[-2000:]
+    assert (run_dir / "config.yaml").read_text() == written
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _check_memory_record(dataset, run_dir, dim=8):

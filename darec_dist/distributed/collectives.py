@@ -78,6 +78,8 @@ def max_over_ranks(*values: int) -> list[int]:
     """The largest of every rank's value, for each of `values` (the same on all ranks; one collective)."""
     if world_size() == 1:
         return list(values)
-    x = torch.tensor(values, dtype=torch.int64)
+    # NCCL carries CUDA tensors only (the process's device, set by pick_device).
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x.tolist()
