@@ -29,9 +29,6 @@ from darec_dist.data.dataset import DatasetError
 from darec_dist.train.config import REPO_ROOT, TrainConfig
 from launch.train import open_dataset
 
-REPORTED = ["recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"]
-
-
 @dataclass
 class SweepConfig:
     # Dotted training key swept over `values`, on top of `base` overrides; variants are named key=value.
@@ -110,16 +107,19 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     return json.loads(results.read_text())
 
 
-def summarise(cfg: ExperimentConfig, runs: dict[str, list[dict]]) -> dict:
+def summarise(runs: dict[str, list[dict]]) -> dict:
     summary = {}
     for name, records in runs.items():
-        test = np.array([[r["test"][m] for m in REPORTED] for r in records])
-        val = np.array([[r["val"][m] for m in REPORTED] for r in records])
+        reported = [m for m in records[0]["test"] if "@" in m]  # eval.ks' metrics in results.json's order (not "users")
+        test = np.array([[r["test"][m] for m in reported] for r in records])
         summary[name] = {
             "seeds": len(records),
-            "test_mean": dict(zip(REPORTED, test.mean(0).tolist())),
-            "test_std": dict(zip(REPORTED, test.std(0, ddof=1).tolist() if len(records) > 1 else [0.0] * len(REPORTED))),
-            "val_mean": dict(zip(REPORTED, val.mean(0).tolist())),
+            # (results.json files written before the key existed come from runs monitored on recall@20)
+            "monitor": records[0].get("monitor", "recall@20" if records[0]["val"] else None),
+            "test_mean": dict(zip(reported, test.mean(0).tolist())),
+            "test_std": dict(zip(reported, test.std(0, ddof=1).tolist() if len(records) > 1 else [0.0] * len(reported))),
+            # Empty without validation (eval.validate=false).
+            "val_mean": {m: float(np.mean([r["val"][m] for r in records])) for m in records[0]["val"]},
             "best_epochs": [r["best_epoch"] for r in records],
             "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in records if r["seconds_per_epoch"] is not None] or [np.nan])),
             "wall_seconds": float(np.sum([r.get("wall_seconds", 0.0) for r in records])),
@@ -129,24 +129,29 @@ def summarise(cfg: ExperimentConfig, runs: dict[str, list[dict]]) -> dict:
 
 
 def markdown(cfg: ExperimentConfig, summary: dict) -> str:
-    lines = [f"# {cfg.name}", "", f"Test metrics, mean ± std over seeds {cfg.seeds}; best epoch chosen on validation Recall@20.", ""]
-    # Validation Recall@20 is the column to choose settings by; test is reported, never chosen on.
-    lines.append("| variant | val recall@20 | " + " | ".join(REPORTED) + " | s/epoch |")
-    lines.append("|---" * (len(REPORTED) + 3) + "|")
+    first = next(iter(summary.values()))
+    reported, monitor = list(first["test_mean"]), first["monitor"]
+    chosen = f"best epoch chosen on validation {monitor}" if monitor else "the final epoch's model (no validation)"
+    lines = [f"# {cfg.name}", "", f"Test metrics, mean ± std over seeds {cfg.seeds}; {chosen}.", ""]
+    # The monitored validation metric is the column to choose settings by; test is reported, never chosen on.
+    lines.append(f"| variant | val {monitor or '-'} | " + " | ".join(reported) + " | s/epoch |")
+    lines.append("|---" * (len(reported) + 3) + "|")
     for name, s in summary.items():
-        cells = [f"{s['test_mean'][m]:.4f} ± {s['test_std'][m]:.4f}" for m in REPORTED]
-        lines.append(f"| {name} | {s['val_mean']['recall@20']:.4f} | " + " | ".join(cells) + f" | {s['seconds_per_epoch']:.2f} |")
+        cells = [f"{s['test_mean'][m]:.4f} ± {s['test_std'][m]:.4f}" if m in s["test_mean"] else "-" for m in reported]
+        val = f"{s['val_mean'][monitor]:.4f}" if monitor in s["val_mean"] else "-"
+        lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {s['seconds_per_epoch']:.2f} |")
     for baseline in cfg.baselines:
         if baseline not in summary:
             continue
         lines += ["", f"Relative gain over {baseline} (mean test metric):", ""]
-        lines.append("| variant | " + " | ".join(REPORTED) + " |")
-        lines.append("|---" * (len(REPORTED) + 1) + "|")
+        lines.append("| variant | " + " | ".join(reported) + " |")
+        lines.append("|---" * (len(reported) + 1) + "|")
         ref = summary[baseline]["test_mean"]
         for name, s in summary.items():
             if name != baseline:
-                lines.append(f"| {name} | " + " | ".join(f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" for m in REPORTED) + " |")
-    model = next(iter(summary.values()))["embedding_model"]
+                gains = [f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" if m in s["test_mean"] and m in ref else "-" for m in reported]
+                lines.append(f"| {name} | " + " | ".join(gains) + " |")
+    model = first["embedding_model"]
     wall = sum(s["wall_seconds"] for s in summary.values())
     lines += ["", f"LLM embeddings: {model}. Total wall time of the runs (the trainers' own, without process start-up): {wall / 60:.1f} min."]
     return "\n".join(lines) + "\n"
@@ -184,7 +189,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for name, overrides in variants.items():
             print(f"[experiment] {name} seed {seed}", flush=True)
             runs.setdefault(name, []).append(run_one(cfg, out / name.replace("/", "_") / f"seed-{seed}", overrides, seed))
-    summary = summarise(cfg, runs)
+    summary = summarise(runs)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = markdown(cfg, summary)
     (out / "table.md").write_text(table)

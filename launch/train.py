@@ -170,6 +170,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
     test = evaluate(trainer, "test", env.world_size, env.rank)
     results = {
         "best_epoch": state["best"]["epoch"],
+        "monitor": cfg.eval.monitor if cfg.eval.validate else None,
         "val": state["best"]["metrics"],
         "test": test,
         "epochs_run": state["epoch"],

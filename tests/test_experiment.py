@@ -13,7 +13,7 @@ import pytest
 from darec_dist.config import ConfigError
 from darec_dist.data.dataset import DatasetError
 from darec_dist.train.config import REPO_ROOT
-from launch.experiment import ExperimentConfig, run_experiment
+from launch.experiment import ExperimentConfig, markdown, run_experiment, summarise
 
 
 def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
@@ -21,7 +21,8 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     cfg = ExperimentConfig(
         name="tiny",
         train_config="configs/train/default.yaml",
-        overrides=[f"data.path={root}", "device=cpu", "model.dim=8", "loader.batch_size=64", "train.epochs=2", "output.plot=false", "model.backbone=mf"],
+        overrides=[f"data.path={root}", "device=cpu", "model.dim=8", "loader.batch_size=64", "train.epochs=2", "output.plot=false", "model.backbone=mf",
+                   "eval.ks=[5,10]", "eval.monitor=ndcg@10"],
         variants={"base": ["align.method=none"], "rlmrec-con": ["align.method=rlmrec-con"]},
         seeds=[1, 2],
         nproc=1,
@@ -32,8 +33,11 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     table = (tmp_path / "exp" / "table.md").read_text()
     assert "| base |" in table and "Relative gain over base" in table
     assert "id-hash" in table  # the embedding model is named next to the numbers
+    # The metrics the runs computed (eval.ks) and the one they chose epochs by (eval.monitor).
+    assert "| variant | val ndcg@10 | recall@5 | recall@10 | ndcg@5 | ndcg@10 | s/epoch |" in table
+    assert "chosen on validation ndcg@10" in table and "@20" not in table
     first = json.loads((tmp_path / "exp" / "base" / "seed-1" / "results.json").read_text())
-    assert first["align"] == "none" and first["test"]["recall@20"] >= 0
+    assert first["align"] == "none" and first["test"]["recall@10"] >= 0 and first["monitor"] == "ndcg@10"
     stamp = (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime
     run_experiment(cfg)  # everything is done: nothing is trained again
     assert (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp
@@ -92,3 +96,15 @@ def test_an_experiment_that_would_run_nothing_is_refused(capsys, overrides, mess
     assert main(["configs/experiments/quickstart.yaml", *overrides]) == 2
     assert message in capsys.readouterr().err
     assert main([]) == 2 and "error: give an experiment file" in capsys.readouterr().err
+
+
+def test_runs_without_validation_are_tabulated_by_their_final_epoch():
+    def record(value):
+        return {"best_epoch": 4, "monitor": None, "val": {}, "test": {"recall@20": value, "ndcg@20": value / 2},
+                "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": "id-hash (csv)"}
+
+    summary = summarise({"base": [record(0.2), record(0.3)], "darec": [record(0.3), record(0.3)]})
+    assert summary["base"]["val_mean"] == {} and summary["base"]["test_mean"]["recall@20"] == pytest.approx(0.25)
+    table = markdown(ExperimentConfig(seeds=[1, 2]), summary)
+    assert "the final epoch's model (no validation)" in table and "| base | - | 0.2500 ± 0.0707 | 0.1250 ± 0.0354 |" in table
+    assert "| darec | +20.00% | +20.00% |" in table
