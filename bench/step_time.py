@@ -38,12 +38,12 @@ def worker(args: argparse.Namespace) -> None:
     from darec_dist.data.dataset import PreparedDataset
     from darec_dist.data.loader import epoch_batches
     from darec_dist.distributed.env import distributed
-    from darec_dist.train.config import TrainConfig
+    from darec_dist.train.config import TrainConfig, resolve_path
     from darec_dist.train.trainer import Trainer
 
     cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"align.method={args.method}", *args.override])
     with distributed(cfg.device) as env:
-        dataset = PreparedDataset.open(cfg.data.path, verify_checksums=False)
+        dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
         trainer = Trainer(cfg, env, dataset)
         batches = []
         for batch in epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, env.world_size):

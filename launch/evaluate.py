@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.env import distributed, exit_without_finalisation, seed_everything
+from darec_dist.files import write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.evaluate import evaluate
@@ -69,7 +70,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)
         if env.is_main:
-            report.write_atomic(run_dir / f"eval-{source.name}.json", json.dumps(results, indent=2))
+            write_text_atomic(run_dir / f"eval-{source.name}.json", json.dumps(results, indent=2))
             print(f"{source} ({state['epoch']} epochs trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
     return results
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from darec_dist.config import ConfigError, differences, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
+from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train.config import REPO_ROOT, TrainConfig
 from launch.train import open_dataset
 
@@ -173,7 +174,8 @@ def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
         if min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -190,9 +192,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             print(f"[experiment] {name} seed {seed}", flush=True)
             runs.setdefault(name, []).append(run_one(cfg, out / name.replace("/", "_") / f"seed-{seed}", overrides, seed))
     summary = summarise(runs)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     table = markdown(cfg, summary)
-    (out / "table.md").write_text(table)
+    write_text_atomic(out / "table.md", table)
     if cfg.sweep.key:
         plot_sweep(cfg, summary, out / "sweep.png")
     print(table)

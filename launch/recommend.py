@@ -11,7 +11,6 @@ evaluation, so these lists are the ones the run's test metrics were computed fro
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,11 +20,11 @@ if __package__ in (None, ""):
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from darec_dist.config import ConfigError
+from darec_dist.config import ConfigError, read_yaml
 from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.files import atomic_path
 from darec_dist.train.config import resolve_path
 from darec_dist.train.evaluate import MAX_SCORES
 from darec_dist.train.metrics import mask_rows
@@ -75,7 +74,7 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
         users = position[raw_users].to_numpy(np.int64)
     seen = None
     if not keep_seen:
-        path = data or yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["path"]
+        path = data or read_yaml(run_dir / "config.yaml")["data"]["path"]
         dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
         for kind, raw in (("user", user_raw), ("item", item_raw)):
             # Another dataset's train items would be left out of the lists (or its ids would not fit them).
@@ -118,13 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         print(table.to_string(index=False))
     else:
-        staging = args.out.with_name(f".{args.out.name}.tmp")
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            table.to_parquet(staging, index=False)
-            os.replace(staging, args.out)
+            with atomic_path(args.out) as staging:
+                table.to_parquet(staging, index=False)
         except OSError as err:
-            staging.unlink(missing_ok=True)
             print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
             return 2
     return 0

@@ -31,6 +31,7 @@ from darec_dist.distributed.env import DistEnv, distributed, exit_without_finali
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, gathered_blocks
+from darec_dist.train.metrics import metric_names
 from darec_dist.train.trainer import Trainer
 
 
@@ -121,7 +122,7 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
             f"{dataset.root}: no validation interactions; early stopping needs a validation split "
             "(eval.validate=false trains exactly train.epochs epochs and tests the final model)"
         )
-    if cfg.eval.monitor not in [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.eval.ks]:
+    if cfg.eval.monitor not in metric_names(cfg.eval.ks):
         raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
     return dataset
 

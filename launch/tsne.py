@@ -25,6 +25,7 @@ import torch
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.distributed.env import distributed
+from darec_dist.files import atomic_path
 from darec_dist.models.aligners.coupled_losses import soft_assignments
 from darec_dist.train import checkpoint
 from darec_dist.train.config import TrainConfig, resolve_path
@@ -109,7 +110,8 @@ def main() -> None:
     ax.set_yticks([])
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    with atomic_path(args.out) as tmp:
+        fig.savefig(tmp, dpi=110)
     print(f"wrote {args.out}")
 
 

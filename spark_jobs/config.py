@@ -70,7 +70,8 @@ class SyntheticConfig:
 @dataclass
 class SourceConfig:
     format: SourceFormat = "movielens-100k"
-    # Directory formats (rlmrec, recbole, lightgcn); movielens-100k uses it as a cache dir override.
+    # Directory formats (rlmrec, recbole, lightgcn); for movielens-100k, a directory that already holds
+    # ml-100k.inter/.item/.user (otherwise they are extracted from the recbole wheel into cache_dir).
     path: str | None = None
     # csv format: the interaction table (.csv or .parquet) and optional text tables.
     interactions: str | None = None
@@ -209,7 +210,8 @@ class EmbeddingConfig:
 
 @dataclass
 class ShardsConfig:
-    # Shard count is a multiple of this (ranks x loader workers must divide it).
+    # Shard count is a multiple of this: ranks x loader workers that divide it read equal shares (the
+    # trainer needs at least as many shards as readers).
     factor: int = 8
     interactions_per_shard: int = 1_000_000
     # Interactions per WebDataset sample.

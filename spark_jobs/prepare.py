@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 
 from darec_dist.config import ConfigError, load_config, to_dict
 from darec_dist.data import layout
+from darec_dist.files import replace_dir
 from spark_jobs.clean import clean
 from spark_jobs.config import PrepareConfig
 from spark_jobs.embed import embed_profiles
@@ -68,7 +69,7 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         manifest["timings_s"] = dict(log.seconds, total=round(time.perf_counter() - started, 3))
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (staging / OWNER).unlink()
-        _publish(staging, output)
+        replace_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -102,17 +103,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Swap the finished directory into place; an older dataset is removed only after the swap."""
-    retired = None
-    if output.exists():
-        retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, retired)
-    os.replace(staging, output)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -> dict:

@@ -154,7 +154,8 @@ def write_table(df: DataFrame, order: list[str], path: Path, scratch: Path, part
 def shard_count(num_interactions: int, cfg: ShardsConfig) -> int:
     if num_interactions < cfg.factor:
         raise PrepareError(f"only {num_interactions} training interactions: fewer than shards.factor={cfg.factor} shards can hold")
-    groups = math.ceil(num_interactions / (cfg.factor * cfg.interactions_per_shard))
+    # A multiple of `factor` shards, none fuller than interactions_per_shard, and none empty.
+    groups = min(math.ceil(num_interactions / (cfg.factor * cfg.interactions_per_shard)), num_interactions // cfg.factor)
     return cfg.factor * groups
 
 

@@ -117,3 +117,13 @@ def test_rlmrec_source_without_user_profiles_builds_them_from_train_history(spar
     root = prepare(small_config(tmp_path / "out", source, **{"embedding.encoder": "sentence-transformers"}), spark=spark)
     profiles = pd.read_parquet(root / layout.profile_file("user")).set_index("id")["text"]
     assert len(profiles) == 12 and profiles.str.startswith("Interacted with: Book").all()
+
+
+def test_shard_count_is_a_multiple_of_the_factor_without_empty_shards():
+    from spark_jobs.config import ShardsConfig
+    from spark_jobs.write import shard_count
+
+    for total in range(8, 40):
+        for per_shard in (1, 2, 3, 1_000_000):
+            count = shard_count(total, ShardsConfig(factor=8, interactions_per_shard=per_shard))
+            assert count % 8 == 0 and 8 <= count <= total and (count == total // 8 * 8 or count * per_shard >= total)

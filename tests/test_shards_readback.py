@@ -3,7 +3,6 @@
 import json
 import pickle
 
-import numpy as np
 import torch
 
 from darec_dist.data.dataset import PreparedDataset

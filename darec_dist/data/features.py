@@ -1,7 +1,7 @@
 """Batches as KeyedJaggedTensors: each distinct batch node becomes a weighted bag over the user and item tables.
 
-A node's collaborative embedding is sum_j w_vj E_j over its row (see
-architecture.md): for MF the row is the node itself, for LightGCN its
+A node's collaborative embedding is sum_j w_vj E_j over its row (docs/design.md,
+"Backbones as propagation rows"): for MF the row is the node itself, for LightGCN its
 precomputed propagation row. The row's user entries form a bag on the user
 table (feature `node_via_user`) and its item entries a bag on the item table
 (`node_via_item`); the pooled sums of both bags add up to the node's embedding.

@@ -20,7 +20,7 @@ from darec_dist.data.dataset import CSR, DatasetError, PreparedDataset
 class ModelConfig:
     backbone: Literal["mf", "lightgcn", "gccf"] = "lightgcn"
     dim: int = 32
-    # L2 penalty on the batch nodes' input embeddings (LightGCN's reg), divided by the batch size.
+    # L2 penalty on the batch nodes' input embeddings (LightGCN's reg), halved and divided by the batch size.
     reg: float = 1e-6
 
     def __post_init__(self) -> None:

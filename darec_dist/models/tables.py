@@ -156,7 +156,7 @@ class ShardedTables:
                     tensor[start:end].copy_(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
 
     def full_table(self, table: str, num_rows: int, dim: int) -> torch.Tensor:
-        """The whole table on every rank (tests and small exports only)."""
+        """The whole table on every rank (tests only: it holds every row in each process)."""
         out = torch.zeros(num_rows, dim)
         for r0, c0, tensor in self.local_shards(table):
             out[r0 : r0 + tensor.shape[0], c0 : c0 + tensor.shape[1]] = tensor.detach()
@@ -178,7 +178,7 @@ def _local_nbytes(value: torch.Tensor | ShardedTensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _fused_optimizer(cfg: SparseConfig, device: torch.device) -> dict:
+def _fused_optimizer(cfg: SparseConfig) -> dict:
     kinds = {
         "sgd": EmbOptimType.EXACT_SGD,
         "adagrad": EmbOptimType.EXACT_ADAGRAD,
@@ -241,7 +241,7 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
         fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
     else:
         kernel = compute_kernel(cfg, sharding, env.device)
-        fused = _fused_optimizer(cfg, env.device)
+        fused = _fused_optimizer(cfg)
         if kernel == EmbeddingComputeKernel.DENSE.value and sharding in ("row_wise", "column_wise"):
             # torch.distributed.checkpoint would keep one rank's optimizer state for every shard (same key, plain
             # tensors), so a resume would load it into the other ranks' rows or columns.

@@ -9,7 +9,6 @@ directory that `latest()` would pick.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -22,6 +21,8 @@ import torch.distributed.checkpoint as dcp
 from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, to_dict
+from darec_dist.distributed import collectives
+from darec_dist.files import replace_dir
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -74,7 +75,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     """Collective: every rank calls it. Returns the final directory."""
     root = Path(run_dir) / CHECKPOINTS
     final, staging = root / name, root / f".tmp-{name}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = collectives.rank()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -87,14 +88,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     if rank == 0:
         (staging / STATE).write_text(json.dumps(state, indent=2))
         (staging / COMPLETE).write_text("")
-        retired = None
-        if final.exists():
-            retired = root / f".old-{name}"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(final, retired)
-        os.replace(staging, final)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
+        replace_dir(staging, final)
         if keep is not None:
             _prune(root, keep)
     _barrier()
@@ -189,7 +183,7 @@ def load(trainer, path: str | Path) -> dict:
         loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine")
         if loaded is None:
             raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = collectives.rank()
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))

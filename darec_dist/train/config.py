@@ -37,10 +37,11 @@ class DenseConfig:
 class LoopConfig:
     epochs: int = 100
     eval_every: int = 1
-    # Stop after this many evaluations without a better validation Recall@20 ...
+    # Stop after this many evaluations without a better validation eval.monitor ...
     patience: int = 10
     # ... but never before this many epochs (early epochs can peak on popularity, then dip).
     min_epochs: int = 0
+    # Steps between the progress bar's loss readouts (the bar: rank 0, train.progress_bar).
     log_every: int = 20
     # Cap on steps per epoch (smoke tests, benchmarks); null = the full epoch.
     max_steps_per_epoch: int | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,16 +12,12 @@ import yaml
 
 from darec_dist.config import to_dict
 from darec_dist.data import layout
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from darec_dist.files import atomic_path, replace_dir, write_text_atomic
+from darec_dist.train.metrics import metric_names
 
 
 def write_config(run_dir: Path, cfg) -> None:
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -39,7 +34,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def metrics_table(by_split: dict[str, dict], ks: list[int]) -> str:
     """One Markdown row per split that has metrics: Recall and NDCG at every k."""
-    names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
+    names = metric_names(ks)
     lines = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for split, metrics in by_split.items():
         if metrics:
@@ -56,9 +51,9 @@ def markdown_table(results: dict, ks: list[int]) -> str:
 
 
 def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     table = markdown_table(results, ks)
-    write_atomic(run_dir / "results.md", table)
+    write_text_atomic(run_dir / "results.md", table)
     return table
 
 
@@ -77,10 +72,9 @@ def plot_curves(run_dir: Path, monitor: str) -> None:
     right.plot([r["epoch"] for r in val], [r[monitor] for r in val], marker=".")
     right.set(xlabel="epoch", ylabel=f"validation {monitor}", title=monitor)
     fig.tight_layout()
-    tmp = run_dir / ".curves.png.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, run_dir / "curves.png")
 
 
 def export_vectors(run_dir: Path, dataset_root: Path, blocks: dict[str, tuple[int, Iterable]], write: bool) -> None:
@@ -107,5 +101,4 @@ def export_vectors(run_dir: Path, dataset_root: Path, blocks: dict[str, tuple[in
             del vectors
             shutil.copyfile(dataset_root / layout.id_map(kind), staging / f"{kind}_ids.parquet")
     if write:
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(staging, out)
+        replace_dir(staging, out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from darec_dist.data import layout
+from darec_dist.files import replace_dir
 from spark_jobs.config import PrepareConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.readers.lines import drop_malformed, first_problem, numbered_lines, split_fields
@@ -24,7 +25,7 @@ from spark_jobs.readers.safe_pickle import load_matrix
 from spark_jobs.readers.source import RawSource
 from spark_jobs.readers.synthetic import read_synthetic
 from spark_jobs.readers.table import ColumnPositions, parse_interactions, read_delimited_interactions
-from spark_jobs.readers.text_tables import read_metadata_table, read_text_csv
+from spark_jobs.readers.text_tables import atomic_header_name, read_metadata_table, read_text_csv, with_title
 from spark_jobs.session import StageLog
 
 
@@ -79,16 +80,19 @@ def fetch_movielens_100k(cache_dir: str) -> Path:
             if done.returncode != 0 or not (Path(tmp) / RECBOLE_WHEEL).is_file():
                 raise PrepareError(f"could not download the recbole==1.2.1 wheel for MovieLens-100K:\n{done.stderr[-2000:]}")
             os.replace(Path(tmp) / RECBOLE_WHEEL, wheel)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    digest = layout.sha256_of(wheel)
     if digest != RECBOLE_WHEEL_SHA256:
         raise PrepareError(f"{wheel}: sha256 {digest} differs from the pinned {RECBOLE_WHEEL_SHA256}; delete it and retry")
     staging = Path(tempfile.mkdtemp(dir=cache, prefix=".ml-100k-"))
-    with zipfile.ZipFile(wheel) as archive:
-        for member in ML100K_MEMBERS:
-            with archive.open(f"recbole/dataset_example/ml-100k/{member}") as src, open(staging / member, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for member in ML100K_MEMBERS:
+                with archive.open(f"recbole/dataset_example/ml-100k/{member}") as src, open(staging / member, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 
@@ -108,21 +112,18 @@ def read_recbole(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawS
     return _read_atomic(spark, cfg, log, directory, inters[0].stem, name="recbole")
 
 
-def _atomic_header_name(field: str) -> str:
-    return field.split(":")[0]
-
-
 def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directory: Path, stem: str, name: str) -> RawSource:
     inter_path = _require_file(directory / f"{stem}.inter", "source.path")
-    header = Path(inter_path).open().readline().rstrip("\n").split("\t")
-    names = [_atomic_header_name(h) for h in header]
+    with open(inter_path) as stream:
+        header = stream.readline().rstrip("\n").split("\t")
+    names = [atomic_header_name(h) for h in header]
     columns = {
         "user": "user_id",
         "item": "item_id",
         "rating": "rating" if "rating" in names else None,
         "timestamp": "timestamp" if "timestamp" in names else None,
     }
-    rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, numeric_ids=False, header_parser=_atomic_header_name)
+    rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, header_parser=atomic_header_name)
     interactions, report = drop_malformed(rows, cfg.malformed, inter_path, log)
     malformed = {inter_path: report.as_dict()}
     files = [inter_path]
@@ -186,7 +187,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     if path.endswith(".parquet") or Path(path).is_dir():
         rows = _parquet_rows(spark, path, columns)
     else:
-        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, numeric_ids=False, quoted=True)
+        rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, quoted=True)
     interactions, report = drop_malformed(rows, cfg.malformed, path, log)
     files = [str(Path(path).resolve())]
     item_text = user_text = None
@@ -196,7 +197,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     if src.item_text:
         item_path = _require_file(Path(src.item_text).expanduser(), "source.item_text")
         item_text = read_text_csv(spark, item_path, cols.item, "text", numeric, "item")
-        item_text = item_text.withColumn("title", F.substring("text", 1, 120))
+        item_text = with_title(item_text)
         files.append(item_path)
     if src.user_text:
         user_path = _require_file(Path(src.user_text).expanduser(), "source.user_text")
@@ -234,7 +235,7 @@ def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]
     numbered = numbered.withColumn("fields", F.transform("fields", lambda f: F.coalesce(f, F.lit(""))))
     order = {name: i for i, name in enumerate(wanted)}
     pos = ColumnPositions(count=len(wanted), **{k: order[v] if v else None for k, v in columns.items()})
-    return parse_interactions(numbered, pos, numeric_ids=False)
+    return parse_interactions(numbered, pos)
 
 
 # --- RLMRec directories (pickled sparse matrices + profile CSVs) -----------------------------------
@@ -260,7 +261,7 @@ def read_rlmrec(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
     item_text = user_text = None
     if (directory / "itm_prf.csv").is_file():
         item_text = read_text_csv(spark, str(directory / "itm_prf.csv"), "item_id_int", "profile_text", True, "item")
-        item_text = item_text.withColumn("title", F.substring("text", 1, 120))
+        item_text = with_title(item_text)
         files.append(str((directory / "itm_prf.csv").resolve()))
     if (directory / "usr_prf.csv").is_file():
         user_text = read_text_csv(spark, str(directory / "usr_prf.csv"), "user_id_int", "profile_text", True, "user")

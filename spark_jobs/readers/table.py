@@ -8,7 +8,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import first_problem, is_integer, is_number, numbered_lines, split_fields, unbalanced_quotes
+from spark_jobs.readers.lines import first_problem, is_number, numbered_lines, split_fields, unbalanced_quotes
 
 
 @dataclass
@@ -38,8 +38,9 @@ def positions_from_header(
     return ColumnPositions(count=len(header), **index)
 
 
-def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool, quoted: bool = False) -> DataFrame:
-    """Rows with `fields` -> file, line, value, problem, user, item, rating, timestamp (strings/doubles)."""
+def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = False) -> DataFrame:
+    """Rows with `fields` -> file, line, value, problem, user, item, rating, timestamp (ids as strings, as written;
+    the source reader decides whether they are numbers)."""
     fields = F.col("fields")
     n = F.size(fields)
 
@@ -52,10 +53,6 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool,
         (n != pos.count, F.format_string(f"expected {pos.count} columns, got %d", n)),
         ((field(pos.user) == "") | (field(pos.item) == ""), "empty user or item id"),
     ]
-    if numeric_ids:
-        for kind, i in (("user", pos.user), ("item", pos.item)):
-            checks.append((~is_integer(field(i)), F.format_string(f"non-numeric {kind} id '%s'", field(i))))
-            checks.append((field(i).try_cast("long").isNull(), F.format_string(f"{kind} id '%s' beyond the 64-bit integer range", field(i))))
     if pos.rating is not None:
         checks.append((~is_number(field(pos.rating)), F.format_string("non-numeric rating '%s'", field(pos.rating))))
     if pos.timestamp is not None:
@@ -72,16 +69,11 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, numeric_ids: bool,
         "line",
         "value",
         first_problem(*checks).alias("problem"),
-        _canonical_id(field(pos.user), numeric_ids).alias("user"),
-        _canonical_id(field(pos.item), numeric_ids).alias("item"),
+        field(pos.user).alias("user"),
+        field(pos.item).alias("item"),
         numeric(pos.rating).alias("rating"),
         numeric(pos.timestamp).try_cast("long").alias("timestamp"),
     )
-
-
-def _canonical_id(column, numeric_ids: bool):
-    # "007" and "7" are the same numeric id.
-    return column.try_cast("long").cast("string") if numeric_ids else column
 
 
 def read_delimited_interactions(
@@ -90,7 +82,6 @@ def read_delimited_interactions(
     delimiter: str,
     header: bool,
     columns: dict[str, str | None],
-    numeric_ids: bool,
     header_parser=None,
     quoted: bool = False,
 ) -> DataFrame:
@@ -107,4 +98,4 @@ def read_delimited_interactions(
     else:
         order = [k for k in ("user", "item", "rating", "timestamp") if columns.get(k)]
         pos = ColumnPositions(count=len(order), **{k: i for i, k in enumerate(order)})
-    return parse_interactions(lines, pos, numeric_ids, quoted)
+    return parse_interactions(lines, pos, quoted)

@@ -13,6 +13,7 @@ from spark_jobs.session import StageLog
 
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
 YEAR_FIELDS = ("release_year", "year")
+TITLE_CHARS = 120
 
 
 def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str) -> None:
@@ -51,6 +52,16 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     return result
 
 
+def with_title(text_table: DataFrame) -> DataFrame:
+    """Adds the title a user profile lists for an item: the start of its text (a source without title fields)."""
+    return text_table.withColumn("title", F.substring("text", 1, TITLE_CHARS))
+
+
+def atomic_header_name(field: str) -> str:
+    """A RecBole atomic-file header field `name:type` -> name."""
+    return field.split(":")[0]
+
+
 def humanise(field_name: str) -> str:
     return field_name.replace("_", " ")
 
@@ -67,7 +78,7 @@ def read_metadata_table(
     header_row = lines.where(F.col("line") == 1).first()
     if header_row is None:
         raise PrepareError(f"{path}: file is empty, expected a header line")
-    names = [h.split(":")[0] for h in header_row["fields"]]
+    names = [atomic_header_name(h) for h in header_row["fields"]]
     if id_field not in names:
         raise PrepareError(f"{path}: missing column {id_field!r} in header {names}")
     body = lines.where(F.col("line") > 1)
