@@ -31,16 +31,17 @@ from darec_dist.distributed.env import DistEnv, distributed, exit_without_finali
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, gathered_blocks
+from darec_dist.train.lock import exclusive_run_dir
 from darec_dist.train.metrics import metric_names
 from darec_dist.train.trainer import Trainer
 
 
-def fresh_state(world_size: int, identity: dict, tables: dict) -> dict:
+def fresh_state(world_size: int, identity: dict, tables: dict, seed: int) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
         "epoch_seconds": [], "epoch_world_sizes": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
-        "tables": tables,
+        "tables": tables, "seed": seed, "stopped": False,
     }
 
 
@@ -71,8 +72,18 @@ def check_fresh(run_dir: Path) -> None:
         )
 
 
-def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict) -> None:
-    """A checkpoint resumes with the same table optimizer, and at another world size only at an epoch's end and
+def check_own_checkpoint(source: Path, run_dir: Path) -> None:
+    """A resume continues the run whose checkpoint it is: that run_dir holds its best model and its metrics."""
+    owner = source.resolve().parent.parent
+    if source.resolve().parent.name != checkpoint.CHECKPOINTS or owner != run_dir.resolve():
+        raise ConfigError(
+            f"{source}: not a checkpoint of run_dir {run_dir} (it belongs to {owner}); resume a run in its own run_dir "
+            f"(run_dir={owner}), or copy that run's directory and resume the copy"
+        )
+
+
+def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict, seed: int) -> None:
+    """A checkpoint resumes with its seed and table optimizer, and at another world size only at an epoch's end and
     without state partitioned by world size.
 
     Inside an epoch its step count is a position in each rank's stream of shards, which another world size
@@ -83,6 +94,9 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict
     saved = checkpoint.loop_state(source)
     written_by = saved.get("world_size", world_size)  # checkpoints from before this key: assume the same
     saved_tables = saved.get("tables", tables)  # likewise
+    if saved.get("seed", seed) != seed:
+        # Its batches and random streams came from that seed: another would make a run that no seed reproduces.
+        raise ConfigError(f"{source}: written by a run with seed={saved['seed']}; resume it with that seed (or start another run_dir)")
     if saved_tables["optimizer"] != tables["optimizer"]:
         raise ConfigError(
             f"{source}: its tables' optimizer state is {saved_tables['optimizer']}'s, not {tables['optimizer']}'s; resume "
@@ -194,35 +208,40 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Run a whole training job in this process (one rank of torchrun, or alone); returns results.json's content."""
     run_started = time.perf_counter()
-    with distributed(cfg.device) as env:
+    run_dir = Path(cfg.run_dir).expanduser()
+    with distributed(cfg.device) as env, exclusive_run_dir(run_dir, env.is_main):
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env.world_size)
-        run_dir = Path(cfg.run_dir).expanduser()
         identity = checkpoint.identity(cfg, dataset)
         source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
         if source is not None:
+            check_own_checkpoint(source, run_dir)
             checkpoint.check_identity(source, identity)
         elif resume is None:
             check_fresh(run_dir)
         trainer = Trainer(cfg, env, dataset)
         tables_layout = table_layout(cfg, trainer)
         if source is not None:
-            check_resumable(source, env.world_size, trainer.engine.zero_optimization_stage() if trainer.engine else 0, tables_layout)
+            zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
+            check_resumable(source, env.world_size, zero_stage, tables_layout, cfg.seed)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
-            run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state(env.world_size, identity, tables_layout)
+        state = fresh_state(env.world_size, identity, tables_layout, cfg.seed)
         if source is not None:
             state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
+                # Epochs after the checkpoint were run (and logged) by the attempt that died: they are run again.
+                report.keep_metrics_before(run_dir, state["epoch"])
+                if state.get("stopped"):
+                    print(f"the run stopped early at epoch {state['epoch'] - 1}: testing its best model", flush=True)
         elif env.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
         earlier = state.get("wall_seconds", 0.0)  # checkpoints written before this key have none
 
-        while state["epoch"] < cfg.train.epochs:
+        while state["epoch"] < cfg.train.epochs and not state.get("stopped"):
             started = time.perf_counter()
             losses = train_epoch(trainer, cfg, env, state, run_dir)
             state["epoch_seconds"].append(time.perf_counter() - started)
@@ -256,6 +275,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 else:
                     state["bad_evals"] += 1
                     stop = state["bad_evals"] >= cfg.train.patience and state["epoch"] >= cfg.train.min_epochs
+                    state["stopped"] = stop  # saved below: a restart after an early stop tests, not trains on
             if stop or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or state["epoch"] == cfg.train.epochs:
                 checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
             if stop:

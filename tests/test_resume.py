@@ -126,9 +126,9 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
         (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam}))
         if refusal:
             with pytest.raises(ConfigError, match=refusal):
-                check_resumable(path, world_size, zero_stage, adam)
+                check_resumable(path, world_size, zero_stage, adam, 1)
         else:
-            check_resumable(path, world_size, zero_stage, adam)
+            check_resumable(path, world_size, zero_stage, adam, 1)
 
 
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
@@ -139,13 +139,68 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     (path / checkpoint.COMPLETE).write_text("")
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
-    check_resumable(path, 2, 0, column_wise)
+    check_resumable(path, 2, 0, column_wise, 1)
     with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
-        check_resumable(path, 2, 0, {**column_wise, "optimizer": "adagrad"})
+        check_resumable(path, 2, 0, {**column_wise, "optimizer": "adagrad"}, 1)
     with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
-        check_resumable(path, 1, 0, column_wise)  # another world size: another number of column shards
+        check_resumable(path, 1, 0, column_wise, 1)  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
-        check_resumable(path, 2, 0, {**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}})
+        check_resumable(path, 2, 0, {**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}, 1)
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise, "seed": 7}))
+    with pytest.raises(ConfigError, match="written by a run with seed=7; resume it with that seed"):
+        check_resumable(path, 2, 0, column_wise, 1)
+
+
+def test_a_resume_continues_its_own_run_only(tmp_path):
+    from launch.train import check_own_checkpoint
+
+    run_dir = tmp_path / "run"
+    check_own_checkpoint(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(3), run_dir)
+    check_own_checkpoint(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST, tmp_path / "." / "run")
+    with pytest.raises(ConfigError, match=r"not a checkpoint of run_dir .*other \(it belongs to .*run\); resume a run in its own run_dir"):
+        check_own_checkpoint(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(3), tmp_path / "other")
+
+
+def test_one_job_per_run_dir(tmp_path):
+    from darec_dist.train.lock import exclusive_run_dir
+
+    run_dir = tmp_path / "run"
+    with exclusive_run_dir(run_dir, is_main=True):
+        with pytest.raises(ConfigError, match="another training job is using this run_dir"):
+            with exclusive_run_dir(run_dir, is_main=True):
+                pass
+        (run_dir / "config.yaml").write_text("")
+    with exclusive_run_dir(run_dir, is_main=True):  # released with the job
+        pass
+    assert (run_dir / "config.yaml").exists()
+    with exclusive_run_dir(tmp_path / "refused", is_main=True):
+        pass  # nothing written: the directory it created goes again
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_resumed_run_drops_the_records_it_will_log_again(tmp_path):
+    from darec_dist.train import report
+
+    for epoch in (0, 1, 2):
+        report.append_metrics(tmp_path, {"kind": "train", "epoch": epoch})
+        report.append_metrics(tmp_path, {"kind": "val", "epoch": epoch})
+    report.keep_metrics_before(tmp_path, 2)
+    assert [(r["kind"], r["epoch"]) for r in report.read_metrics(tmp_path)] == [("train", 0), ("val", 0), ("train", 1), ("val", 1)]
+
+
+def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(small_dataset, tmp_path):
+    root, _ = small_dataset
+    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
+               *SETTINGS, "model.backbone=mf", "train.epochs=40", "train.patience=1", "sparse.lr=0.5", "--resume", "auto"]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0 and "early stop" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    records = (tmp_path / "metrics.jsonl").read_text()
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True)  # as torchrun's restart would
+    assert again.returncode == 0 and "stopped early" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (tmp_path / "metrics.jsonl").read_text() == records
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    assert (rerun["best_epoch"], rerun["epochs_run"], rerun["test"]) == (results["best_epoch"], results["epochs_run"], results["test"])
 
 
 def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(tmp_path):

@@ -25,6 +25,12 @@ def append_metrics(run_dir: Path, record: dict) -> None:
         stream.write(json.dumps(record) + "\n")
 
 
+def keep_metrics_before(run_dir: Path, epoch: int) -> None:
+    """Drop the records of `epoch` and later (a resumed run logs them again)."""
+    kept = [r for r in read_metrics(run_dir) if r["epoch"] < epoch]
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
