@@ -70,8 +70,12 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)
         if env.is_main:
-            write_text_atomic(run_dir / f"eval-{source.name}.json", json.dumps(results, indent=2))
             print(f"{source} ({state['epoch']} epochs trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
+            record = run_dir / f"eval-{source.name}.json"
+            try:
+                write_text_atomic(record, json.dumps(results, indent=2))
+            except OSError as err:  # a read-only run (an archive, another user's): the table above is the result
+                print(f"warning: could not write {record}: {err.strerror or err}", file=sys.stderr, flush=True)
     return results
 
 

@@ -157,6 +157,10 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
         if state["step_in_epoch"] >= steps:
             break
         losses = trainer.train_step(batch)
+        if not torch.isfinite(losses["total"]):
+            # Stop before a checkpoint keeps non-finite weights (the last ones written are from before).
+            raise Diverged(f"training diverged: loss {losses['total'].item()} at epoch {epoch}, step {state['step_in_epoch']} "
+                           f"(rank {env.rank}); lower sparse.lr / dense.lr, or check the data")
         for name, value in losses.items():
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
         state["step_in_epoch"] += 1
@@ -170,6 +174,10 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
             checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
     bar.close()
     return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being a finite number."""
 
 
 def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, float]:
@@ -310,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

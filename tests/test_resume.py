@@ -244,3 +244,26 @@ def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_pat
 def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
     with pytest.raises(ConfigError, match="no such checkpoint directory"):
         checkpoint.check_complete(tmp_path / "nope")
+
+
+def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skipped(tmp_path, capsys):
+    def written(step):
+        path = tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
+        (path / "tables").mkdir(parents=True)
+        (path / "tables" / "__0_0.distcp").write_bytes(b"x" * 100)
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0}))
+        (path / checkpoint.FILES).write_text(json.dumps({"tables/__0_0.distcp": 100, checkpoint.STATE: (path / checkpoint.STATE).stat().st_size}))
+        (path / checkpoint.COMPLETE).write_text("")
+        return path
+
+    older, newer = written(4), written(8)
+    assert checkpoint.latest(tmp_path) == newer
+    (newer / "tables" / "__0_0.distcp").write_bytes(b"x" * 60)  # truncated
+    with pytest.raises(ConfigError, match=r"damaged since it was written \(tables/__0_0.distcp holds 60 bytes, 100 were written\)"):
+        checkpoint.loop_state(newer)
+    assert checkpoint.latest(tmp_path) == older
+    assert "skipping the damaged checkpoint" in capsys.readouterr().err
+    (older / checkpoint.STATE).unlink()
+    with pytest.raises(ConfigError, match=r"state.json is missing"):
+        checkpoint.check_complete(older)
+    assert checkpoint.latest(tmp_path) is None

@@ -185,3 +185,14 @@ def test_deepspeed_settings_the_trainer_cannot_honour_are_refused(tmp_path, chan
     cfg = load_config(TrainConfig, None, [f"dense.deepspeed_config={path}"])
     with pytest.raises(ConfigError, match=message):
         deepspeed_settings(cfg, 2)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path):
+    root, _ = small_dataset
+    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
+               "device=cpu", "model.backbone=mf", "model.dim=8", "loader.batch_size=64", "train.progress_bar=false",
+               "sparse.optimizer=sgd", "sparse.lr=1e30", "model.reg=1e30", "checkpoint.every_steps=1"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and "error: training diverged: loss" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "results.json").exists()

@@ -3,7 +3,8 @@ part by DeepSpeed, plus the loop position and every rank's RNG state.
 
 A checkpoint is written under `.tmp-<name>`, marked COMPLETE and renamed only
 after every rank has finished writing, so a crash mid-save never leaves a
-directory that `latest()` would pick.
+directory that `latest()` would pick. It lists its files' sizes, so one damaged
+later (a file deleted or truncated) is refused by name, and skipped by `latest()`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from darec_dist.files import replace_dir
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 STATE = "state.json"
+FILES = "files.json"
 BEST = "best"
 _STEP_NAME = re.compile(r"^step-(\d+)$")
 
@@ -87,6 +90,8 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     _barrier()
     if rank == 0:
         (staging / STATE).write_text(json.dumps(state, indent=2))
+        sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
+        (staging / FILES).write_text(json.dumps(sizes, indent=1))
         (staging / COMPLETE).write_text("")
         replace_dir(staging, final)
         if keep is not None:
@@ -102,12 +107,36 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete step checkpoint of a run, or None."""
+    """The newest complete and undamaged step checkpoint of a run, or None."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return None
     done = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
-    return done[-1] if done else None
+    for path in reversed(done):
+        problem = damage(path)
+        if problem is None:
+            return path
+        if collectives.rank() == 0:
+            print(f"warning: skipping the damaged checkpoint {path} ({problem})", file=sys.stderr, flush=True)
+    return None
+
+
+def damage(path: Path) -> str | None:
+    """What differs from the file list the checkpoint was written with (None: nothing, or no list to check)."""
+    listing = path / FILES
+    if not listing.exists():  # written before checkpoints listed their files
+        return None
+    try:
+        sizes = json.loads(listing.read_text())
+    except ValueError:
+        return f"{FILES} is unreadable"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} holds {file.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def identity(cfg, dataset) -> dict:
@@ -138,6 +167,10 @@ def check_complete(path: Path) -> None:
         raise ConfigError(f"{path}: no such checkpoint directory")
     if not (path / COMPLETE).exists():
         raise ConfigError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
+    problem = damage(path)
+    if problem:
+        raise ConfigError(f"{path}: damaged since it was written ({problem}); refusing to load it (--resume auto "
+                          "takes the newest undamaged checkpoint)")
 
 
 def loop_state(path: str | Path) -> dict:
