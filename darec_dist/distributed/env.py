@@ -72,6 +72,7 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
     # (seen as 20 ms weight-gradient matmuls that take 2 ms otherwise). Flushing them to zero only
     # changes magnitudes below 1e-38.
     torch.set_flush_denormal(True)
+    _die_with_the_agent()
     created = False
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -105,6 +106,20 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
     )
     return dist.PrefixStore(f"darec_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+
+
+def _die_with_the_agent() -> None:
+    """Under torchrun, end this worker when its agent dies: a killed agent (kill -9, a scheduler's preemption)
+    otherwise leaves its workers training on, as orphans, in the run_dir a requeued job needs."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the agent died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _free_port() -> int:
