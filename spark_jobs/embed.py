@@ -57,7 +57,7 @@ def _hf_decoder(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding so that the last real token sits at position (length - 1).
     tokenizer.padding_side = "right"
-    model = AutoModel.from_pretrained(path, torch_dtype=torch.float16 if cfg.device.startswith("cuda") else torch.float32)
+    model = AutoModel.from_pretrained(path, dtype=torch.float16 if cfg.device.startswith("cuda") else torch.float32)
     model.to(cfg.device).eval()
 
     @torch.no_grad()
