@@ -27,7 +27,7 @@ from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.files import atomic_path
 from darec_dist.train.config import resolve_path
 from darec_dist.train.evaluate import MAX_SCORES
-from darec_dist.train.metrics import mask_rows
+from darec_dist.train.metrics import mask_rows, top_k
 
 
 def load_export(run_dir: Path, kind: str) -> tuple[np.ndarray, pd.Series]:
@@ -54,7 +54,7 @@ def top_items(users: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndar
         scores = torch.from_numpy(np.ascontiguousarray(user_vectors[part])) @ items.T
         if seen is not None:
             mask_rows(scores, part, seen)
-        values, indices = torch.topk(scores, k, dim=1)
+        values, indices = top_k(scores, k)
         top.append(indices.numpy())
         best.append(values.numpy())
     return np.concatenate(top), np.concatenate(best)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from darec_dist.data.dataset import CSR
-from darec_dist.train.metrics import mask_rows, ranking_sums
+from darec_dist.train.metrics import mask_rows, merge_top_k, ranking_sums, top_k
 
 
 def csr(rows):
@@ -47,3 +47,21 @@ def test_sums_match_reference():
         assert sums["users"] == count == num_users - 1
         assert abs(sums[f"recall@{k}"] - recall) < 1e-9
         assert abs(sums[f"ndcg@{k}"] - ndcg) < 1e-9
+
+
+def test_top_k_breaks_ties_by_item_id_however_the_catalogue_is_cut():
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.integers(0, 4, size=(30, 57)).astype(np.float32))  # many exact ties
+    scores[:, 5] = float("-inf")  # a masked item
+    k = 10
+    expected = np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :k]  # ties to the lower id
+    values, columns = top_k(scores, k)
+    np.testing.assert_array_equal(columns.numpy(), expected)
+    np.testing.assert_array_equal(values.numpy(), np.take_along_axis(scores.numpy(), expected, 1))
+    for block in (1, 7, 20):  # blocks merged into a running top K, in any order of blocks
+        starts = list(range(0, scores.shape[1], block))[::-1]
+        best = (torch.full((30, k), float("-inf")), torch.full((30, k), -1, dtype=torch.int64))
+        for start in starts:
+            part_values, part_columns = top_k(scores[:, start : start + block], k)
+            best = merge_top_k(torch.cat([best[0], part_values], 1), torch.cat([best[1], part_columns + start], 1), k)
+        np.testing.assert_array_equal(best[1].numpy(), expected, err_msg=f"block {block}")

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from darec_dist.distributed.collectives import all_reduce_sum
-from darec_dist.train.metrics import mask_rows, metric_names, ranking_sums
+from darec_dist.train.metrics import mask_rows, merge_top_k, metric_names, ranking_sums, top_k
 
 # Scores held at once: user chunk x block <= this many floats (64 MiB).
 MAX_SCORES = 1 << 24
@@ -86,10 +86,10 @@ def evaluate(trainer, split: str, world_size: int, rank: int) -> dict[str, float
             scores = users[rows] @ block.T
             mask_rows(scores, mine[rows], train, items)
             # The block's own top-K first: merging with the running top-K then touches 2K columns, not the block.
-            block_top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1)
-            best = torch.topk(torch.cat([top_scores[rows], block_top.values], dim=1), k=k, dim=1)
-            candidates = torch.cat([top_items[rows], columns[block_top.indices]], dim=1)
-            top_scores[rows], top_items[rows] = best.values, candidates.gather(1, best.indices)
+            block_scores, block_columns = top_k(scores, k)
+            top_scores[rows], top_items[rows] = merge_top_k(
+                torch.cat([top_scores[rows], block_scores], dim=1), torch.cat([top_items[rows], columns[block_columns]], dim=1), k
+            )
     names = metric_names(cfg.ks)
     sums = ranking_sums(top_items.cpu().numpy(), mine, ds.interactions(split), cfg.ks)
     totals = torch.tensor([sums[n] for n in names] + [sums["users"]], dtype=torch.float64)
