@@ -1,0 +1,68 @@
+"""spark-submit to a standalone Spark cluster (a master and a worker started here, executors in their own JVM
+and Python workers) writes the same dataset as the local session."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from darec_dist.config import load_config
+from spark_jobs.config import PrepareConfig
+from spark_jobs.prepare import prepare
+from tests.conftest import REPO
+from tests.synthetic import overrides, write_csv_source
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(tmp_path, name, *args, ready):
+    log = tmp_path / f"{name}.log"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SPARK_LOCAL_IP": "127.0.0.1"}
+    process = subprocess.Popen([str(BIN / "spark-class"), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                               env=env, cwd=tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while ready not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    return process
+
+
+@pytest.fixture
+def standalone_cluster(tmp_path):
+    port = free_port()
+    master = start(tmp_path, "master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+                   "--webui-port", str(free_port()), ready="elected leader")
+    worker = start(tmp_path, "worker", "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host", "127.0.0.1",
+                   "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / "work"),
+                   ready="Successfully registered with master")
+    yield f"spark://127.0.0.1:{port}"
+    for process in (worker, master):
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def test_spark_submit_to_a_cluster_writes_the_local_sessions_dataset(spark, standalone_cluster, tmp_path):
+    source = write_csv_source(tmp_path / "raw", item_text=True)
+    settings = overrides({**source, "embedding.encoder": "id-hash", "embedding.dim": 8, "spark.shuffle_partitions": 4})
+    config = REPO / "configs" / "data" / "csv.yaml"
+    command = [str(BIN / "spark-submit"), "--master", standalone_cluster, str(REPO / "spark_jobs" / "prepare.py"), str(config),
+               *settings, f"output={tmp_path / 'cluster'}"]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Granted executor ID app-" in done.stderr  # the work ran on the cluster's executor, not in the driver
+    local = prepare(load_config(PrepareConfig, config, [*settings, f"output={tmp_path / 'local'}"]), spark=spark)
+    on_cluster, here = (json.loads((root / "manifest.json").read_text()) for root in (tmp_path / "cluster", local))
+    assert on_cluster["arrays"] == here["arrays"] and on_cluster["shards"] == here["shards"]
