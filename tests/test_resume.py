@@ -267,3 +267,38 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
     with pytest.raises(ConfigError, match=r"state.json is missing"):
         checkpoint.check_complete(older)
     assert checkpoint.latest(tmp_path) is None
+
+
+def _count_optimizer_steps(rank, world_size, root, run_dir):
+    import torch
+
+    from darec_dist.data.dataset import PreparedDataset
+    from darec_dist.data.loader import epoch_batches
+    from darec_dist.distributed.env import DistEnv
+    from darec_dist.train.evaluate import evaluate
+    from darec_dist.train.trainer import Trainer
+    from tests.train_helpers import train_config
+
+    dataset = PreparedDataset.open(root)
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"), backend="gloo")
+    cfg = train_config(root, run_dir, "model.backbone=mf", "sparse.optimizer=rowwise_adagrad", "loader.batch_size=64")
+    trainer = Trainer(cfg, env, dataset)
+    for _, batch in zip(range(3), epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, world_size)):
+        trainer.train_step(batch)
+    trained = trainer.tables.optimizer_step
+    assert trained >= 3
+    trainer.set_train(False)
+    evaluate(trainer, "val", world_size, rank)
+    assert trainer.tables.optimizer_step == trained, "an evaluation moved the fused optimizer's step count"
+    checkpoint.save(trainer, run_dir, checkpoint.step_name(3), {"epoch": 0, "step_in_epoch": 3})
+    fresh = Trainer(cfg, env, dataset)
+    assert fresh.tables.optimizer_step == 0
+    checkpoint.load(fresh, run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(3))
+    assert fresh.tables.optimizer_step == trained, "a resume restarted the fused optimizer's step count"
+
+
+def test_the_fused_optimizers_step_count_survives_evaluation_and_resume(small_dataset, tmp_path):
+    """fbgemm counts steps per module (Adam's bias correction reads the count on GPU), outside TorchRec's state_dict."""
+    from tests.dist_helpers import run_distributed
+
+    run_distributed(_count_optimizer_steps, 1, small_dataset[0], tmp_path)

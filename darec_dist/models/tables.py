@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -124,6 +125,32 @@ class ShardedTables:
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
             self.dense_optimizer.zero_grad()
+
+    @property
+    def optimizer_step(self) -> int:
+        """The fused optimizer's step count (fbgemm's per-module counter: Adam's bias correction reads it)."""
+        return max((int(m.iter.item()) for m in self._counted_modules()), default=0)
+
+    def set_optimizer_step(self, step: int) -> None:
+        # TorchRec's state_dict leaves the counter out: a resume restored Adam's moments but restarted the
+        # count at 0, which rescales the first updates (GPU; on CPU Adam runs as torch's, whose state keeps it).
+        for module in self._counted_modules():
+            module.iter.fill_(step)
+            module.iter_cpu.fill_(step)
+
+    @contextmanager
+    def optimizer_step_kept(self):
+        """Lookups without training (evaluation) leave the count as it was: fbgemm counts every forward."""
+        saved = [(m, m.iter.clone(), m.iter_cpu.clone()) for m in self._counted_modules()]
+        try:
+            yield
+        finally:
+            for module, count, count_cpu in saved:
+                module.iter.copy_(count)
+                module.iter_cpu.copy_(count_cpu)
+
+    def _counted_modules(self):
+        return [m for m in _table_batched_modules(self.module) if hasattr(m, "iter") and hasattr(m, "iter_cpu")]
 
     def local_shards(self, table: str):
         """(row offset, column offset, tensor view) of each shard of `table` held by this rank."""

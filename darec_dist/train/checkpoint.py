@@ -89,7 +89,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
     _barrier()
     if rank == 0:
-        (staging / STATE).write_text(json.dumps(state, indent=2))
+        (staging / STATE).write_text(json.dumps({**state, "table_optimizer_step": trainer.tables.optimizer_step}, indent=2))
         sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
         (staging / FILES).write_text(json.dumps(sizes, indent=1))
         (staging / COMPLETE).write_text("")
@@ -212,6 +212,9 @@ def load(trainer, path: str | Path) -> dict:
     trainer.tables.module.load_state_dict(state["tables"])
     if "table_optim" in state:
         optimizer.load_state_dict(state["table_optim"])
+    saved = loop_state(path)
+    if "table_optimizer_step" in saved:  # checkpoints from before it was kept: the count restarts
+        trainer.tables.set_optimizer_step(saved["table_optimizer_step"])
     if trainer.engine is not None:
         loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine")
         if loaded is None:
@@ -220,4 +223,4 @@ def load(trainer, path: str | Path) -> dict:
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return loop_state(path)
+    return saved

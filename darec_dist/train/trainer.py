@@ -173,7 +173,8 @@ class Trainer:
         for c in range(calls):
             part = nodes[c * chunk : (c + 1) * chunk]
             features, _, index = self.features.node_features({"user": part})
-            pooled = self.tables.lookup(features.to(self.env.device))
+            with self.tables.optimizer_step_kept():
+                pooled = self.tables.lookup(features.to(self.env.device))
             out.append(self.combine_blocks(pooled)[torch.from_numpy(index["user"]).to(self.env.device)])
         return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.dim)
 
