@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
             for _ in range(args.steps):
                 tables.lookup(features)
             dist.barrier()
-        elapsed = torch.tensor(time.perf_counter() - started)
+        elapsed = torch.tensor(time.perf_counter() - started, device=env.device)  # NCCL carries CUDA tensors only
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if env.is_main:
             Path(args.result).write_text(json.dumps({"ms": 1000 * elapsed.item() / args.steps}))

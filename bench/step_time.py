@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
         for batch in batches[args.warmup :]:
             trainer.train_step(batch)
         dist.barrier()
-        elapsed = torch.tensor(time.perf_counter() - started)
+        elapsed = torch.tensor(time.perf_counter() - started, device=env.device)  # NCCL carries CUDA tensors only
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         result = {"method": args.method}
         if args.profile:

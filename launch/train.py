@@ -102,7 +102,7 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict
             f"{source}: its tables' optimizer state is {saved_tables['optimizer']}'s, not {tables['optimizer']}'s; resume "
             f"with sparse.optimizer={saved_tables['optimizer']} (launch/evaluate.py reads the weights with any)"
         )
-    per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind)
+    per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind or kind == "grid_shard")
     if tables["optimizer"] == "rowwise_adagrad" and per_column_shard and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
         raise ConfigError(
             f"{source}: its column-wise tables ({', '.join(per_column_shard)}) keep row-wise Adagrad state per column "

@@ -74,12 +74,18 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL carries CUDA tensors only (the process's device, set by
+    pick_device); gloo, and a process without a group, CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def max_over_ranks(*values: int) -> list[int]:
     """The largest of every rank's value, for each of `values` (the same on all ranks; one collective)."""
     if world_size() == 1:
         return list(values)
-    # NCCL carries CUDA tensors only (the process's device, set by pick_device).
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    x = torch.tensor(values, dtype=torch.int64, device=device)
+    x = torch.tensor(values, dtype=torch.int64, device=collective_device())
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x.tolist()

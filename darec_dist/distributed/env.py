@@ -35,8 +35,10 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # A scheduler that shows each process only its own GPU (CUDA_VISIBLE_DEVICES per task) leaves one device.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 

@@ -36,6 +36,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from darec_dist.config import ConfigError
+from darec_dist.distributed.collectives import collective_device
 from darec_dist.distributed.env import DistEnv
 
 Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
@@ -184,12 +185,12 @@ class ShardedTables:
 
     def full_table(self, table: str, num_rows: int, dim: int) -> torch.Tensor:
         """The whole table on every rank (tests only: it holds every row in each process)."""
-        out = torch.zeros(num_rows, dim)
+        out = torch.zeros(num_rows, dim, device=collective_device())
         for r0, c0, tensor in self.local_shards(table):
             out[r0 : r0 + tensor.shape[0], c0 : c0 + tensor.shape[1]] = tensor.detach()
         if dist.is_initialized() and self.plan[table][0] != "data_parallel":
             dist.all_reduce(out)
-        return out
+        return out.cpu()
 
 
 def _leaves(tree):
@@ -243,8 +244,10 @@ def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, 
         # The dense kernel's torch optimizer keeps plain per-rank tensors, which a checkpoint cannot tell apart
         # across the shards of a row- or column-wise table (below): let the planner place such tables whole.
         types = [ShardingType.DATA_PARALLEL.value, ShardingType.TABLE_WISE.value] if kernel == EmbeddingComputeKernel.DENSE.value else None
+        # The device's own memory, not the planner's default of 32 GiB per GPU (the planner keeps its reserve).
+        memory = {"hbm_cap": torch.cuda.get_device_properties(env.device).total_memory} if env.device.type == "cuda" else {}
         planner = EmbeddingShardingPlanner(
-            topology=Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type),
+            topology=Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type, **memory),
             constraints={t: ParameterConstraints(compute_kernels=[kernel], sharding_types=types) for t in tables},
         )
         return planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
