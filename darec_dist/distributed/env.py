@@ -120,8 +120,6 @@ def _die_with_the_agent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the agent died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _free_port() -> int:
