@@ -302,3 +302,15 @@ def test_the_fused_optimizers_step_count_survives_evaluation_and_resume(small_da
     from tests.dist_helpers import run_distributed
 
     run_distributed(_count_optimizer_steps, 1, small_dataset[0], tmp_path)
+
+
+def test_a_checkpoint_being_read_is_not_pruned(tmp_path):
+    root = tmp_path / checkpoint.CHECKPOINTS
+    for step in (3, 6, 9):
+        (root / checkpoint.step_name(step)).mkdir(parents=True)
+        (root / checkpoint.step_name(step) / checkpoint.COMPLETE).write_text("")
+    with checkpoint.reading(root / checkpoint.step_name(3)):  # launch/evaluate.py --checkpoint on a running run
+        checkpoint._prune(root, keep=1)
+        assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(3), checkpoint.step_name(9)]
+    checkpoint._prune(root, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(9)]

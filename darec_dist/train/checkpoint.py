@@ -9,11 +9,15 @@ later (a file deleted or truncated) is refused by name, and skipped by `latest()
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import re
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +107,28 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        handle = os.open(old, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # being read (launch/evaluate.py on this running run): a later save prunes it
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(handle)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """A shared lock on a checkpoint while it is read, so that the run writing it does not prune it meanwhile."""
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such checkpoint directory")
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(handle)
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -187,17 +212,18 @@ def load_weights(trainer, path: str | Path) -> dict:
     DeepSpeed's ZeRO stages partition by world size, are not read. Returns the checkpoint's loop state.
     """
     path = Path(path)
-    check_complete(path)
-    state = {"tables": trainer.tables.module.state_dict()}
-    dcp.load(state, checkpoint_id=str(path / "tables"))
-    trainer.tables.module.load_state_dict(state["tables"])
-    if trainer.engine is not None:
-        loaded, _ = trainer.engine.load_checkpoint(
-            str(path / "dense"), tag="engine", load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
-        )
-        if loaded is None:
-            raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
-    return loop_state(path)
+    with reading(path):
+        check_complete(path)
+        state = {"tables": trainer.tables.module.state_dict()}
+        dcp.load(state, checkpoint_id=str(path / "tables"))
+        trainer.tables.module.load_state_dict(state["tables"])
+        if trainer.engine is not None:
+            loaded, _ = trainer.engine.load_checkpoint(
+                str(path / "dense"), tag="engine", load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
+            )
+            if loaded is None:
+                raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+        return loop_state(path)
 
 
 def load(trainer, path: str | Path) -> dict:
