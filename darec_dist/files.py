@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -27,6 +28,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def directory_lock(path: Path, exclusive: bool, wait: bool = True) -> Iterator[bool]:
+    """An advisory lock (flock) on a directory, held for the block; yields whether it was taken (always, when
+    waiting). The kernel drops it with the process, so a killed holder never leaves it behind."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            taken = False
+        else:
+            taken = True
+        yield taken
+    finally:
+        os.close(handle)
 
 
 def replace_dir(staging: Path, final: Path) -> None:

@@ -20,22 +20,24 @@ from pyspark.sql import functions as F
 from spark_jobs.config import GraphConfig
 
 
-def node_degrees(train: DataFrame, num_users: int, num_nodes: int, spark: SparkSession, self_loops: bool = False) -> DataFrame:
-    """node, degree for every node (0 for nodes without train edges; one more each with self loops).
+def train_edges(train: DataFrame) -> DataFrame:
+    """user, item: the graph's edges, each train pair once (clean.dedupe=false repeats pairs in train)."""
+    return train.select("user", "item").distinct()
 
-    A pair that `train` repeats (clean.dedupe=false) is one edge, as in the adjacency."""
-    pairs = train.select("user", "item").distinct()
-    edges = pairs.select(F.col("user").alias("node")).unionAll(pairs.select((F.col("item") + num_users).alias("node")))
-    counted = edges.groupBy("node").agg(F.count(F.lit(1)).alias("degree"))
+
+def node_degrees(edges: DataFrame, num_users: int, num_nodes: int, spark: SparkSession, self_loops: bool = False) -> DataFrame:
+    """node, degree for every node of the `train_edges` (0 without edges; one more each with self loops)."""
+    ends = edges.select(F.col("user").alias("node")).unionAll(edges.select((F.col("item") + num_users).alias("node")))
+    counted = ends.groupBy("node").agg(F.count(F.lit(1)).alias("degree"))
     nodes = spark.range(num_nodes).withColumnRenamed("id", "node")
     loops = 1 if self_loops else 0
     return nodes.join(counted, "node", "left").select("node", (F.coalesce("degree", F.lit(0)) + loops).cast("long").alias("degree"))
 
 
-def normalised_adjacency(train: DataFrame, degrees: DataFrame, num_users: int, self_loops: bool = False) -> DataFrame:
-    """src, dst, a: both directions of every train edge, a = 1/sqrt(deg(src) deg(dst)); with self
+def normalised_adjacency(edges: DataFrame, degrees: DataFrame, num_users: int, self_loops: bool = False) -> DataFrame:
+    """src, dst, a: both directions of every edge of `train_edges`, a = 1/sqrt(deg(src) deg(dst)); with self
     loops also (v, v) for every node (`degrees` must then count them: node_degrees(self_loops=True))."""
-    pairs = train.select(F.col("user").alias("u"), (F.col("item") + num_users).alias("i")).distinct()
+    pairs = edges.select(F.col("user").alias("u"), (F.col("item") + num_users).alias("i"))
     both = pairs.select(F.col("u").alias("src"), F.col("i").alias("dst")).unionAll(pairs.select(F.col("i").alias("src"), F.col("u").alias("dst")))
     if self_loops:
         both = both.unionAll(degrees.select(F.col("node").alias("src"), F.col("node").alias("dst")))

@@ -33,7 +33,7 @@ from spark_jobs.clean import clean
 from spark_jobs.config import PrepareConfig
 from spark_jobs.embed import embed_profiles
 from spark_jobs.errors import PrepareError
-from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows, sample_neighbors
+from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows, sample_neighbors, train_edges
 from spark_jobs.ids import apply_id_maps, build_id_map
 from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
 from spark_jobs.readers.formats import read_source
@@ -154,8 +154,9 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
 
     with log.stage("graph"):
         num_nodes = num_users + num_items
-        degrees = node_degrees(train, num_users, num_nodes, spark, cfg.graph.self_loops)
-        adjacency = normalised_adjacency(train, degrees, num_users, cfg.graph.self_loops)
+        edges = train_edges(train).persist(StorageLevel.MEMORY_AND_DISK)  # read by the degrees and the adjacency
+        degrees = node_degrees(edges, num_users, num_nodes, spark, cfg.graph.self_loops)
+        adjacency = normalised_adjacency(edges, degrees, num_users, cfg.graph.self_loops)
         if cfg.graph.max_neighbors is not None:
             adjacency = sample_neighbors(adjacency, degrees, cfg.graph.max_neighbors, cfg.seed)
         rows = propagation_rows(spark, adjacency, num_nodes, cfg.graph, parts)

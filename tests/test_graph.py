@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from spark_jobs.config import GraphConfig
-from spark_jobs.graph import node_degrees, normalised_adjacency, propagation_rows
+from spark_jobs.graph import node_degrees, normalised_adjacency, propagation_rows, train_edges
 
 NUM_USERS, NUM_ITEMS = 12, 9
 
@@ -38,7 +38,7 @@ def top_k_rows(matrix, k):
 
 
 def spark_rows(spark, edges, cfg):
-    train = spark.createDataFrame(edges, "user long, item long")
+    train = train_edges(spark.createDataFrame(edges, "user long, item long"))
     n = NUM_USERS + NUM_ITEMS
     degrees = node_degrees(train, NUM_USERS, n, spark, cfg.self_loops)
     adjacency = normalised_adjacency(train, degrees, NUM_USERS, cfg.self_loops)
@@ -108,7 +108,7 @@ def test_top_k_prunes_after_every_hop(spark, edges):
 def test_neighbour_cap_bounds_expansion_and_is_exact_when_loose(spark, edges):
     from spark_jobs.graph import sample_neighbors
 
-    train = spark.createDataFrame(edges, "user long, item long")
+    train = train_edges(spark.createDataFrame(edges, "user long, item long"))
     n = NUM_USERS + NUM_ITEMS
     degrees = node_degrees(train, NUM_USERS, n, spark)
     adjacency = normalised_adjacency(train, degrees, NUM_USERS)

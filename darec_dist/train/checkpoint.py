@@ -9,15 +9,11 @@ later (a file deleted or truncated) is refused by name, and skipped by `latest()
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import random
 import re
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +24,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, to_dict
 from darec_dist.distributed import collectives
-from darec_dist.files import replace_dir
+from darec_dist.files import directory_lock, replace_dir
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -107,28 +103,10 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
     for old in steps[:-keep]:
-        handle = os.open(old, os.O_RDONLY)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # being read (launch/evaluate.py on this running run): a later save prunes it
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            os.close(handle)
-
-
-@contextmanager
-def reading(path: Path) -> Iterator[None]:
-    """A shared lock on a checkpoint while it is read, so that the run writing it does not prune it meanwhile."""
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such checkpoint directory")
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(handle)
+        # One being read (load_weights: launch/evaluate.py on this running run) is left to a later save.
+        with directory_lock(old, exclusive=True, wait=False) as unread:
+            if unread:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -212,8 +190,8 @@ def load_weights(trainer, path: str | Path) -> dict:
     DeepSpeed's ZeRO stages partition by world size, are not read. Returns the checkpoint's loop state.
     """
     path = Path(path)
-    with reading(path):
-        check_complete(path)
+    check_complete(path)
+    with directory_lock(path, exclusive=False):  # kept from pruning while read
         state = {"tables": trainer.tables.module.state_dict()}
         dcp.load(state, checkpoint_id=str(path / "tables"))
         trainer.tables.module.load_state_dict(state["tables"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from darec_dist.config import ConfigError
 from darec_dist.distributed.collectives import max_over_ranks
+from darec_dist.files import directory_lock
 
 
 @contextmanager
@@ -17,26 +16,20 @@ def exclusive_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
     """Rank 0 holds an exclusive lock on run_dir for the job's life (the kernel drops it when the process dies,
     so a restarted or requeued job takes it over); every rank fails alike when another job holds it. Collective.
     A run_dir created here and left empty (a run refused before writing anything) is removed on the way out."""
-    created, handle, taken = False, None, True
-    if is_main:
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = os.open(run_dir, os.O_RDONLY)
+    created = is_main and not run_dir.exists()
+    with ExitStack() as held:
+        taken = True
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            taken = held.enter_context(directory_lock(run_dir, exclusive=True, wait=False))
+        (refused,) = max_over_ranks(int(not taken))
+        if refused:
+            raise ConfigError(
+                f"{run_dir}: another training job is using this run_dir (a run in progress, or the workers of a killed "
+                "torchrun still running: see `ps`); wait for it, stop it, or give this run another run_dir"
+            )
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            handle, taken = None, False
-    (refused,) = max_over_ranks(int(not taken))
-    if refused:
-        raise ConfigError(
-            f"{run_dir}: another training job is using this run_dir (a run in progress, or the workers of a killed "
-            "torchrun still running: see `ps`); wait for it, stop it, or give this run another run_dir"
-        )
-    try:
-        yield
-    finally:
-        if handle is not None:
-            os.close(handle)  # releases the lock
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+            yield
+        finally:
+            if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()

@@ -170,12 +170,12 @@ class Trainer:
         """Collaborative embeddings of node ids, in `calls` chunked lookups (equal on all ranks: they are collective)."""
         chunk = self.cfg.eval.node_chunk
         out = []
-        for c in range(calls):
-            part = nodes[c * chunk : (c + 1) * chunk]
-            features, _, index = self.features.node_features({"user": part})
-            with self.tables.optimizer_step_kept():
+        with self.tables.optimizer_step_kept():
+            for c in range(calls):
+                part = nodes[c * chunk : (c + 1) * chunk]
+                features, _, index = self.features.node_features({"user": part})
                 pooled = self.tables.lookup(features.to(self.env.device))
-            out.append(self.combine_blocks(pooled)[torch.from_numpy(index["user"]).to(self.env.device)])
+                out.append(self.combine_blocks(pooled)[torch.from_numpy(index["user"]).to(self.env.device)])
         return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.dim)
 
     def combine_blocks(self, pooled: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from darec_dist.data import layout
 from darec_dist.files import replace_dir
 from spark_jobs.config import PrepareConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import drop_malformed, first_problem, numbered_lines, split_fields
+from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, numbered_lines, split_fields
 from spark_jobs.readers.safe_pickle import load_matrix
 from spark_jobs.readers.source import RawSource
 from spark_jobs.readers.synthetic import read_synthetic
@@ -153,12 +153,8 @@ def _all_integer(interactions: DataFrame, canonical: bool = False) -> bool:
     """Whether every id is an integer that fits int64 (then ids are ordered as numbers); ids beyond it stay
     strings rather than turning null. canonical: also written in one way only (no leading zeros), for sources
     whose ids are tokens that are not canonicalised, where "007" and "7" would be two ids of the same number."""
-    pattern = r"^(0|-?[1-9][0-9]*)$" if canonical else r"^-?[0-9]+$"
-
-    def integer(column: str) -> F.Column:
-        return F.col(column).rlike(pattern) & F.col(column).try_cast("long").isNotNull()
-
-    return interactions.where(~(integer("user") & integer("item"))).limit(1).count() == 0
+    integer = is_integer(F.col("user"), canonical) & is_integer(F.col("item"), canonical)
+    return interactions.where(~integer).limit(1).count() == 0
 
 
 def _standard(df: DataFrame, has_split: bool) -> DataFrame:

@@ -43,7 +43,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     if numeric_ids:
         # A row whose id is not an integer names no node of the interactions, like any extra row: it is left out
         # (a node whose text row is mistyped is then reported as a node without text).
-        table = table.where(is_integer(F.trim(F.col(id_col))) & F.trim(F.col(id_col)).try_cast("long").isNotNull())
+        table = table.where(is_integer(F.trim(F.col(id_col))))
         ids = F.trim(F.col(id_col)).try_cast("long").cast("string")
     else:
         ids = F.trim(F.col(id_col))
