@@ -6,7 +6,9 @@ import fcntl
 import glob
 import os
 import shutil
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,29 +32,74 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+_UNLOCKABLE_DEVICES: set[int] = set()
+
+
+def _flock(handle: int, path: Path, mode: int) -> bool:
+    """flock; False when another holder blocks a non-waiting request. A filesystem that cannot lock a directory
+    (NFS emulates flock by byte-range locks, which an exclusive lock takes only on a file open for writing)
+    is warned about and treated as taken: the guard is lost there, not the job."""
+    try:
+        fcntl.flock(handle, mode)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        device = os.fstat(handle).st_dev
+        if device not in _UNLOCKABLE_DEVICES:  # once per filesystem: every checkpoint would repeat it
+            _UNLOCKABLE_DEVICES.add(device)
+            warnings.warn(f"{path}: this filesystem cannot lock it ({err}); going on without locks", RuntimeWarning, stacklevel=2)
+    return True
+
+
 @contextmanager
 def directory_lock(path: Path, exclusive: bool, wait: bool = True) -> Iterator[bool]:
     """An advisory lock (flock) on a directory, held for the block; yields whether it was taken (always, when
     waiting). The kernel drops it with the process, so a killed holder never leaves it behind."""
     handle = os.open(path, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            taken = False
-        else:
-            taken = True
-        yield taken
+        yield _flock(handle, path, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
     finally:
         os.close(handle)
 
 
+@contextmanager
+def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
+    """A shared lock on the directory at `path` while the block reads it: replace_dir waits for it before moving
+    the directory away (and checkpoint pruning skips it). A swap between the open and the lock leaves the lock on
+    the retired directory; then the new one is locked instead, so the block always reads what is at `path`."""
+    for attempt in range(attempts):
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # between a swap's two renames, or removed
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+            continue
+        try:
+            _flock(handle, path, fcntl.LOCK_SH)
+            locked = os.fstat(handle)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+                yield
+                return
+        finally:
+            os.close(handle)
+    raise FileNotFoundError(f"{path}: replaced or removed while waiting to read it, {attempts} times")
+
+
 def replace_dir(staging: Path, final: Path) -> None:
-    """Swap a finished directory into place. The one it replaces is removed only after the swap; one left by a
-    process killed between the two renames (a hidden `.<name>.old-*`) is removed by the next swap."""
+    """Swap a finished directory into place, once its readers (reading_lock) are done. The one it replaces is
+    removed only after the swap; one left by a process killed between the two renames (a hidden
+    `.<name>.old-*`) is removed by the next swap."""
     retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     if final.exists():
-        os.replace(final, retired)
-    os.replace(staging, final)
+        with directory_lock(final, exclusive=True):
+            os.replace(final, retired)
+            os.replace(staging, final)
+    else:
+        os.replace(staging, final)
     for old in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
         shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,11 @@
 """Outputs appear whole or not at all."""
 
+import threading
+import warnings
+
 import pytest
 
-from darec_dist.files import atomic_path, replace_dir, write_text_atomic
+from darec_dist.files import atomic_path, directory_lock, reading_lock, replace_dir, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -30,3 +33,77 @@ def test_a_directory_swap_replaces_the_old_one_and_removes_one_left_by_a_killed_
     replace_dir(staging, final)
     assert (final / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export2.old-cafecafe", "export"]
+
+
+def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_path):
+    """A running run's `best` checkpoint, replaced at an improvement while launch/evaluate.py reads it."""
+    final = tmp_path / "best"
+    final.mkdir()
+    (final / "part-1").write_text("old")
+    (final / "part-2").write_text("old")
+    staging = tmp_path / ".best.tmp"
+    staging.mkdir()
+    for name in ("part-1", "part-2"):
+        (staging / name).write_text("new")
+    with reading_lock(final):
+        first = (final / "part-1").read_text()
+        swap = threading.Thread(target=replace_dir, args=(staging, final))
+        swap.start()
+        swap.join(timeout=0.5)
+        assert swap.is_alive(), "the swap did not wait for the reader"
+        assert (first, (final / "part-2").read_text()) == ("old", "old")
+    swap.join(timeout=10)
+    assert not swap.is_alive() and (final / "part-1").read_text() == "new"
+    with reading_lock(final):  # a reader after the swap locks and reads the new directory
+        assert (final / "part-2").read_text() == "new"
+
+
+def test_a_reader_that_locked_a_directory_swapped_away_locks_the_new_one(tmp_path, monkeypatch):
+    import darec_dist.files as files
+
+    final = tmp_path / "best"
+    final.mkdir()
+    stagings = [tmp_path / f".best.tmp{i}" for i in (1, 2)]
+    for i, staging in enumerate(stagings, 1):
+        staging.mkdir()
+        (staging / "v").write_text(f"new-{i}")
+    real_flock, swapped = files.fcntl.flock, []
+
+    def flock_after_a_swap(handle, mode):  # the trainer swaps between the reader's open and its lock
+        if not swapped:
+            swapped.append(True)
+            replace_dir(stagings[0], final)
+        real_flock(handle, mode)
+
+    monkeypatch.setattr(files.fcntl, "flock", flock_after_a_swap)
+    with reading_lock(final):
+        # Holding the retired directory's lock would not keep the next swap from moving this one away.
+        swap = threading.Thread(target=replace_dir, args=(stagings[1], final))
+        swap.start()
+        swap.join(timeout=0.5)
+        assert swap.is_alive() and (final / "v").read_text() == "new-1"
+    swap.join(timeout=10)
+    assert (final / "v").read_text() == "new-2"
+
+
+def test_a_filesystem_that_cannot_lock_directories_warns_and_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    import darec_dist.files as files
+
+    def unsupported(handle, mode):  # NFS: an exclusive lock needs a file open for writing
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(files.fcntl, "flock", unsupported)
+    monkeypatch.setattr(files, "_UNLOCKABLE_DEVICES", set())
+    with pytest.warns(RuntimeWarning, match="cannot lock"):
+        with directory_lock(tmp_path, exclusive=True, wait=False) as taken:
+            assert taken
+    staging = tmp_path / ".out.tmp"
+    staging.mkdir()
+    (tmp_path / "out").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per filesystem, not at every checkpoint
+        replace_dir(staging, tmp_path / "out")
+        with reading_lock(tmp_path / "out"):
+            pass

@@ -24,7 +24,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, to_dict
 from darec_dist.distributed import collectives
-from darec_dist.files import directory_lock, replace_dir
+from darec_dist.files import directory_lock, reading_lock, replace_dir
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -191,7 +191,7 @@ def load_weights(trainer, path: str | Path) -> dict:
     """
     path = Path(path)
     check_complete(path)
-    with directory_lock(path, exclusive=False):  # kept from pruning while read
+    with reading_lock(path):  # neither pruned nor replaced (a running run's `best`) while read
         state = {"tables": trainer.tables.module.state_dict()}
         dcp.load(state, checkpoint_id=str(path / "tables"))
         trainer.tables.module.load_state_dict(state["tables"])
