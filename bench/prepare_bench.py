@@ -71,6 +71,7 @@ def main() -> None:
               f"peak RSS {result['peak_rss_total_mib']:.0f} MiB (JVM {result['peak_rss_jvm_mib']:.0f}, driver {result['peak_rss_driver_mib']:.0f})")
         print(f"  stage seconds: {stages}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
 
 

@@ -51,6 +51,7 @@ def main() -> None:
             flush=True,
         )
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2))
 
 

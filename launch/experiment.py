@@ -78,6 +78,16 @@ class RunFailed(RuntimeError):
     """A training run of the experiment exited with an error (its log names it)."""
 
 
+def what_a_run_computes(settings: dict) -> dict:
+    """A resolved config less what only says where a run writes and how it reports; loader.num_workers 0 (batches
+    built in the rank's own process) reads the shards as one worker does."""
+    kept = {key: value for key, value in settings.items() if key not in ("run_dir", "output", "checkpoint")}
+    kept["train"] = {key: value for key, value in settings["train"].items() if key not in ("progress_bar", "log_every")}
+    kept["loader"] = {**settings["loader"], "num_workers": max(1, settings["loader"]["num_workers"])}
+    kept["data"] = {key: value for key, value in settings["data"].items() if key != "verify_checksums"}
+    return kept
+
+
 def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
     """One torchrun job; returns its results.json (skips the job when that file already exists)."""
     results = run_dir / "results.json"
@@ -86,9 +96,10 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
     if results.exists():
-        # A finished run counts only if it ran what is asked now (an edited experiment must not reuse it).
+        # A finished run counts only if it computed what is asked now (an edited experiment must not reuse it);
+        # one copied from another experiment's out_dir counts (docs/results.md reuses runs so).
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
-        changed = differences(ran, asked)
+        changed = differences(what_a_run_computes(ran), what_a_run_computes(asked))
         if changed:
             raise ConfigError(f"{run_dir}: finished with other settings (ran -> asked now): {'; '.join(changed[:6])}; "
                               "delete that run or give the experiment another out_dir")

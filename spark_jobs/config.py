@@ -84,9 +84,11 @@ class SourceConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
+        if self.delimiter == "\\t":  # a shell ate the double quotes of source.delimiter="\t": YAML kept backslash-t
+            self.delimiter = "\t"
         if not self.delimiter:
             # An unquoted | is a YAML block marker and a bare tab is stripped: both arrive empty.
-            raise ValueError('source.delimiter is empty; quote it: source.delimiter="\\t" for a tab, source.delimiter="|" for a pipe')
+            raise ValueError('source.delimiter is empty; quote it: source.delimiter="|" in YAML, \'source.delimiter="|"\' in a shell')
 
 
 @dataclass

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,12 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     stamp = (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime
     run_experiment(cfg)  # everything is done: nothing is trained again
     assert (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp
+    # Finished runs copied into another experiment count there: only where they wrote and how they reported differ.
+    copied = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), overrides=[*cfg.overrides, "loader.num_workers=0", "checkpoint.keep=1"])
+    for variant in ("base", "rlmrec-con"):
+        shutil.copytree(tmp_path / "exp" / variant, tmp_path / "other" / variant, copy_function=shutil.copy2)
+    assert run_experiment(copied) == summary
+    assert (tmp_path / "other" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp  # not trained again
     # An edited experiment does not pass off the old runs as its own.
     edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
     with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): train.epochs: 2 -> 3"):

@@ -221,6 +221,12 @@ def test_repeated_pairs_kept_by_dedupe_false_stay_in_one_split(spark, tmp_path):
     assert dataset.manifest["splits"]["val"] > 0 and dataset.manifest["splits"]["test"] > 0
 
 
+def test_a_tab_delimiter_whose_quotes_a_shell_removed_is_a_tab():
+    # source.delimiter="\t" unquoted by a shell reaches YAML as backslash-t, which would split on those two characters.
+    cfg = load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", ["source.delimiter=\\t"])
+    assert cfg.source.delimiter == "\t"
+
+
 @pytest.mark.parametrize("override, message", [
     ("source.columns.user=item", "must name different, non-empty columns"),
     ("source.delimiter=|", "source.delimiter is empty; quote it"),
