@@ -7,10 +7,10 @@ import pickle
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.distributed.env import DistEnv
-from darec_dist.models.losses import bpr_loss, l2_penalty
 from darec_dist.train.trainer import Trainer
 from tests.train_helpers import global_batch, train_config
 
@@ -68,8 +68,12 @@ def check_run(tmp_path, dataset: PreparedDataset, backbone) -> None:
     np.testing.assert_allclose(got["outputs"].numpy(), final.detach().numpy(), rtol=1e-5, atol=1e-6)
 
     users, pos, neg = (torch.from_numpy(a) for a in got["batch"])
-    loss = bpr_loss(final[users], final[u_count + pos], final[u_count + neg])
-    loss = loss + REG * l2_penalty(len(users), e0[users], e0[u_count + pos], e0[u_count + neg])
+    # BPR and LightGCN's L2 written out pair by pair (not the trainer's losses.py): each user's negatives follow it.
+    per_user = len(neg) // len(users)
+    pairs = [(u, u_count + p, u_count + neg[b * per_user + k]) for b, (u, p) in enumerate(zip(users, pos)) for k in range(per_user)]
+    loss = -torch.stack([F.logsigmoid(final[u] @ final[i] - final[u] @ final[j]) for u, i, j in pairs]).mean()
+    inputs = [*users, *(u_count + pos), *(u_count + neg)]
+    loss = loss + REG * sum(e0[v] @ e0[v] for v in inputs) / (2 * len(users))
     loss.backward()
     assert abs(got["loss"] - loss.item()) < 1e-6
     expected = (e0 - LR * e0.grad).detach().numpy()
