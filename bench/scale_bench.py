@@ -77,7 +77,7 @@ def step_rates(data: str, backbone: str, nproc: int) -> dict[str, float]:
 def full_epoch(data: str, overrides: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         command = [
-            PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "launch/train.py", TRAIN_CONFIG, f"data.path={data}",
+            PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py", TRAIN_CONFIG, f"data.path={data}",
             f"run_dir={run_dir}", "train.epochs=1", "train.progress_bar=false", *overrides,
         ]
         code, wall, peaks, output = run_measured(command, cwd=REPO)

@@ -25,7 +25,7 @@ def run_worker(script: str, nproc: int, worker_args: list[str], what: str) -> di
 
     Exits naming `what` with the tail of the workers' output if they fail."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", script, "--worker", *worker_args, "--result", out.name]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, "--worker", *worker_args, "--result", out.name]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{what}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

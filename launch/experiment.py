@@ -108,7 +108,7 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--max-restarts=1",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}", "--max-restarts=1",
         str(REPO_ROOT / "launch" / "train.py"), cfg.train_config, *settings, "--resume", "auto",
     ]
     with open(run_dir / "log.txt", "a") as log:

@@ -179,6 +179,9 @@ def test_world_sizes_agree(outcomes, name):
     for key in one["params"]:
         np.testing.assert_allclose(two["params"][key].numpy(), one["params"][key].numpy(), rtol=1e-8, atol=1e-12, err_msg=key)
     assert any(g.abs().max() > 0 for g in one["inputs"].values()), "the loss must depend on its inputs"
+    # A parameter without a gradient compares as zeros at both sizes: the module's own must reach the loss too.
+    module_grads = [g for key, g in one["params"].items() if key != "centres_param" and "after the step" not in key]
+    assert not module_grads or any(g.abs().max() > 0 for g in module_grads), "the loss must depend on the module's parameters"
 
 
 def test_global_similarity_matches_dense_matrices():

@@ -26,7 +26,7 @@ TRAIN = [
 
 
 def launch(nproc: int, *args: str) -> subprocess.Popen:
-    runner = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    runner = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.Popen([*runner, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -62,7 +62,7 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_d
     # Recommendations filtered by another dataset's train items are refused, naming the mismatch.
     with pytest.raises(DatasetError, match="user ids are not those of"):
         recommend(run_dir, None, k=5, data=str(exact_dataset))
-    refused = subprocess.run([sys.executable, "launch/recommend.py", str(run_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    refused = subprocess.run([sys.executable, "launch/recommend.py", str(run_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "is a directory" in refused.stderr and "Traceback" not in refused.stderr
 
     # The t-SNE picture reads the best weights of this 2-process ZeRO-1 run from one process.

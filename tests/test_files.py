@@ -1,11 +1,28 @@
 """Outputs appear whole or not at all."""
 
+import os
 import threading
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 
 from darec_dist.files import atomic_path, directory_lock, reading_lock, replace_dir, write_text_atomic
+
+
+def _blocked_on(path, seconds=30.0):
+    """Whether a flock request on the directory at `path` is waiting (/proc/locks marks waiters with ->), polled up
+    to `seconds`: a thread that has not yet reached the lock proves nothing, so the test waits until it has."""
+    inode = str(os.stat(path).st_ino)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "->" in fields and fields[-3].rsplit(":", 1)[-1] == inode:
+                return True
+        time.sleep(0.05)
+    return False
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -49,8 +66,7 @@ def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_pat
         first = (final / "part-1").read_text()
         swap = threading.Thread(target=replace_dir, args=(staging, final))
         swap.start()
-        swap.join(timeout=0.5)
-        assert swap.is_alive(), "the swap did not wait for the reader"
+        assert _blocked_on(final) and swap.is_alive(), "the swap did not wait for the reader"
         assert (first, (final / "part-2").read_text()) == ("old", "old")
     swap.join(timeout=10)
     assert not swap.is_alive() and (final / "part-1").read_text() == "new"
@@ -80,8 +96,7 @@ def test_a_reader_that_locked_a_directory_swapped_away_locks_the_new_one(tmp_pat
         # Holding the retired directory's lock would not keep the next swap from moving this one away.
         swap = threading.Thread(target=replace_dir, args=(stagings[1], final))
         swap.start()
-        swap.join(timeout=0.5)
-        assert swap.is_alive() and (final / "v").read_text() == "new-1"
+        assert _blocked_on(final) and swap.is_alive() and (final / "v").read_text() == "new-1"
     swap.join(timeout=10)
     assert (final / "v").read_text() == "new-2"
 

@@ -34,7 +34,7 @@ def _launch(launcher_flags, dataset, run_dir):
 
 def test_two_nodes_train_like_one_node_with_two_processes(small_dataset, tmp_path):
     root, _ = small_dataset
-    finish(_launch(["--nproc_per_node=2"], root, tmp_path / "one-node"))
+    finish(_launch(["--standalone", "--nproc_per_node=2"], root, tmp_path / "one-node"))
 
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                   f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=multinode-test"]

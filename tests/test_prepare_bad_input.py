@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -179,7 +180,7 @@ def test_unknown_format_and_keys_are_config_errors(tmp_path):
         load_config(PrepareConfig, None, ["source.format=xlsx"])
     done = subprocess.run(
         [sys.executable, "-m", "spark_jobs.prepare", str(REPO / "configs/data/ml-100k.yaml"), "grph.layers=2"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert done.returncode == 2
     assert "unknown key(s) grph" in done.stderr
@@ -286,5 +287,10 @@ def test_text_rows_of_ids_that_are_not_in_the_interactions_are_left_out(spark, t
     source, _ = csv_with_lines(tmp_path, [], item_text=True)
     items = tmp_path / "raw" / "items.csv"
     items.write_text(items.read_text() + "abc,an item nobody rated\n99999,another one\n")
-    output = prepare(small_config(tmp_path / "out", source), spark=spark)
-    assert (output / "manifest.json").exists()
+    # A text encoder: id-hash reads no text, so only this reaches the profile join.
+    output = prepare(small_config(tmp_path / "out", source, **{"embedding.encoder": "sentence-transformers"}), spark=spark)
+    rated = set(pd.read_csv(tmp_path / "raw" / "interactions.csv")["item"].astype(str))
+    assert set(pd.read_parquet(output / "ids" / "item.parquet")["raw"].astype(str)) == rated
+    profiles = pd.read_parquet(output / "profiles" / "item.parquet")
+    assert sorted(profiles["id"]) == list(range(len(rated)))
+    assert not profiles["text"].str.contains("nobody rated|another one").any()

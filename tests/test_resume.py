@@ -26,7 +26,7 @@ SETTINGS = [
 def torchrun(dataset, run_dir, *extra):
     # One restart: the resumed attempt must come up at once (each attempt has its own store prefix).
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5",
         "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}", *SETTINGS, *extra,
     ]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -79,7 +79,7 @@ def _check_refused_resume_keeps_the_config(dataset, run_dir, options):
     written = (run_dir / "config.yaml").read_text()
     command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}",
                *SETTINGS, *options, "sparse.optimizer=rowwise_adagrad", "--resume", "auto"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "resume with sparse.optimizer=" in done.stderr, done.stderr[-2000:]
     assert (run_dir / "config.yaml").read_text() == written
 
@@ -192,11 +192,11 @@ def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(sm
     root, _ = small_dataset
     command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
                *SETTINGS, "model.backbone=mf", "train.epochs=40", "train.patience=1", "sparse.lr=0.5", "--resume", "auto"]
-    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0 and "early stop" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     records = (tmp_path / "metrics.jsonl").read_text()
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True)  # as torchrun's restart would
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)  # as torchrun's restart would
     assert again.returncode == 0 and "stopped early" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert (tmp_path / "metrics.jsonl").read_text() == records
     rerun = json.loads((tmp_path / "results.json").read_text())

@@ -32,7 +32,7 @@ def start(tmp_path, name, *args, ready):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SPARK_LOCAL_IP": "127.0.0.1"}
     process = subprocess.Popen([str(BIN / "spark-class"), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                env=env, cwd=tmp_path, start_new_session=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while ready not in log.read_text():
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)

@@ -1,6 +1,7 @@
 """DeepSpeed's ZeRO stages change where the dense optimizer state lives, not what is trained: DaRec's losses
 per epoch and its test metrics are the same at stages 0, 1 and 2 (its centres are set in place by k-means on
-the first batch, which stages 1 and 2, stepping a separate fp32 master copy, used to overwrite)."""
+the first batch, which stages 1 and 2, stepping a separate fp32 master copy, used to overwrite). Two processes,
+so that stages 1 and 2 really partition the optimizer state over ranks (their checkpoints hold one shard per rank)."""
 
 import json
 import subprocess
@@ -17,7 +18,8 @@ SETTINGS = [
 
 
 def _epoch_losses(dataset, run_dir, stage):
-    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}",
                *SETTINGS, f"dense.deepspeed_config=configs/deepspeed/zero{stage}.json"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -35,3 +37,5 @@ def test_darec_trains_the_same_at_every_zero_stage(small_dataset, tmp_path):
             for name, value in want.items():
                 assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-7), (stage, epoch, name)
         assert test == pytest.approx(reference_test, abs=1e-6), stage
+        shards = sorted(f.name for f in (tmp_path / f"zero{stage}" / "checkpoints" / "best" / "dense").rglob("*optim_states.pt"))
+        assert len(shards) == 2 and all(name.startswith("zero_pp_rank_") for name in shards), (stage, shards)
