@@ -1,5 +1,7 @@
 """launch/plan.py: a plan and memory per device for a scale that fits, a clear error for one that does not."""
 
+import re
+
 import pytest
 
 from launch.plan import NO_STATE, OPTIMIZER_STATE, main, table_bytes
@@ -10,7 +12,11 @@ def test_plan_for_a_cluster_that_fits(capsys):
     out = capsys.readouterr().out
     for table in ("user_id", "item_id", "user_llm", "item_llm"):
         assert table in out
-    assert "memory per device" in out
+    # The devices hold every table once: their mean times 8 is the tables' total, and none exceeds its 16 GiB.
+    low, mean, high = map(float, re.search(r"min ([\d.]+) GiB, mean ([\d.]+) GiB, max ([\d.]+) GiB of 16 GiB", out).groups())
+    total = (table_bytes(10**7, 64, 4, OPTIMIZER_STATE["rowwise_adagrad"]) + table_bytes(10**6, 64, 4, OPTIMIZER_STATE["rowwise_adagrad"])
+             + table_bytes(10**7, 128, 2, NO_STATE) + table_bytes(10**6, 128, 2, NO_STATE)) / 2**30
+    assert low <= mean <= high <= 16 and mean * 8 == pytest.approx(total, abs=8 * 0.005)
 
 
 def test_scale_that_cannot_fit_says_by_how_much(capsys):
