@@ -136,6 +136,12 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
             f"{dataset.root}: no validation interactions; early stopping needs a validation split "
             "(eval.validate=false trains exactly train.epochs epochs and tests the final model)"
         )
+    if dataset.manifest["splits"]["test"] == 0:
+        # Metrics over no users would read as a model that scores 0.
+        raise DatasetError(
+            f"{dataset.root}: no test interactions, so nothing to test the model on; re-prepare with a test share in "
+            "split.ratios (a ratio split gives users with few interactions no held-out rows: 3:1:1 needs 5)"
+        )
     if cfg.eval.monitor not in metric_names(cfg.eval.ks):
         raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
     return dataset

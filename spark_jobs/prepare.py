@@ -131,6 +131,9 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         splits = {name: int(counts.get(name, 0)) for name in layout.SPLITS}
         if splits["train"] == 0:
             raise PrepareError("the split left no training interactions")
+        if splits["test"] == 0:
+            log.log("warning: the split left no test interactions (users with few interactions get none); the trainer "
+                    "refuses such a dataset: raise split.ratios' test share")
         if splits["val"] == 0:
             # The trainer stops early on validation; say so here rather than at its start.
             log.log("warning: the split left no validation interactions (users with few interactions get none); "

@@ -36,6 +36,9 @@ def start_session(cfg: SparkConfig) -> SparkSession:
         # Reuse Python workers so that a text encoder is loaded once per worker, not per task.
         "spark.python.worker.reuse": "true",
         "spark.sql.session.timeZone": "UTC",
+        # Parquet TIMESTAMP(NANOS) columns (pandas' default) are unreadable otherwise; as long nanoseconds they
+        # still order the interactions, which is all a temporal split asks of a timestamp.
+        "spark.sql.legacy.parquet.nanosAsLong": "true",
     }
     settings.update(cfg.conf)
     for key, value in settings.items():

@@ -294,3 +294,48 @@ def test_text_rows_of_ids_that_are_not_in_the_interactions_are_left_out(spark, t
     profiles = pd.read_parquet(output / "profiles" / "item.parquet")
     assert sorted(profiles["id"]) == list(range(len(rated)))
     assert not profiles["text"].str.contains("nobody rated|another one").any()
+
+
+def _read_csv_source(spark, interactions, **settings):
+    from spark_jobs.config import PrepareConfig
+    from spark_jobs.readers.formats import read_csv_source
+    from spark_jobs.session import StageLog
+
+    cfg = load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", [f"source.interactions={interactions}",
+                                                                                *(f"{k}={v}" for k, v in settings.items())])
+    return read_csv_source(spark, cfg, StageLog(quiet=True))
+
+
+def test_ids_written_with_leading_zeros_keep_their_form(spark, tmp_path):
+    """Customer numbers or zip codes: "00017" is exported and looked up as "00017", not as 17."""
+    path = tmp_path / "inter.csv"
+    path.write_text("user,item\n00017,7\n00017,8\n2,7\n")
+    raw = _read_csv_source(spark, path)
+    assert not raw.numeric_ids
+    assert sorted((r["user"], r["item"]) for r in raw.interactions.collect()) == [("00017", "7"), ("00017", "8"), ("2", "7")]
+    canonical = tmp_path / "canonical.csv"
+    canonical.write_text("user,item\n17,7\n2,7\n")
+    assert _read_csv_source(spark, canonical).numeric_ids  # integers written one way are ordered as numbers
+
+
+def test_parquet_timestamp_columns_count_seconds_and_float_ids_are_refused(spark, tmp_path):
+    times = pd.to_datetime(["2024-01-01 00:00:00", "2024-01-01 00:00:10"])
+    frame = pd.DataFrame({"user": [1, 2], "item": [5, 6], "when": times})
+    frame.to_parquet(tmp_path / "nanos.parquet")  # pandas writes TIMESTAMP(NANOS), which Spark cannot read as a timestamp
+    frame.to_parquet(tmp_path / "micros.parquet", coerce_timestamps="us")
+    seconds = {}
+    for name in ("nanos", "micros"):
+        raw = _read_csv_source(spark, tmp_path / f"{name}.parquet", **{"source.columns.timestamp": "when"})
+        stamps = sorted(r["timestamp"] for r in raw.interactions.collect())
+        seconds[name] = stamps[1] - stamps[0]
+    assert seconds["micros"] == 10 and seconds["nanos"] > 0  # nanoseconds: they still order the interactions
+    frame.assign(user=frame["user"].astype(float)).to_parquet(tmp_path / "float.parquet")
+    with pytest.raises(PrepareError, match="id column 'user' holds double values; expected integer or string ids"):
+        _read_csv_source(spark, tmp_path / "float.parquet")
+
+
+def test_a_text_table_whose_ids_are_not_integers_like_the_interactions_is_refused(spark, tmp_path):
+    (tmp_path / "inter.csv").write_text("user,item\n1,1000\n2,1000\n")
+    (tmp_path / "items.csv").write_text("item,text\n1000.0,Product 1000\n")
+    with pytest.raises(PrepareError, match=r"items.csv: id\(s\) \['1000.0'\] in column 'item' are not integers"):
+        _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "items.csv"})

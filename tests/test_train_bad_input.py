@@ -196,3 +196,16 @@ def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path):
     assert done.returncode == 1 and "error: training diverged: loss" in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_a_dataset_without_test_interactions_is_refused(dataset_copy):
+    """Metrics over no test users would be reported as a model scoring 0 (a ratio split of users with few
+    interactions holds none out)."""
+    from launch.train import open_dataset
+
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest["splits"]["test"] = 0
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(TrainConfig, None, [f"data.path={dataset_copy}", "loader.batch_size=64", "loader.num_workers=0"])
+    with pytest.raises(DatasetError, match="no test interactions, so nothing to test"):
+        open_dataset(cfg, 1, verify_checksums=False)

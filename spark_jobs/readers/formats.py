@@ -187,9 +187,9 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     interactions, report = drop_malformed(rows, cfg.malformed, path, log)
     files = [str(Path(path).resolve())]
     item_text = user_text = None
-    numeric = _all_integer(interactions)
-    if numeric:  # "007" and "7" are one id, as in the text tables
-        interactions = interactions.withColumns({c: F.col(c).try_cast("long").cast("string") for c in ("user", "item")})
+    # Integer ids are ordered as numbers, unless one is written with leading zeros (customer numbers, zip codes):
+    # then every id stays the string it is in the file, and the exports give back "00017", not 17.
+    numeric = _all_integer(interactions, canonical=True)
     if src.item_text:
         item_path = _require_file(Path(src.item_text).expanduser(), "source.item_text")
         item_text = read_text_csv(spark, item_path, cols.item, "text", numeric, "item")
@@ -219,7 +219,19 @@ def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         raise PrepareError(f"{path}: missing column(s) {missing}; found {table.columns}")
-    as_text = table.select(*[F.col(c).cast("string").alias(c) for c in wanted])
+    types = {field.name: field.dataType for field in table.schema.fields}
+    for column in (columns["user"], columns["item"]):
+        if isinstance(types[column], (T.FloatType, T.DoubleType, T.DecimalType)):
+            raise PrepareError(f"{path}: id column {column!r} holds {types[column].simpleString()} values; expected integer "
+                               "or string ids (a float id such as 1.0 is an integer id stored as a float: cast it)")
+
+    def as_text(column: str):
+        # A timestamp or date column counts seconds since the epoch, as the numeric timestamps of text files do.
+        if isinstance(types[column], (T.TimestampType, T.TimestampNTZType, T.DateType)) and column == columns["timestamp"]:
+            return F.col(column).cast("timestamp").cast("long").cast("string").alias(column)
+        return F.col(column).cast("string").alias(column)
+
+    as_text = table.select(*[as_text(c) for c in wanted])
     numbered = spark.createDataFrame(
         as_text.rdd.zipWithIndex().map(lambda pair: (path, pair[1] + 1, list(pair[0]))),
         T.StructType([

@@ -41,9 +41,11 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
             f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {bad}; quote text that holds commas"
         )
     if numeric_ids:
-        # A row whose id is not an integer names no node of the interactions, like any extra row: it is left out
-        # (a node whose text row is mistyped is then reported as a node without text).
-        table = table.where(is_integer(F.trim(F.col(id_col))))
+        # Such a row could name no node (1000.0 for 1000): refused, rather than reported later as nodes without text.
+        bad = [r[id_col] for r in table.where(~is_integer(F.trim(F.col(id_col)))).select(id_col).limit(3).collect()]
+        if bad:
+            raise PrepareError(f"{path}: id(s) {bad} in column {id_col!r} are not integers, while the interactions' ids "
+                               "are; write them as the interactions do")
         ids = F.trim(F.col(id_col)).try_cast("long").cast("string")
     else:
         ids = F.trim(F.col(id_col))
