@@ -19,8 +19,7 @@ def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog) -> DataFrame
     df = interactions
     if cfg.rating_threshold is not None:
         if df.where(F.col("rating").isNotNull()).limit(1).count() == 0:
-            raise PrepareError("clean.rating_threshold is set but the source has no rating column (a csv source reads one only when "
-                               "named: source.columns.rating=COLUMN)")
+            raise PrepareError("clean.rating_threshold is set but the source has no rating column")
         df = df.where(F.col("rating") >= cfg.rating_threshold)
     if cfg.dedupe:
         first = Window.partitionBy("user", "item").orderBy(_split_priority(), F.col("timestamp").asc_nulls_last(), F.col("rating").desc_nulls_last())

@@ -255,3 +255,12 @@ class PrepareConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
+
+    def __post_init__(self) -> None:
+        # A csv source reads only the columns it names: refuse now what would fail after the read and id stages.
+        if self.source.format == "csv":
+            if self.split.method in ("temporal", "leave-one-out") and self.source.columns.timestamp is None:
+                raise ValueError(f"split.method={self.split.method} orders each user's interactions by time: name the "
+                                 "timestamp column, source.columns.timestamp=COLUMN")
+            if self.clean.rating_threshold is not None and self.source.columns.rating is None:
+                raise ValueError("clean.rating_threshold filters by rating: name the rating column, source.columns.rating=COLUMN")

@@ -47,8 +47,7 @@ def _split(df: DataFrame, cfg: SplitConfig, has_source_split: bool, seed: int) -
     if method == "ratio":
         return _by_position(df, _seeded_order(seed), cfg.ratios)
     if df.where(F.col("timestamp").isNull()).limit(1).count() > 0:
-        raise PrepareError(f"split.method={method} needs a timestamp on every interaction; the source has none (a csv source "
-                           "reads one only when named: source.columns.timestamp=COLUMN) or some are missing")
+        raise PrepareError(f"split.method={method} needs a timestamp on every interaction; the source has none (or some are missing)")
     chronological = [F.col("timestamp"), _seeded_order(seed)]
     if method == "temporal":
         return _by_position(df, chronological, cfg.ratios)

@@ -238,6 +238,8 @@ def test_a_tab_delimiter_whose_quotes_a_shell_removed_is_a_tab():
     ("graph.layer_weights=[1,-1,0,0]", "graph.layer_weights must be >= 0"),
     ("split.ratios=[.inf,1,1]", "split.ratios must be three non-negative numbers"),
     ("profiles.max_chars=0", "profiles.max_chars >= 1"),
+    ("split.method=temporal", "name the timestamp column, source.columns.timestamp=COLUMN"),
+    ("clean.rating_threshold=4", "name the rating column, source.columns.rating=COLUMN"),
 ])
 def test_nonsense_prepare_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
