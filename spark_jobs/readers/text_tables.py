@@ -8,7 +8,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 
 from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, numbered_lines, split_fields
+from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, is_number, numbered_lines, split_fields
 from spark_jobs.session import StageLog
 
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
@@ -41,12 +41,16 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
             f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {bad}; quote text that holds commas"
         )
     if numeric_ids:
-        # Such a row could name no node (1000.0 for 1000): refused, rather than reported later as nodes without text.
-        bad = [r[id_col] for r in table.where(~is_integer(F.trim(F.col(id_col)))).select(id_col).limit(3).collect()]
+        # A row whose id is no integer names no node of the interactions, like any extra row, and is left out; but
+        # one written as a non-integer number (1000.0 for 1000) is a mistyped id: refused, rather than reported
+        # later as a node without text.
+        raw_id = F.trim(F.col(id_col))
+        bad = [r[id_col] for r in table.where(~is_integer(raw_id) & is_number(raw_id)).select(id_col).limit(3).collect()]
         if bad:
             raise PrepareError(f"{path}: id(s) {bad} in column {id_col!r} are not integers, while the interactions' ids "
                                "are; write them as the interactions do")
-        ids = F.trim(F.col(id_col)).try_cast("long").cast("string")
+        table = table.where(is_integer(raw_id))
+        ids = raw_id.try_cast("long").cast("string")
     else:
         ids = F.trim(F.col(id_col))
     result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
