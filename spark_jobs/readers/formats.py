@@ -225,13 +225,13 @@ def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]
             raise PrepareError(f"{path}: id column {column!r} holds {types[column].simpleString()} values; expected integer "
                                "or string ids (a float id such as 1.0 is an integer id stored as a float: cast it)")
 
-    def as_text(column: str):
+    def text_of(column: str):
         # A timestamp or date column counts seconds since the epoch, as the numeric timestamps of text files do.
         if isinstance(types[column], (T.TimestampType, T.TimestampNTZType, T.DateType)) and column == columns["timestamp"]:
             return F.col(column).cast("timestamp").cast("long").cast("string").alias(column)
         return F.col(column).cast("string").alias(column)
 
-    as_text = table.select(*[as_text(c) for c in wanted])
+    as_text = table.select(*[text_of(c) for c in wanted])
     numbered = spark.createDataFrame(
         as_text.rdd.zipWithIndex().map(lambda pair: (path, pair[1] + 1, list(pair[0]))),
         T.StructType([
