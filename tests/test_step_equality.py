@@ -9,7 +9,6 @@ tables after the step and every dense parameter.
 
 import json
 
-
 import numpy as np
 import pytest
 import torch
