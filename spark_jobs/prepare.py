@@ -124,6 +124,12 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         write_table(users, ["id"], root / layout.id_map("user"), scratch, parts)
         write_table(items, ["id"], root / layout.id_map("item"), scratch, parts)
         log.log(f"{num_users} users, {num_items} items")
+        encodes_text = cfg.embedding.encoder not in ("source", "id-hash")
+        item_text = item_profiles(raw.item_text, items, cfg.profiles)
+        if encodes_text and item_text is not None:
+            # Which items need text is known now: a missing one fails before the split and the graph, not after.
+            item_text = item_text.persist(StorageLevel.MEMORY_AND_DISK)
+            fail_on_missing_text(item_text, items, "item", _text_source(cfg, "item"))
 
     with log.stage("split"):
         split = split_interactions(mapped, cfg.split, raw.has_split, cfg.seed, repeated_pairs=not cfg.clean.dedupe).persist(StorageLevel.MEMORY_AND_DISK)
@@ -168,14 +174,13 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         log.log(f"propagation rows: {num_rows} rows, {nnz} entries ({nnz / num_rows:.1f} per row)")
 
     with log.stage("embeddings"):
-        item_text = item_profiles(raw.item_text, items, cfg.profiles)
+        # A built user profile lists train items: checked here, after the split, before the slow encoding starts.
         user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
-        if cfg.embedding.encoder not in ("source", "id-hash"):
-            # Persisted once: both kinds are checked for missing text before the slow encoding starts, then encoded.
-            item_text, user_text = (None if p is None else p.select("id", "text").persist(StorageLevel.MEMORY_AND_DISK) for p in (item_text, user_text))
-            for kind, ids, profiles in (("user", users, user_text), ("item", items, item_text)):
-                if profiles is not None:
-                    fail_on_missing_text(profiles, ids, kind, getattr(cfg.source, f"{kind}_text") or f"{cfg.source.format} {kind} text")
+        if encodes_text and user_text is not None:
+            user_text = user_text.persist(StorageLevel.MEMORY_AND_DISK)
+            fail_on_missing_text(user_text, users, "user", _text_source(cfg, "user"))
+        if item_text is not None:
+            item_text = item_text.select("id", "text")  # the title was for the user profiles
         dims = {}
         for kind, ids, profiles, count in (("user", users, user_text, num_users), ("item", items, item_text, num_items)):
             vectors = _node_vectors(raw, cfg, kind, ids, profiles, root, scratch, parts)
@@ -221,6 +226,11 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         "config": to_dict(cfg),
         "spark_version": spark.version,
     }
+
+
+def _text_source(cfg: PrepareConfig, kind: str) -> str:
+    """What an error names as the origin of a kind's text: its table, or the source format."""
+    return getattr(cfg.source, f"{kind}_text") or f"{cfg.source.format} {kind} text"
 
 
 def _check_embedding_source(raw, cfg: PrepareConfig) -> None:

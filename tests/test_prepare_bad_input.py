@@ -118,7 +118,7 @@ def test_text_row_with_the_wrong_number_of_fields(spark, tmp_path, bad_row):
           **{"embedding.encoder": "sentence-transformers"})
 
 
-def test_missing_text_for_some_items(spark, tmp_path):
+def test_missing_text_for_some_items(spark, tmp_path, capsys):
     source, _ = csv_with_lines(tmp_path, [], item_text=True)
     items = tmp_path / "raw" / "items.csv"
     lines = items.read_text().splitlines()
@@ -127,6 +127,7 @@ def test_missing_text_for_some_items(spark, tmp_path):
     # Named by the text file and the source's own ids (not the dataset's contiguous ones, which die with the job).
     fails(spark, tmp_path, source, rf"{re.escape(str(items))}: 3 item\(s\) have no text to embed \(ids {re.escape(repr(dropped))}\)",
           **{"embedding.encoder": "sentence-transformers"})
+    assert "[prepare] split" not in capsys.readouterr().out  # known once the ids are: before the split and the graph
 
 
 def test_source_without_text_needs_id_hash(spark, tmp_path):
