@@ -36,9 +36,9 @@ _UNLOCKABLE_DEVICES: set[int] = set()
 
 
 def _flock(handle: int, path: Path, mode: int) -> bool:
-    """flock; False when another holder blocks a non-waiting request. A filesystem that cannot lock a directory
-    (NFS emulates flock by byte-range locks, which an exclusive lock takes only on a file open for writing)
-    is warned about and treated as taken: the guard is lost there, not the job."""
+    """flock; False when another holder blocks a non-waiting request. A filesystem that refuses to lock a directory
+    (Lustre mounted noflock: ENOSYS) is warned about and treated as taken: the guard is lost there, not the job.
+    (NFS takes directory locks without an error, but each node sees only its own.)"""
     try:
         fcntl.flock(handle, mode)
     except BlockingIOError:
@@ -90,13 +90,31 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
     raise FileNotFoundError(f"{path}: replaced or removed while waiting to read it, {attempts} times")
 
 
-def replace_dir(staging: Path, final: Path) -> None:
-    """Swap a finished directory into place, once its readers (reading_lock) are done. The one it replaces is
-    removed only after the swap; one left by a process killed between the two renames (a hidden
-    `.<name>.old-*`) is removed by the next swap."""
+@contextmanager
+def _after_readers(path: Path, seconds: float) -> Iterator[None]:
+    """An exclusive lock on the directory once its readers are done, waited for at most `seconds`: a stuck reader
+    (a paused launch/evaluate.py) must not stall a training job past its collectives' timeout. After that, a
+    warning, and the block runs without the lock."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + seconds
+        while not _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            if time.monotonic() > deadline:
+                warnings.warn(f"{path}: a reader has held it for {seconds:g} s; replacing it anyway", RuntimeWarning, stacklevel=3)
+                break
+            time.sleep(0.1)
+        yield
+    finally:
+        os.close(handle)
+
+
+def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0) -> None:
+    """Swap a finished directory into place, once its readers (reading_lock) are done or after `reader_wait`
+    seconds. The one it replaces is removed only after the swap; one left by a process killed between the two
+    renames (a hidden `.<name>.old-*`) is removed by the next swap."""
     retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     if final.exists():
-        with directory_lock(final, exclusive=True):
+        with _after_readers(final, reader_wait):
             os.replace(final, retired)
             os.replace(staging, final)
     else:

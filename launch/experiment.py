@@ -79,9 +79,10 @@ class RunFailed(RuntimeError):
 
 
 def what_a_run_computes(settings: dict) -> dict:
-    """A resolved config less what only says where a run writes and how it reports; loader.num_workers 0 (batches
-    built in the rank's own process) reads the shards as one worker does."""
-    kept = {key: value for key, value in settings.items() if key not in ("run_dir", "output", "checkpoint")}
+    """A resolved config less where a run writes, how often it checkpoints and how it reports progress (what it
+    outputs is compared); loader.num_workers 0 (batches built in the rank's own process) reads the shards as one
+    worker does. Epoch times of a reused run come from its own settings."""
+    kept = {key: value for key, value in settings.items() if key not in ("run_dir", "checkpoint")}
     kept["train"] = {key: value for key, value in settings["train"].items() if key not in ("progress_bar", "log_every")}
     kept["loader"] = {**settings["loader"], "num_workers": max(1, settings["loader"]["num_workers"])}
     kept["data"] = {key: value for key, value in settings["data"].items() if key != "verify_checksums"}

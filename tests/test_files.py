@@ -1,29 +1,31 @@
 """Outputs appear whole or not at all."""
 
-import os
+import fcntl
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
 from darec_dist.files import atomic_path, directory_lock, reading_lock, replace_dir, write_text_atomic
 
 
-def _blocked_on(path, seconds=30.0):
-    """Whether a flock request on the directory at `path` is waiting (/proc/locks marks waiters with ->), polled up
-    to `seconds`: a thread that has not yet reached the lock proves nothing, so the test waits until it has."""
-    inode = str(os.stat(path).st_ino)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if "->" in fields and fields[-3].rsplit(":", 1)[-1] == inode:
-                return True
-        time.sleep(0.05)
-    return False
+@pytest.fixture
+def refused_swaps(monkeypatch):
+    """An event set when replace_dir's exclusive lock is refused because a reader holds the directory: a swap
+    thread that has not yet tried proves nothing, so the tests wait for this."""
+    import darec_dist.files as files
 
+    refused, real_flock = threading.Event(), files._flock
+
+    def watched(handle, path, mode):
+        taken = real_flock(handle, path, mode)
+        if mode & fcntl.LOCK_EX and not taken:
+            refused.set()
+        return taken
+
+    monkeypatch.setattr(files, "_flock", watched)
+    return refused
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "table.md"
@@ -52,7 +54,7 @@ def test_a_directory_swap_replaces_the_old_one_and_removes_one_left_by_a_killed_
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export2.old-cafecafe", "export"]
 
 
-def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_path):
+def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_path, refused_swaps):
     """A running run's `best` checkpoint, replaced at an improvement while launch/evaluate.py reads it."""
     final = tmp_path / "best"
     final.mkdir()
@@ -66,7 +68,7 @@ def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_pat
         first = (final / "part-1").read_text()
         swap = threading.Thread(target=replace_dir, args=(staging, final))
         swap.start()
-        assert _blocked_on(final) and swap.is_alive(), "the swap did not wait for the reader"
+        assert refused_swaps.wait(30) and swap.is_alive(), "the swap did not wait for the reader"
         assert (first, (final / "part-2").read_text()) == ("old", "old")
     swap.join(timeout=10)
     assert not swap.is_alive() and (final / "part-1").read_text() == "new"
@@ -74,7 +76,7 @@ def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_pat
         assert (final / "part-2").read_text() == "new"
 
 
-def test_a_reader_that_locked_a_directory_swapped_away_locks_the_new_one(tmp_path, monkeypatch):
+def test_a_reader_that_locked_a_directory_swapped_away_locks_the_new_one(tmp_path, monkeypatch, refused_swaps):
     import darec_dist.files as files
 
     final = tmp_path / "best"
@@ -96,7 +98,7 @@ def test_a_reader_that_locked_a_directory_swapped_away_locks_the_new_one(tmp_pat
         # Holding the retired directory's lock would not keep the next swap from moving this one away.
         swap = threading.Thread(target=replace_dir, args=(stagings[1], final))
         swap.start()
-        assert _blocked_on(final) and swap.is_alive() and (final / "v").read_text() == "new-1"
+        assert refused_swaps.wait(30) and swap.is_alive() and (final / "v").read_text() == "new-1"
     swap.join(timeout=10)
     assert (final / "v").read_text() == "new-2"
 
@@ -106,8 +108,8 @@ def test_a_filesystem_that_cannot_lock_directories_warns_and_goes_on(tmp_path, m
 
     import darec_dist.files as files
 
-    def unsupported(handle, mode):  # NFS: an exclusive lock needs a file open for writing
-        raise OSError(errno.EBADF, "Bad file descriptor")
+    def unsupported(handle, mode):  # Lustre mounted noflock
+        raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(files.fcntl, "flock", unsupported)
     monkeypatch.setattr(files, "_UNLOCKABLE_DEVICES", set())
@@ -122,3 +124,17 @@ def test_a_filesystem_that_cannot_lock_directories_warns_and_goes_on(tmp_path, m
         replace_dir(staging, tmp_path / "out")
         with reading_lock(tmp_path / "out"):
             pass
+
+
+def test_a_stuck_reader_delays_a_swap_only_so_long(tmp_path):
+    """A paused reader must not stall training past its collectives' timeout: after reader_wait, a warning and the swap."""
+    final = tmp_path / "best"
+    final.mkdir()
+    staging = tmp_path / ".best.tmp"
+    staging.mkdir()
+    (staging / "v").write_text("new")
+    with reading_lock(final):
+        started = time.monotonic()
+        with pytest.warns(RuntimeWarning, match="a reader has held it for 0.5 s; replacing it anyway"):
+            replace_dir(staging, final, reader_wait=0.5)
+        assert time.monotonic() - started >= 0.5 and (final / "v").read_text() == "new"

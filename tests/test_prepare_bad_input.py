@@ -1,5 +1,6 @@
 """Each kind of bad input fails with an error that names the place, and leaves no output behind."""
 
+import decimal
 import os
 import pickle
 import re
@@ -321,17 +322,20 @@ def test_ids_written_with_leading_zeros_keep_their_form(spark, tmp_path):
     assert _read_csv_source(spark, canonical).numeric_ids  # integers written one way are ordered as numbers
 
 
-def test_parquet_timestamp_columns_count_seconds_and_float_ids_are_refused(spark, tmp_path):
+def test_parquet_timestamp_columns_count_microseconds_and_float_ids_are_refused(spark, tmp_path):
     times = pd.to_datetime(["2024-01-01 00:00:00", "2024-01-01 00:00:10"])
     frame = pd.DataFrame({"user": [1, 2], "item": [5, 6], "when": times})
     frame.to_parquet(tmp_path / "nanos.parquet")  # pandas writes TIMESTAMP(NANOS), which Spark cannot read as a timestamp
     frame.to_parquet(tmp_path / "micros.parquet", coerce_timestamps="us")
-    seconds = {}
+    gap = {}
     for name in ("nanos", "micros"):
         raw = _read_csv_source(spark, tmp_path / f"{name}.parquet", **{"source.columns.timestamp": "when"})
         stamps = sorted(r["timestamp"] for r in raw.interactions.collect())
-        seconds[name] = stamps[1] - stamps[0]
-    assert seconds["micros"] == 10 and seconds["nanos"] > 0  # nanoseconds: they still order the interactions
+        gap[name] = stamps[1] - stamps[0]
+    assert gap["micros"] == 10_000_000 and gap["nanos"] > 0  # microseconds; nanoseconds still order them
+    # Integer ids in a decimal column of scale 0 (database exports) are ids; floats are not.
+    frame.assign(user=frame["user"].map(decimal.Decimal)).to_parquet(tmp_path / "decimal.parquet")
+    assert sorted(r["user"] for r in _read_csv_source(spark, tmp_path / "decimal.parquet").interactions.collect()) == ["1", "2"]
     frame.assign(user=frame["user"].astype(float)).to_parquet(tmp_path / "float.parquet")
     with pytest.raises(PrepareError, match="id column 'user' holds double values; expected integer or string ids"):
         _read_csv_source(spark, tmp_path / "float.parquet")

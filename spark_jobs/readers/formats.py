@@ -135,7 +135,7 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
     if user_path.is_file():
         user_text = read_metadata_table(spark, str(user_path), "user_id", "user", cfg.malformed, log).drop("title")
         files.append(str(user_path))
-    numeric = _all_integer(interactions, canonical=True)  # RecBole's ids are tokens: "007" is not "7"
+    numeric = _all_integer(interactions)  # RecBole's ids are tokens: "007" is not "7"
     return RawSource(
         name=name,
         interactions=_standard(interactions, has_split=False),
@@ -149,11 +149,10 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
     )
 
 
-def _all_integer(interactions: DataFrame, canonical: bool = False) -> bool:
-    """Whether every id is an integer that fits int64 (then ids are ordered as numbers); ids beyond it stay
-    strings rather than turning null. canonical: also written in one way only (no leading zeros), for sources
-    whose ids are tokens that are not canonicalised, where "007" and "7" would be two ids of the same number."""
-    integer = is_integer(F.col("user"), canonical) & is_integer(F.col("item"), canonical)
+def _all_integer(interactions: DataFrame) -> bool:
+    """Whether every id is an integer that fits int64 written in one way only (no leading zeros): then ids are
+    ordered as numbers. Otherwise they stay the strings they are ("007" and "7" two ids; ids beyond int64 no null)."""
+    integer = is_integer(F.col("user"), canonical=True) & is_integer(F.col("item"), canonical=True)
     return interactions.where(~integer).limit(1).count() == 0
 
 
@@ -189,7 +188,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     item_text = user_text = None
     # Integer ids are ordered as numbers, unless one is written with leading zeros (customer numbers, zip codes):
     # then every id stays the string it is in the file, and the exports give back "00017", not 17.
-    numeric = _all_integer(interactions, canonical=True)
+    numeric = _all_integer(interactions)
     if src.item_text:
         item_path = _require_file(Path(src.item_text).expanduser(), "source.item_text")
         item_text = read_text_csv(spark, item_path, cols.item, "text", numeric, "item")
@@ -221,14 +220,15 @@ def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]
         raise PrepareError(f"{path}: missing column(s) {missing}; found {table.columns}")
     types = {field.name: field.dataType for field in table.schema.fields}
     for column in (columns["user"], columns["item"]):
-        if isinstance(types[column], (T.FloatType, T.DoubleType, T.DecimalType)):
+        if isinstance(types[column], (T.FloatType, T.DoubleType)) or (isinstance(types[column], T.DecimalType) and types[column].scale > 0):
             raise PrepareError(f"{path}: id column {column!r} holds {types[column].simpleString()} values; expected integer "
                                "or string ids (a float id such as 1.0 is an integer id stored as a float: cast it)")
 
     def text_of(column: str):
-        # A timestamp or date column counts seconds since the epoch, as the numeric timestamps of text files do.
+        # A timestamp or date column counts microseconds since the epoch: whole seconds would leave a user's
+        # interactions within one second unordered for a temporal split.
         if isinstance(types[column], (T.TimestampType, T.TimestampNTZType, T.DateType)) and column == columns["timestamp"]:
-            return F.col(column).cast("timestamp").cast("long").cast("string").alias(column)
+            return F.unix_micros(F.col(column).cast("timestamp")).cast("string").alias(column)
         return F.col(column).cast("string").alias(column)
 
     as_text = table.select(*[text_of(c) for c in wanted])
