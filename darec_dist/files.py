@@ -52,12 +52,18 @@ def _flock(handle: int, path: Path, mode: int) -> bool:
 
 
 @contextmanager
-def directory_lock(path: Path, exclusive: bool, wait: bool = True) -> Iterator[bool]:
-    """An advisory lock (flock) on a directory, held for the block; yields whether it was taken (always, when
-    waiting). The kernel drops it with the process, so a killed holder never leaves it behind."""
+def exclusive_lock(path: Path, wait_seconds: float = 0.0) -> Iterator[bool]:
+    """An exclusive advisory lock (flock) on a directory, held for the block; yields whether it was taken within
+    `wait_seconds` (polled, so another holder, e.g. a stuck reader, delays the caller only so long). The kernel
+    drops it with the process, so a killed holder never leaves it behind."""
     handle = os.open(path, os.O_RDONLY)
     try:
-        yield _flock(handle, path, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+        deadline = time.monotonic() + wait_seconds
+        taken = _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.1)
+            taken = _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield taken
     finally:
         os.close(handle)
 
@@ -90,31 +96,16 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
     raise FileNotFoundError(f"{path}: replaced or removed while waiting to read it, {attempts} times")
 
 
-@contextmanager
-def _after_readers(path: Path, seconds: float) -> Iterator[None]:
-    """An exclusive lock on the directory once its readers are done, waited for at most `seconds`: a stuck reader
-    (a paused launch/evaluate.py) must not stall a training job past its collectives' timeout. After that, a
-    warning, and the block runs without the lock."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        deadline = time.monotonic() + seconds
-        while not _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB):
-            if time.monotonic() > deadline:
-                warnings.warn(f"{path}: a reader has held it for {seconds:g} s; replacing it anyway", RuntimeWarning, stacklevel=3)
-                break
-            time.sleep(0.1)
-        yield
-    finally:
-        os.close(handle)
-
-
 def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0) -> None:
     """Swap a finished directory into place, once its readers (reading_lock) are done or after `reader_wait`
     seconds. The one it replaces is removed only after the swap; one left by a process killed between the two
     renames (a hidden `.<name>.old-*`) is removed by the next swap."""
     retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     if final.exists():
-        with _after_readers(final, reader_wait):
+        # A stuck reader (a paused launch/evaluate.py) must not stall a training job past its collectives' timeout.
+        with exclusive_lock(final, wait_seconds=reader_wait) as taken:
+            if not taken:
+                warnings.warn(f"{final}: a reader has held it for {reader_wait:g} s; replacing it anyway", RuntimeWarning, stacklevel=2)
             os.replace(final, retired)
             os.replace(staging, final)
     else:

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from darec_dist.files import atomic_path, directory_lock, reading_lock, replace_dir, write_text_atomic
+from darec_dist.files import atomic_path, exclusive_lock, reading_lock, replace_dir, write_text_atomic
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_a_filesystem_that_cannot_lock_directories_warns_and_goes_on(tmp_path, m
     monkeypatch.setattr(files.fcntl, "flock", unsupported)
     monkeypatch.setattr(files, "_UNLOCKABLE_DEVICES", set())
     with pytest.warns(RuntimeWarning, match="cannot lock"):
-        with directory_lock(tmp_path, exclusive=True, wait=False) as taken:
+        with exclusive_lock(tmp_path) as taken:
             assert taken
     staging = tmp_path / ".out.tmp"
     staging.mkdir()

@@ -305,14 +305,14 @@ def test_the_fused_optimizers_step_count_survives_evaluation_and_resume(small_da
 
 
 def test_a_checkpoint_being_read_is_not_pruned(tmp_path):
-    from darec_dist.files import directory_lock
+    from darec_dist.files import reading_lock
 
     root = tmp_path / checkpoint.CHECKPOINTS
     for step in (3, 6, 9):
         (root / checkpoint.step_name(step)).mkdir(parents=True)
         (root / checkpoint.step_name(step) / checkpoint.COMPLETE).write_text("")
     # As load_weights holds it (launch/evaluate.py --checkpoint on a running run).
-    with directory_lock(root / checkpoint.step_name(3), exclusive=False):
+    with reading_lock(root / checkpoint.step_name(3)):
         checkpoint._prune(root, keep=1)
         assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(3), checkpoint.step_name(9)]
     checkpoint._prune(root, keep=1)

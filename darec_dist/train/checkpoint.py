@@ -24,7 +24,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, to_dict
 from darec_dist.distributed import collectives
-from darec_dist.files import directory_lock, reading_lock, replace_dir
+from darec_dist.files import exclusive_lock, reading_lock, replace_dir
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -104,7 +104,7 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
     for old in steps[:-keep]:
         # One being read (load_weights: launch/evaluate.py on this running run) is left to a later save.
-        with directory_lock(old, exclusive=True, wait=False) as unread:
+        with exclusive_lock(old) as unread:
             if unread:
                 shutil.rmtree(old, ignore_errors=True)
 

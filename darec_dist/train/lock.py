@@ -8,7 +8,7 @@ from pathlib import Path
 
 from darec_dist.config import ConfigError
 from darec_dist.distributed.collectives import max_over_ranks
-from darec_dist.files import directory_lock
+from darec_dist.files import exclusive_lock
 
 
 @contextmanager
@@ -21,7 +21,7 @@ def exclusive_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
         taken = True
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            taken = held.enter_context(directory_lock(run_dir, exclusive=True, wait=False))
+            taken = held.enter_context(exclusive_lock(run_dir))
         (refused,) = max_over_ranks(int(not taken))
         if refused:
             raise ConfigError(

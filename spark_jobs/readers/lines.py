@@ -70,10 +70,13 @@ def _escape(delimiter: str) -> str:
     return "".join("\\" + c if not c.isalnum() else c for c in delimiter)
 
 
+INTEGER = r"^-?[0-9]+$"  # written as an integer, any size
+CANONICAL_INTEGER = r"^(0|-?[1-9][0-9]*)$"
+
+
 def is_integer(column, canonical: bool = False) -> F.Column:
     """An integer that fits int64. canonical: also written in one way only (no leading zeros, no "-0")."""
-    pattern = r"^(0|-?[1-9][0-9]*)$" if canonical else r"^-?[0-9]+$"
-    return column.rlike(pattern) & column.try_cast("long").isNotNull()
+    return column.rlike(CANONICAL_INTEGER if canonical else INTEGER) & column.try_cast("long").isNotNull()
 
 
 def is_number(column) -> F.Column:

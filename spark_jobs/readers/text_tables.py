@@ -8,7 +8,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 
 from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, is_number, numbered_lines, split_fields
+from spark_jobs.readers.lines import INTEGER, drop_malformed, first_problem, is_integer, is_number, numbered_lines, split_fields
 from spark_jobs.session import StageLog
 
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
@@ -45,7 +45,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
         # one written as a non-integer number (1000.0 for 1000) is a mistyped id: refused, rather than reported
         # later as a node without text.
         raw_id = F.trim(F.col(id_col))
-        bad = [r[id_col] for r in table.where(~raw_id.rlike("^-?[0-9]+$") & is_number(raw_id)).select(id_col).limit(3).collect()]
+        bad = [r[id_col] for r in table.where(~raw_id.rlike(INTEGER) & is_number(raw_id)).select(id_col).limit(3).collect()]
         if bad:
             raise PrepareError(f"{path}: id(s) {bad} in column {id_col!r} are not integers, while the interactions' ids "
                                "are; write them as the interactions do")
