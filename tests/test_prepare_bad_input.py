@@ -48,7 +48,7 @@ def csv_with_lines(tmp_path, body_lines, header="user,item,rating,timestamp", **
     [
         ("101,501,4", "expected 4 columns, got 3"),
         ("101,501,four,881250949", "non-numeric rating 'four'"),
-        ("101,501,4,yesterday", "non-numeric timestamp 'yesterday'"),
+        ("101,501,4,yesterday", "timestamp 'yesterday' is neither a number nor a date-time"),
         ("101,501,4,1e30", "timestamp '1e30' beyond the 64-bit integer range"),
         ("", "empty line"),
         ('"101,501,4,881250949', "unclosed double quote"),
@@ -339,6 +339,22 @@ def test_parquet_timestamp_columns_count_microseconds_and_float_ids_are_refused(
     frame.assign(user=frame["user"].astype(float)).to_parquet(tmp_path / "float.parquet")
     with pytest.raises(PrepareError, match="id column 'user' holds double values; expected integer or string ids"):
         _read_csv_source(spark, tmp_path / "float.parquet")
+
+
+def test_csv_timestamps_may_be_iso_dates_and_times_but_not_mixed_with_numbers(spark, tmp_path):
+    path = tmp_path / "inter.csv"
+    path.write_text("user,item,when\n1,5,2024-01-01T00:00:10Z\n1,6,2024-01-01 00:00:00\n1,7,2024-01-01T02:00:05+02:00\n"
+                    "2,5,2023-12-31\n")
+    raw = _read_csv_source(spark, path, **{"source.columns.timestamp": "when"})
+    stamps = {r["item"]: r["timestamp"] for r in raw.interactions.where("user = '1'").collect()}
+    midnight = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z in microseconds
+    assert stamps == {"5": midnight + 10_000_000, "6": midnight, "7": midnight + 5_000_000}
+    assert raw.interactions.where("user = '2'").first()["timestamp"] == midnight - 86_400_000_000
+    path = tmp_path / "mixed.csv"  # another name: the session keeps the first file's rows cached
+    path.write_text("user,item,when\n1,5,1704067200\n1,6,1704067200\n2,6,2024-01-01\n")
+    with pytest.raises(PrepareError, match=rf"{path}: timestamps written both as numbers and as date-times: "
+                                           r"date-times from line 4 \('2,6,2024-01-01'\); numbers from line 2"):
+        _read_csv_source(spark, path, **{"source.columns.timestamp": "when"})
 
 
 def test_a_text_table_whose_ids_are_not_integers_like_the_interactions_is_refused(spark, tmp_path):

@@ -24,7 +24,7 @@ from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, 
 from spark_jobs.readers.safe_pickle import load_matrix
 from spark_jobs.readers.source import RawSource
 from spark_jobs.readers.synthetic import read_synthetic
-from spark_jobs.readers.table import ColumnPositions, parse_interactions, read_delimited_interactions
+from spark_jobs.readers.table import ColumnPositions, parse_interactions, read_delimited_interactions, refuse_mixed_timestamp_forms
 from spark_jobs.readers.text_tables import atomic_header_name, read_metadata_table, read_text_csv, with_title
 from spark_jobs.session import StageLog
 
@@ -125,6 +125,8 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
     }
     rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, header_parser=atomic_header_name)
     interactions, report = drop_malformed(rows, cfg.malformed, inter_path, log)
+    if columns["timestamp"]:
+        refuse_mixed_timestamp_forms(interactions, inter_path)
     malformed = {inter_path: report.as_dict()}
     files = [inter_path]
     item_text = user_text = None
@@ -184,6 +186,8 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     else:
         rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, quoted=True)
     interactions, report = drop_malformed(rows, cfg.malformed, path, log)
+    if cols.timestamp:
+        refuse_mixed_timestamp_forms(interactions, path)
     files = [str(Path(path).resolve())]
     item_text = user_text = None
     # Integer ids are ordered as numbers, unless one is written with leading zeros (customer numbers, zip codes):

@@ -55,11 +55,19 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
     ]
     if pos.rating is not None:
         checks.append((~is_number(field(pos.rating)), F.format_string("non-numeric rating '%s'", field(pos.rating))))
+    timestamp = form = F.lit(None)
     if pos.timestamp is not None:
-        checks.append((~is_number(field(pos.timestamp)), F.format_string("non-numeric timestamp '%s'", field(pos.timestamp))))
+        stamp = field(pos.timestamp)
+        # A number is kept as written (its unit is the file's); a date-time (ISO 8601, read in UTC where it
+        # names no zone) counts microseconds since the epoch. Only the order within a user matters (temporal
+        # split, leave-one-out), which one file's timestamps keep if written one way: mixed_timestamp_forms.
+        date_time = F.try_to_timestamp(stamp)
+        form = F.when(is_number(stamp), F.lit("number")).when(date_time.isNotNull(), F.lit("date-time"))
+        timestamp = F.when(is_number(stamp), stamp.try_cast("double").try_cast("long")).otherwise(F.unix_micros(date_time))
+        checks.append((form.isNull(), F.format_string(
+            "timestamp '%s' is neither a number nor a date-time (such as 2024-01-31 or 2024-01-31T08:00:00Z)", stamp)))
         # A number (1e30) that no 64-bit timestamp holds would otherwise become a missing timestamp.
-        checks.append((field(pos.timestamp).try_cast("double").try_cast("long").isNull(),
-                       F.format_string("timestamp '%s' beyond the 64-bit integer range", field(pos.timestamp))))
+        checks.append((timestamp.isNull(), F.format_string("timestamp '%s' beyond the 64-bit integer range", stamp)))
 
     def numeric(i):
         return field(i).try_cast("double") if i is not None else F.lit(None).cast("double")
@@ -72,8 +80,23 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
         field(pos.user).alias("user"),
         field(pos.item).alias("item"),
         numeric(pos.rating).alias("rating"),
-        numeric(pos.timestamp).try_cast("long").alias("timestamp"),
+        timestamp.cast("long").alias("timestamp"),
+        form.cast("string").alias("timestamp_form"),
     )
+
+
+def refuse_mixed_timestamp_forms(rows: DataFrame, path: str) -> None:
+    """Numbers and date-times in one file count different units, so their order would mean nothing."""
+    firsts = (
+        rows.where(F.col("timestamp_form").isNotNull())
+        .groupBy("timestamp_form")
+        .agg(F.min_by(F.struct("line", "value"), "line").alias("first"))
+        .orderBy("timestamp_form")
+        .collect()
+    )
+    if len(firsts) > 1:
+        examples = "; ".join(f"{r['timestamp_form']}s from line {r['first']['line']} ({r['first']['value'][:80]!r})" for r in firsts)
+        raise PrepareError(f"{path}: timestamps written both as numbers and as date-times: {examples}; write them one way")
 
 
 def read_delimited_interactions(
