@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from darec_dist.distributed.env import exit_without_finalisation
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from darec_dist.distributed.env import exit_without_finalisation, free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:

@@ -3,12 +3,12 @@ train exactly as one launcher with two processes, so data, tables and collective
 global rank, not by node-local rank."""
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from darec_dist.distributed.env import free_port
 from tests.conftest import REPO
 from tests.train_helpers import finish
 
@@ -16,12 +16,6 @@ SETTINGS = [
     "device=cpu", "model.dim=8", "loader.batch_size=64", "loader.num_workers=1", "train.epochs=3",
     "train.progress_bar=false", "output.plot=false", "align.method=darec", "align.darec.sample_size=64",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(launcher_flags, dataset, run_dir):
@@ -37,7 +31,7 @@ def test_two_nodes_train_like_one_node_with_two_processes(small_dataset, tmp_pat
     finish(_launch(["--standalone", "--nproc_per_node=2"], root, tmp_path / "one-node"))
 
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-                  f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=multinode-test"]
+                  f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=multinode-test"]
     # Both "nodes" share this filesystem, as nodes of a cluster share the run directory.
     nodes = [_launch(rendezvous, root, tmp_path / "two-nodes") for _ in range(2)]
     for node in nodes:

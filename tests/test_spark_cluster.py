@@ -4,7 +4,6 @@ and Python workers) writes the same dataset as the local session."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from darec_dist.config import load_config
+from darec_dist.distributed.env import free_port
 from spark_jobs.config import PrepareConfig
 from spark_jobs.prepare import prepare
 from tests.conftest import REPO
@@ -21,17 +21,13 @@ from tests.synthetic import overrides, write_csv_source
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start(tmp_path, name, *args, ready):
     log = tmp_path / f"{name}.log"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SPARK_LOCAL_IP": "127.0.0.1"}
-    process = subprocess.Popen([str(BIN / "spark-class"), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                               env=env, cwd=tmp_path, start_new_session=True)
+    # The child holds its own copy of the descriptor, so ours can close as soon as it has started.
+    with open(log, "w") as log_file:
+        process = subprocess.Popen([str(BIN / "spark-class"), *args], stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=env, cwd=tmp_path, start_new_session=True)
     deadline = time.monotonic() + 300
     while ready not in log.read_text():
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

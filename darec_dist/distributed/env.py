@@ -79,7 +79,7 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
         created = True
@@ -122,7 +122,8 @@ def _die_with_the_agent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it); shared by the launch path and the tests."""
     import socket
 
     with socket.socket() as sock:
