@@ -20,7 +20,7 @@ LR, REG, BATCH = 1.0, 0.01, 12
 def run_trainer(rank, world_size, root, out_dir, *overrides):
     """All node outputs, then one step on a fixed global batch (rank r takes its slice); rank 0 writes run.pkl."""
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank, rank, world_size, torch.device("cpu"), "gloo")
+    env = DistEnv(rank, world_size, torch.device("cpu"))
     cfg = train_config(root, out_dir, "sparse.optimizer=sgd", f"sparse.lr={LR}", f"model.reg={REG}",
                        f"loader.batch_size={BATCH}", "loader.num_negatives=1", *overrides)
     trainer = Trainer(cfg, env, dataset)

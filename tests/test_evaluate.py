@@ -29,7 +29,7 @@ STREAMED = ["eval.item_block=7", "eval.user_chunk=5", "eval.node_chunk=3"]
 
 def run(rank, world_size, root, out_dir):
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"), backend="gloo")
+    env = DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
     results = {}
     for name, overrides in CASES.items():
         trainer = Trainer(train_config(root, out_dir / name, *overrides, *STREAMED), env, dataset)

@@ -280,7 +280,7 @@ def _count_optimizer_steps(rank, world_size, root, run_dir):
     from tests.train_helpers import train_config
 
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"), backend="gloo")
+    env = DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
     cfg = train_config(root, run_dir, "model.backbone=mf", "sparse.optimizer=rowwise_adagrad", "loader.batch_size=64")
     trainer = Trainer(cfg, env, dataset)
     for _, batch in zip(range(3), epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, world_size)):

@@ -40,7 +40,7 @@ DENSE_SGD = {"zero_optimization": {"stage": 0}, "optimizer": {"type": "SGD", "pa
 
 def one_step(rank, world_size, root, out_dir, cases):
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"), backend="gloo")
+    env = DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
     dense_sgd = out_dir / "dense-sgd.json"
     if rank == 0:
         dense_sgd.write_text(json.dumps(DENSE_SGD))

@@ -19,10 +19,8 @@ from darec_dist.config import ConfigError
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
-    backend: str
 
     @property
     def is_main(self) -> bool:
@@ -84,7 +82,7 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
         dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
         created = True
     try:
-        yield DistEnv(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=torch_device, backend=backend)
+        yield DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch_device)
         if created:
             # Leave together. A rank that tore its group down while rank 0 still wrote the run's
             # results aborted once in teardown (SIGABRT), and torchrun then reports a finished run as
