@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from darec_dist.data.dataset import PreparedDataset
-from darec_dist.distributed.env import DistEnv
 from darec_dist.train.trainer import Trainer
-from tests.train_helpers import global_batch, train_config
+from tests.dist_helpers import cpu_env
+from tests.train_helpers import global_batch, local_part, train_config
 
 LR, REG, BATCH = 1.0, 0.01, 12
 
@@ -20,7 +20,7 @@ LR, REG, BATCH = 1.0, 0.01, 12
 def run_trainer(rank, world_size, root, out_dir, *overrides):
     """All node outputs, then one step on a fixed global batch (rank r takes its slice); rank 0 writes run.pkl."""
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank, world_size, torch.device("cpu"))
+    env = cpu_env(rank, world_size)
     cfg = train_config(root, out_dir, "sparse.optimizer=sgd", f"sparse.lr={LR}", f"model.reg={REG}",
                        f"loader.batch_size={BATCH}", "loader.num_negatives=1", *overrides)
     trainer = Trainer(cfg, env, dataset)
@@ -28,8 +28,7 @@ def run_trainer(rank, world_size, root, out_dir, *overrides):
     before = {t: trainer.tables.full_table(t, n, dim) for t, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
     outputs = trainer.node_embeddings(np.arange(dataset.num_nodes, dtype=np.int64), calls=1)
     users, pos, neg = global_batch(dataset.num_users, dataset.num_items, BATCH, seed=9)
-    part = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
-    loss = trainer.train_step(trainer.features.build(users[part], pos[part], neg[part]))["total"].clone()
+    loss = trainer.train_step(trainer.features.build(*local_part(users, pos, neg, rank, world_size)))["total"].clone()
     torch.distributed.all_reduce(loss)  # each rank's loss is its slice's mean: the global batch's is their mean
     after = {t: trainer.tables.full_table(t, v.shape[0], dim) for t, v in before.items()}
     if rank == 0:
@@ -37,17 +36,24 @@ def run_trainer(rank, world_size, root, out_dir, *overrides):
         (out_dir / "run.pkl").write_bytes(pickle.dumps(run))
 
 
-def normalised_graph(dataset: PreparedDataset, self_loops: bool = False) -> torch.Tensor:
-    """The dense symmetric-normalised train graph over all nodes (A + I normalised by degree + 1 with self loops)."""
-    train = dataset.interactions("train")
-    u_count, n = dataset.num_users, dataset.num_nodes
-    adj = torch.eye(n, dtype=torch.float64) if self_loops else torch.zeros(n, n, dtype=torch.float64)
-    for u in range(u_count):
-        for i in train.indices[train.indptr[u] : train.indptr[u + 1]]:
-            adj[u, u_count + i] = adj[u_count + i, u] = 1.0
+def dense_adjacency(num_users: int, num_items: int, edges, self_loops: bool = False) -> np.ndarray:
+    """The dense symmetric-normalised graph of (user, item) edges over users then items (float64), the plain
+    reference the sparse paths are checked against: A + I normalised by degree + 1 with self loops, isolated
+    nodes left at zero without."""
+    n = num_users + num_items
+    adj = np.eye(n) if self_loops else np.zeros((n, n))
+    for u, i in edges:
+        adj[u, num_users + i] = adj[num_users + i, u] = 1.0
     deg = adj.sum(1)
-    inv = torch.where(deg > 0, deg.clamp(min=1).rsqrt(), torch.zeros_like(deg))
+    inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1)), 0.0)
     return inv[:, None] * adj * inv[None, :]
+
+
+def normalised_graph(dataset: PreparedDataset, self_loops: bool = False) -> torch.Tensor:
+    """dense_adjacency of the dataset's train interactions, as a float64 tensor."""
+    train = dataset.interactions("train")
+    edges = ((u, i) for u in range(dataset.num_users) for i in train.indices[train.indptr[u] : train.indptr[u + 1]])
+    return torch.from_numpy(dense_adjacency(dataset.num_users, dataset.num_items, edges, self_loops))
 
 
 def powers(norm: torch.Tensor, e0: torch.Tensor, layers: int) -> list[torch.Tensor]:

@@ -6,10 +6,16 @@ import os
 import pickle
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from darec_dist.distributed.env import exit_without_finalisation, free_port
+from darec_dist.distributed.env import DistEnv, exit_without_finalisation, free_port
+
+
+def cpu_env(rank: int, world_size: int) -> DistEnv:
+    """The DistEnv `distributed()` would give a CPU worker started by run_distributed (its group is already up)."""
+    return DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:

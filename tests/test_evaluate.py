@@ -9,14 +9,12 @@ must hold every row.
 
 import numpy as np
 import pytest
-import torch
 
 from darec_dist.data.dataset import PreparedDataset
-from darec_dist.distributed.env import DistEnv
 from darec_dist.train import report
 from darec_dist.train.evaluate import evaluate, evaluated_users, gathered_blocks, scoring_vectors
 from darec_dist.train.trainer import Trainer
-from tests.dist_helpers import results_per_world_size
+from tests.dist_helpers import cpu_env, results_per_world_size
 from tests.test_metrics import reference
 from tests.train_helpers import train_config
 
@@ -29,7 +27,7 @@ STREAMED = ["eval.item_block=7", "eval.user_chunk=5", "eval.node_chunk=3"]
 
 def run(rank, world_size, root, out_dir):
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
+    env = cpu_env(rank, world_size)
     results = {}
     for name, overrides in CASES.items():
         trainer = Trainer(train_config(root, out_dir / name, *overrides, *STREAMED), env, dataset)

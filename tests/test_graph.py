@@ -5,6 +5,7 @@ import pytest
 
 from spark_jobs.config import GraphConfig
 from spark_jobs.graph import node_degrees, normalised_adjacency, propagation_rows, train_edges
+from tests.dense_reference import dense_adjacency
 
 NUM_USERS, NUM_ITEMS = 12, 9
 
@@ -16,16 +17,6 @@ def edges():
     pairs.discard((0, 0))
     # user 11 and item 8 stay isolated: their rows must hold just the a_0 self entry.
     return sorted((u, i) for u, i in pairs if u != NUM_USERS - 1 and i != NUM_ITEMS - 1)
-
-
-def dense_adjacency(edges, self_loops=False):
-    n = NUM_USERS + NUM_ITEMS
-    adj = np.eye(n) if self_loops else np.zeros((n, n))
-    for u, i in edges:
-        adj[u, NUM_USERS + i] = adj[NUM_USERS + i, u] = 1.0
-    deg = adj.sum(1)
-    inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1)), 0.0)
-    return inv[:, None] * adj * inv[None, :]
 
 
 def top_k_rows(matrix, k):
@@ -60,7 +51,7 @@ def test_repeated_train_pairs_are_one_edge(spark, edges):
 def test_exact_rows_equal_dense_powers(spark, edges):
     cfg = GraphConfig(layers=3, top_k=None, layer_weights=[0.4, 0.3, 0.2, 0.1])
     got, _ = spark_rows(spark, edges, cfg)
-    a = dense_adjacency(edges)
+    a = dense_adjacency(NUM_USERS, NUM_ITEMS, edges)
     expected = sum(w * np.linalg.matrix_power(a, k) for k, w in enumerate(cfg.layer_weights))
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
     assert got[NUM_USERS - 1, NUM_USERS - 1] == pytest.approx(0.4)
@@ -71,7 +62,7 @@ def test_per_layer_rows_with_self_loops_equal_dense_powers(spark, edges):
     # GCCF's rows: each power of the self-loop-normalised adjacency kept apart, block k = rows k*n .. (k+1)*n-1.
     cfg = GraphConfig(layers=2, top_k=None, self_loops=True, per_layer=True)
     got, _ = spark_rows(spark, edges, cfg)
-    a = dense_adjacency(edges, self_loops=True)
+    a = dense_adjacency(NUM_USERS, NUM_ITEMS, edges, self_loops=True)
     expected = np.concatenate([np.linalg.matrix_power(a, k) for k in range(cfg.layers + 1)])
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
     isolated = NUM_USERS - 1  # its only neighbour is itself: (A + I) normalised by degree 1 keeps it at 1
@@ -80,7 +71,7 @@ def test_per_layer_rows_with_self_loops_equal_dense_powers(spark, edges):
 
 def test_top_k_rows_keep_the_k_largest(spark, edges):
     k = 4
-    a = dense_adjacency(edges)
+    a = dense_adjacency(NUM_USERS, NUM_ITEMS, edges)
     # One hop: per-hop pruning cannot change values, so the kept entries are exactly the K largest of each exact row.
     got, count = spark_rows(spark, edges, GraphConfig(layers=1, top_k=k))
     exact = 0.5 * np.eye(len(a)) + 0.5 * a
@@ -96,7 +87,7 @@ def test_top_k_rows_keep_the_k_largest(spark, edges):
 def test_top_k_prunes_after_every_hop(spark, edges):
     k = 3
     got, _ = spark_rows(spark, edges, GraphConfig(layers=3, top_k=k))
-    a = dense_adjacency(edges)
+    a = dense_adjacency(NUM_USERS, NUM_ITEMS, edges)
     frontier, total = np.eye(len(a)), 0.25 * np.eye(len(a))
     for _ in range(3):
         frontier = top_k_rows(frontier @ a, k)

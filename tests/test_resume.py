@@ -270,17 +270,15 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
 
 
 def _count_optimizer_steps(rank, world_size, root, run_dir):
-    import torch
-
     from darec_dist.data.dataset import PreparedDataset
     from darec_dist.data.loader import epoch_batches
-    from darec_dist.distributed.env import DistEnv
     from darec_dist.train.evaluate import evaluate
     from darec_dist.train.trainer import Trainer
+    from tests.dist_helpers import cpu_env
     from tests.train_helpers import train_config
 
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
+    env = cpu_env(rank, world_size)
     cfg = train_config(root, run_dir, "model.backbone=mf", "sparse.optimizer=rowwise_adagrad", "loader.batch_size=64")
     trainer = Trainer(cfg, env, dataset)
     for _, batch in zip(range(3), epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, world_size)):

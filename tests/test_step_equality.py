@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from darec_dist.distributed.env import DistEnv
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.train.trainer import Trainer
-from tests.dist_helpers import results_per_world_size
+from tests.dist_helpers import cpu_env, results_per_world_size
 from tests.train_helpers import global_batch, local_part, train_config
 
 CASES = {
@@ -40,7 +39,7 @@ DENSE_SGD = {"zero_optimization": {"stage": 0}, "optimizer": {"type": "SGD", "pa
 
 def one_step(rank, world_size, root, out_dir, cases):
     dataset = PreparedDataset.open(root)
-    env = DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))
+    env = cpu_env(rank, world_size)
     dense_sgd = out_dir / "dense-sgd.json"
     if rank == 0:
         dense_sgd.write_text(json.dumps(DENSE_SGD))
