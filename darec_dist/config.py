@@ -80,8 +80,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
     return from_dict(cls, tree, source=source)
 
 
-def from_dict(cls: type[T], data: Any, source: str = "<config>", prefix: str = "") -> T:
-    return _convert(cls, data, source, prefix)
+def from_dict(cls: type[T], data: Any, source: str = "<config>") -> T:
+    return _convert(cls, data, source, "")
 
 
 def to_dict(obj: Any) -> Any:
