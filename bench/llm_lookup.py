@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.torchrun_worker import add_worker_arguments, run_worker  # noqa: E402  (needs the path above)
+from bench.torchrun_worker import add_worker_arguments, run_worker, slowest_rank_seconds  # noqa: E402  (needs the path above)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -46,11 +46,9 @@ def worker(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             for _ in range(args.steps):
                 tables.lookup(features)
-            dist.barrier()
-        elapsed = torch.tensor(time.perf_counter() - started, device=env.device)  # NCCL carries CUDA tensors only
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            elapsed = slowest_rank_seconds(started, env.device)
         if env.is_main:
-            Path(args.result).write_text(json.dumps({"ms": 1000 * elapsed.item() / args.steps}))
+            Path(args.result).write_text(json.dumps({"ms": 1000 * elapsed / args.steps}))
 
 
 def main() -> None:

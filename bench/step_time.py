@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.torchrun_worker import add_worker_arguments, run_worker  # noqa: E402  (needs the path above)
+from bench.torchrun_worker import add_worker_arguments, run_worker, slowest_rank_seconds  # noqa: E402  (needs the path above)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -58,9 +58,7 @@ def worker(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         for batch in batches[args.warmup :]:
             trainer.train_step(batch)
-        dist.barrier()
-        elapsed = torch.tensor(time.perf_counter() - started, device=env.device)  # NCCL carries CUDA tensors only
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        elapsed = slowest_rank_seconds(started, env.device)
         result = {"method": args.method}
         if args.profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
@@ -68,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
                     trainer.train_step(batch)
             result["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile)
         if env.is_main:
-            step = elapsed.item() / args.steps
+            step = elapsed / args.steps
             result.update(ms_per_step=1000 * step, interactions_per_s=cfg.loader.batch_size / step)
             Path(args.result).write_text(json.dumps(result))
 

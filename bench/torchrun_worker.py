@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,6 +19,18 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def slowest_rank_seconds(started: float, device) -> float:
+    """Once every rank has finished, the seconds since `started` (a time.perf_counter()) of the slowest rank,
+    on every rank: a collective step is only as fast as its slowest rank."""
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    elapsed = torch.tensor(time.perf_counter() - started, device=device)  # NCCL carries CUDA tensors only
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
 
 
 def run_worker(script: str, nproc: int, worker_args: list[str], what: str) -> dict:
