@@ -9,6 +9,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.readers.lines import INTEGER, drop_malformed, first_problem, is_integer, is_number, numbered_lines, split_fields
+from spark_jobs.readers.table import header_names
 from spark_jobs.session import StageLog
 
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
@@ -81,10 +82,7 @@ def read_metadata_table(
     (title, year, genres, tags, description; age, gender, occupation) reaches the encoder.
     """
     lines = split_fields(numbered_lines(spark, [path]), "\t")
-    header_row = lines.where(F.col("line") == 1).first()
-    if header_row is None:
-        raise PrepareError(f"{path}: file is empty, expected a header line")
-    names = [atomic_header_name(h) for h in header_row["fields"]]
+    names = [atomic_header_name(h) for h in header_names(lines, path)]
     if id_field not in names:
         raise PrepareError(f"{path}: missing column {id_field!r} in header {names}")
     body = lines.where(F.col("line") > 1)
