@@ -55,7 +55,7 @@ class NodeRows:
 
     def gather(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.graph is None:
-            return np.ones(len(nodes), np.int64), nodes.astype(np.int64), np.ones(len(nodes), np.float32)
+            return _single(nodes.astype(np.int64))
         return gather_rows(self.graph, nodes)
 
     def split_by_table(self, nodes: np.ndarray) -> tuple[dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
