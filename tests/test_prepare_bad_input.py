@@ -177,6 +177,17 @@ def test_embeddings_that_disagree_with_the_ids(spark, tmp_path, rows, message):
         write_vectors(df, 4, "float16", tmp_path, "user.npy", tmp_path / "scratch", 2, "user embeddings")
 
 
+def test_float16_embeddings_are_stored_rounded_to_half_precision(spark, tmp_path):
+    """embedding.dtype=float16 (the counterpart of the overflow case above): in-range rows are kept, as float16."""
+    vectors = np.array([[0.1, 1 / 3], [2.0, -0.7], [1e-3, 300.5], [-1.0, 0.0]], np.float32)
+    df = spark.createDataFrame([(i, row.tolist()) for i, row in enumerate(vectors)], "id long, vector array<float>")
+    write_vectors(df, 4, "float16", tmp_path, "user.npy", tmp_path / "scratch", 2, "user embeddings")
+    stored = np.load(tmp_path / "user.npy")
+    assert stored.dtype == np.float16
+    np.testing.assert_array_equal(stored, vectors.astype(np.float16))
+    assert not np.array_equal(stored.astype(np.float32), vectors), "half-precision rounding must be visible in this data"
+
+
 def test_unknown_format_and_keys_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"'source.format': 'xlsx' is not one of"):
         load_config(PrepareConfig, None, ["source.format=xlsx"])
