@@ -1,4 +1,5 @@
-"""Shards read back by 2 ranks x 2 DataLoader workers yield every training interaction exactly once."""
+"""Shards read back by 2 ranks x 2 DataLoader workers yield every training interaction exactly once; the
+loader's negatives avoid the user's train positives unless told not to."""
 
 import json
 import pickle
@@ -6,6 +7,8 @@ import pickle
 import torch
 
 from darec_dist.data.dataset import PreparedDataset
+from darec_dist.data.features import FeatureBuilder
+from darec_dist.data.loader import LoaderConfig, epoch_batches
 from darec_dist.data.shards import interaction_blocks
 from tests.dist_helpers import run_distributed
 
@@ -34,3 +37,27 @@ def test_two_ranks_two_workers_read_each_interaction_once(small_dataset, tmp_pat
         assert not set(rank0) & set(rank1)
     # Shard order is reshuffled per epoch: a rank's share changes between epochs.
     assert sorted(shares[0][0]) != sorted(shares[0][1])
+
+
+def negatives_that_are_train_positives(root, reject: bool) -> tuple[int, int]:
+    """(negatives that are a train positive of their user, all negatives) over one epoch of one rank's batches."""
+    dataset = PreparedDataset.open(root)
+    cfg = LoaderConfig(batch_size=32, num_negatives=4, reject_train_positives=reject, num_workers=0)
+    train = dataset.interactions("train")
+    positives = {(u, int(i)) for u in range(train.num_rows) for i in train.row(u)}
+    hits = total = 0
+    # Identity rows (no graph): only the sampled ids matter here.
+    for batch in epoch_batches(dataset, cfg, FeatureBuilder(dataset.num_users, None), seed=1, epoch=0, world_size=1):
+        users = batch.users.numpy().repeat(cfg.num_negatives)  # negatives are user-major
+        hits += sum((int(u), int(i)) in positives for u, i in zip(users, batch.neg.numpy()))
+        total += len(users)
+    return hits, total
+
+
+def test_negatives_are_train_positives_only_when_rejection_is_off(small_dataset):
+    root, _ = small_dataset
+    # Each user has about 6 train positives of 30 items: without rejection about one negative in five is one.
+    hits, total = negatives_that_are_train_positives(root, reject=False)
+    assert total >= 1000 and hits > total // 10
+    hits, total = negatives_that_are_train_positives(root, reject=True)
+    assert total >= 1000 and hits == 0
