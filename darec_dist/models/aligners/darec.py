@@ -47,6 +47,7 @@ class DaRecConfig:
     sample_size: int = 4096
     # K: preference centres (the paper's best lies in [4, 8]).
     clusters: int = 4
+    # Softmax temperature of the soft assignments to the centres that the local term compares: lower is sharper.
     cluster_temperature: float = 0.2
     # How the centres follow the data. "learned": parameters trained by the local loss (the method note's
     # default) plus a separation term. "ema": not trained; each step moves every centre toward the mean of
@@ -58,7 +59,9 @@ class DaRecConfig:
     # centres per side with matching"; unlike the other two, it aligns positions, not only structure).
     centres: Literal["learned", "ema", "matched"] = "learned"
     centre_momentum: float = 0.9
+    # "learned" only: weight of the mean cos^2 between centre pairs added to the local term, which keeps them apart.
     separation_weight: float = 1.0
+    # Spherical k-means iterations that start the centres from the first step's gathered shared rows (once).
     kmeans_iterations: int = 20
     # Uniformity on the specific parts (the method note's reading) or on shared and specific parts
     # (also keeps the shared projections from collapsing to a constant, which would align trivially).
