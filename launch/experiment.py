@@ -27,6 +27,7 @@ import numpy as np
 from darec_dist.config import ConfigError, differences, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
+from darec_dist.train import checkpoint
 from darec_dist.train.config import REPO_ROOT, TrainConfig
 from launch.train import open_dataset
 
@@ -96,15 +97,19 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     # Checked here, before torchrun: a bad key fails at once instead of in every restart of the job.
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
-    if results.exists():
-        # A finished run counts only if it computed what is asked now (an edited experiment must not reuse it);
-        # one copied from another experiment's out_dir counts (docs/results.md reuses runs so).
+    finished = results.exists()
+    if finished or checkpoint.latest(run_dir) is not None:
+        # A finished run counts, and an interrupted one is resumed, only if it computed what is asked now (an
+        # edited experiment must not reuse it, nor finish it under the new settings); one copied from another
+        # experiment's out_dir counts (docs/results.md reuses runs so).
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
         changed = differences(what_a_run_computes(ran), what_a_run_computes(asked))
         if changed:
-            raise ConfigError(f"{run_dir}: finished with other settings (ran -> asked now): {'; '.join(changed[:6])}; "
-                              "delete that run or give the experiment another out_dir")
-        return json.loads(results.read_text())
+            raise ConfigError(f"{run_dir}: {'finished' if finished else 'interrupted, and would be resumed,'} with other "
+                              f"settings (ran -> asked now): {'; '.join(changed[:6])}; delete that run or give the "
+                              "experiment another out_dir")
+        if finished:
+            return json.loads(results.read_text())
     # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +182,12 @@ def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     values = cfg.sweep.values
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
+    # Each metric at the largest cut-off the runs computed (eval.ks): recall@20 and ndcg@20 by default.
+    reported = list(next(iter(summary.values()))["test_mean"])
+    largest = max(int(m.split("@")[1]) for m in reported)
+    metrics = [m for m in reported if m.endswith(f"@{largest}")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
         means = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_mean"][metric] for v in values]
         stds = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_std"][metric] for v in values]
         ax.errorbar(values, means, yerr=stds, marker="o", capsize=3)

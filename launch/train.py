@@ -12,6 +12,7 @@ early when validation stops improving; finally test the best model once.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -36,13 +37,19 @@ from darec_dist.train.metrics import metric_names
 from darec_dist.train.trainer import Trainer
 
 
-def fresh_state(world_size: int, identity: dict, tables: dict, seed: int) -> dict:
+def fresh_state(world_size: int, identity: dict, tables: dict, seed: int, selection: dict) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
         "epoch_seconds": [], "epoch_world_sizes": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
-        "tables": tables, "seed": seed, "stopped": False,
+        "tables": tables, "seed": seed, "selection": selection, "stopped": False,
     }
+
+
+def model_selection(cfg: TrainConfig) -> dict:
+    """The settings by which a run's validations are computed and its best epoch chosen: a resume keeps them, or
+    the saved best (scored by other metrics, users or none at all) would be compared with what it cannot be."""
+    return {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")}
 
 
 def table_layout(cfg: TrainConfig, trainer: Trainer) -> dict:
@@ -82,9 +89,14 @@ def check_own_checkpoint(source: Path, run_dir: Path) -> None:
         )
 
 
-def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict, seed: int) -> None:
-    """A checkpoint resumes with its seed and table optimizer, and at another world size only at an epoch's end and
-    without state partitioned by world size.
+def as_override(value) -> str:
+    """A value as a key=value override takes it on the command line (no spaces)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict, seed: int, selection: dict) -> None:
+    """A checkpoint resumes with its seed, model-selection settings and table optimizer, and at another world size
+    only at an epoch's end and without state partitioned by world size.
 
     Inside an epoch its step count is a position in each rank's stream of shards, which another world size
     splits differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
@@ -97,6 +109,12 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict
     if saved.get("seed", seed) != seed:
         # Its batches and random streams came from that seed: another would make a run that no seed reproduces.
         raise ConfigError(f"{source}: written by a run with seed={saved['seed']}; resume it with that seed (or start another run_dir)")
+    changed = {f"eval.{key}": value for key, value in saved.get("selection", selection).items() if selection[key] != value}
+    if changed:
+        raise ConfigError(
+            f"{source}: its best epoch was chosen with other evaluation settings; resume it with "
+            + " ".join(f"{key}={as_override(value)}" for key, value in changed.items()) + " (or start another run_dir)"
+        )
     if saved_tables["optimizer"] != tables["optimizer"]:
         raise ConfigError(
             f"{source}: its tables' optimizer state is {saved_tables['optimizer']}'s, not {tables['optimizer']}'s; resume "
@@ -237,11 +255,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         tables_layout = table_layout(cfg, trainer)
         if source is not None:
             zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
-            check_resumable(source, env.world_size, zero_stage, tables_layout, cfg.seed)
+            check_resumable(source, env.world_size, zero_stage, tables_layout, cfg.seed, model_selection(cfg))
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state(env.world_size, identity, tables_layout, cfg.seed)
+        state = fresh_state(env.world_size, identity, tables_layout, cfg.seed, model_selection(cfg))
         if source is not None:
             state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout}
             if env.is_main:

@@ -52,6 +52,11 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
     with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): train.epochs: 2 -> 3"):
         run_experiment(edited)
+    # Nor does it finish an interrupted one under the new settings (its checkpoints would be resumed).
+    (tmp_path / "exp" / "base" / "seed-1" / "results.json").unlink()
+    with pytest.raises(ConfigError, match=r"base/seed-1: interrupted, and would be resumed, with other settings \(ran -> asked now\): "
+                                          "train.epochs: 2 -> 3"):
+        run_experiment(edited)
 
 
 def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_dataset, tmp_path):
@@ -115,3 +120,17 @@ def test_runs_without_validation_are_tabulated_by_their_final_epoch():
     table = markdown(ExperimentConfig(seeds=[1, 2]), summary)
     assert "the final epoch's model (no validation)" in table and "| base | - | 0.2500 ± 0.0707 | 0.1250 ± 0.0354 |" in table
     assert "| darec | +20.00% | +20.00% |" in table
+
+
+def test_a_sweep_is_plotted_with_the_metrics_its_runs_computed(tmp_path):
+    """A sweep whose runs computed other cut-offs than 20 (eval.ks) is plotted at its largest one."""
+    from PIL import Image
+
+    from launch.experiment import SweepConfig, plot_sweep
+
+    cfg = ExperimentConfig(sweep=SweepConfig(key="align.darec.clusters", values=[4, 8]))
+    metrics = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+    summary = {f"align.darec.clusters={k}": {"test_mean": {m: 0.1 * k for m in metrics}, "test_std": {m: 0.01 for m in metrics}}
+               for k in (4, 8)}
+    plot_sweep(cfg, summary, tmp_path / "sweep.png")
+    assert Image.open(tmp_path / "sweep.png").size[0] > 0

@@ -3,6 +3,7 @@ ends with the same metrics as an uninterrupted run with the same seed."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ SETTINGS = [
     "train.progress_bar=false", "train.patience=10", "checkpoint.every_steps=2", "checkpoint.keep=3",
     "output.plot=false", "sparse.optimizer=adam", "sparse.lr=0.01",
 ]
+SELECTION = {"monitor": "recall@20", "ks": [5, 10, 20], "validate": True, "max_users": None}  # eval's defaults
 
 
 def torchrun(dataset, run_dir, *extra):
@@ -126,9 +128,27 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
         (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam}))
         if refusal:
             with pytest.raises(ConfigError, match=refusal):
-                check_resumable(path, world_size, zero_stage, adam, 1)
+                check_resumable(path, world_size, zero_stage, adam, 1, SELECTION)
         else:
-            check_resumable(path, world_size, zero_stage, adam, 1)
+            check_resumable(path, world_size, zero_stage, adam, 1, SELECTION)
+
+
+def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
+    """The saved best was scored by those metrics, users and validations: another monitor crashed the next
+    comparison (KeyError), another user sample compared unlike scores."""
+    from launch.train import check_resumable
+
+    path = tmp_path / checkpoint.step_name(7)
+    path.mkdir()
+    (path / checkpoint.COMPLETE).write_text("")
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "seed": 1,
+                                                      "selection": SELECTION}))
+    check_resumable(path, 2, 0, adam, 1, dict(SELECTION))
+    for key, value, shown in [("monitor", "ndcg@10", "eval.monitor=recall@20"), ("ks", [10, 50], "eval.ks=[5,10,20]"),
+                              ("validate", False, "eval.validate=true"), ("max_users", 500, "eval.max_users=null")]:
+        with pytest.raises(ConfigError, match=re.escape(f"chosen with other evaluation settings; resume it with {shown} (or")):
+            check_resumable(path, 2, 0, adam, 1, {**SELECTION, key: value})
 
 
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
@@ -139,16 +159,16 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     (path / checkpoint.COMPLETE).write_text("")
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
-    check_resumable(path, 2, 0, column_wise, 1)
+    check_resumable(path, 2, 0, column_wise, 1, SELECTION)
     with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
-        check_resumable(path, 2, 0, {**column_wise, "optimizer": "adagrad"}, 1)
+        check_resumable(path, 2, 0, {**column_wise, "optimizer": "adagrad"}, 1, SELECTION)
     with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
-        check_resumable(path, 1, 0, column_wise, 1)  # another world size: another number of column shards
+        check_resumable(path, 1, 0, column_wise, 1, SELECTION)  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
-        check_resumable(path, 2, 0, {**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}, 1)
+        check_resumable(path, 2, 0, {**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}, 1, SELECTION)
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise, "seed": 7}))
     with pytest.raises(ConfigError, match="written by a run with seed=7; resume it with that seed"):
-        check_resumable(path, 2, 0, column_wise, 1)
+        check_resumable(path, 2, 0, column_wise, 1, SELECTION)
 
 
 def test_a_resume_continues_its_own_run_only(tmp_path):
