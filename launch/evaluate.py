@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError
-from darec_dist.distributed.env import distributed, exit_without_finalisation, seed_everything
+from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
 from darec_dist.files import write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
@@ -46,6 +46,20 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return path
 
 
+def load_run_model(cfg: TrainConfig, env: DistEnv, source: Path, verify_checksums: bool = True) -> tuple[Trainer, dict]:
+    """Every rank calls it: the run's model with the weights of checkpoint `source` (refused when written for another
+    model or dataset), resharded to this world size and ready to rank; returns it and the checkpoint's loop state."""
+    # Only ranking happens here: the batch size, which training splits over its ranks, need not suit this world size.
+    cfg.loader.batch_size = env.world_size * -(-cfg.loader.batch_size // env.world_size)
+    dataset = open_dataset(cfg, env.world_size, verify_checksums, training=False)
+    checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
+    trainer = Trainer(cfg, env, dataset)
+    # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
+    state = checkpoint.load_weights(trainer, source)
+    trainer.set_train(False)
+    return trainer, state
+
+
 def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:
     """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
     config = run_dir / "config.yaml"
@@ -58,14 +72,10 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
-        dataset = open_dataset(cfg, env.world_size)
-        empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
+        trainer, state = load_run_model(cfg, env, source)
+        empty = [split for split in splits if trainer.dataset.manifest["splits"][split] == 0]
         if empty:
-            raise DatasetError(f"{dataset.root}: no {' or '.join(empty)} interactions to rank")
-        checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
-        trainer = Trainer(cfg, env, dataset)
-        state = checkpoint.load_weights(trainer, source)
-        trainer.set_train(False)
+            raise DatasetError(f"{trainer.dataset.root}: no {' or '.join(empty)} interactions to rank")
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)

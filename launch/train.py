@@ -142,13 +142,15 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict
         )
 
 
-def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = True) -> PreparedDataset:
-    """The dataset, checked against this run's settings (checksums too where both arguments ask for it)."""
+def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = True, training: bool = True) -> PreparedDataset:
+    """The dataset, checked against this run's settings (checksums too where both arguments ask for it); training:
+    also against how this world size reads its shards in batches."""
     if not cfg.data.path:
         raise ConfigError("data.path: required (a directory made by spark_jobs.prepare)")
     dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=verify_checksums and cfg.data.verify_checksums)
-    check_world_fits(dataset, world_size, cfg.loader.num_workers)
-    local_batch_size(cfg.loader, world_size)
+    if training:
+        check_world_fits(dataset, world_size, cfg.loader.num_workers)
+        local_batch_size(cfg.loader, world_size)
     if cfg.eval.validate and dataset.manifest["splits"]["val"] == 0:
         raise DatasetError(
             f"{dataset.root}: no validation interactions; early stopping needs a validation split "

@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from darec_dist.config import ConfigError, load_config
-from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.env import distributed
 from darec_dist.files import atomic_path
 from darec_dist.models.aligners.coupled_losses import soft_assignments
-from darec_dist.train import checkpoint
-from darec_dist.train.config import TrainConfig, resolve_path
-from darec_dist.train.trainer import Trainer
+from darec_dist.train.config import TrainConfig
+from launch.evaluate import checkpoint_path, load_run_model
 
 
 def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -37,11 +36,8 @@ def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.
     if cfg.align.method != "darec":
         raise ConfigError(f"{run_dir}: align.method is {cfg.align.method}; only a darec run has shared and specific parts")
     with distributed("cpu") as env:
-        dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
-        trainer = Trainer(cfg, env, dataset)
-        # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
-        checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
-        trainer.set_train(False)
+        trainer, _ = load_run_model(cfg, env, checkpoint_path(run_dir, "best"), verify_checksums=False)
+        dataset = trainer.dataset
         rng = np.random.default_rng(seed)
         users = np.sort(rng.choice(dataset.num_users, size=min(nodes // 2, dataset.num_users), replace=False))
         items = np.sort(rng.choice(dataset.num_items, size=min(nodes // 2, dataset.num_items), replace=False))

@@ -79,7 +79,9 @@ def write_csr(
         indices[offset:end] = batch.column(col).to_numpy()
         if values is not None:
             values[offset:end] = batch.column(value).to_numpy().astype(np.float32)
-        counts += np.bincount(rows, minlength=num_rows)
+        # Rows arrive sorted: count over this batch's span only (a full-length bincount per batch is
+        # O(rows x batches), quadratic at industrial sizes).
+        counts[rows[0]:rows[-1] + 1] += np.bincount(rows - rows[0])
         offset = end
     if offset != nnz:
         raise PrepareError(f"internal: streamed {offset} entries for {indices_path}, expected {nnz}")

@@ -362,3 +362,17 @@ def test_info_nce_matches_the_plain_formula():
     torch.testing.assert_close(fast, plain)
     for f, p_ in zip(fast_grads, plain_grads):
         torch.testing.assert_close(f, p_)
+
+
+def test_more_centres_than_sampled_rows_are_refused_by_name():
+    """k-means cannot place K centres among fewer rows (it returned fewer, and the copy into K failed on shapes)."""
+    from darec_dist.config import ConfigError
+
+    with pytest.raises(ValueError, match=r"align.darec.clusters \(8\) must be at most align.darec.sample_size \(4\)"):
+        DaRecConfig(clusters=8, sample_size=4)
+    darec = DaRec(DaRecConfig(clusters=8, sample_size=N, uniformity_sample=4), D, DL, seed=1)
+    users, items = torch.tensor([0, 1]), torch.tensor([2, 3])  # 2 interactions: 4 sampled rows
+    inputs = AlignInputs({"user": torch.randn(2, D), "pos": torch.randn(2, D)}, {"user": torch.randn(2, DL), "pos": torch.randn(2, DL)},
+                         {}, {}, {"user": users, "pos": items})
+    with pytest.raises(ConfigError, match="align.darec.clusters=8: the first step's structure sample holds only 4 rows"):
+        darec(inputs)

@@ -83,12 +83,14 @@ def test_quoted_csv_fields_may_hold_the_delimiter(spark, tmp_path):
     assert "Smith, John" in set(pd.read_parquet(out / "ids" / "user.parquet")["raw"])
 
 
-def test_non_numeric_id_in_lightgcn_format(spark, tmp_path):
+@pytest.mark.parametrize("bad_line, message", [("x7 1 2", "non-numeric id"),
+                                               ("7 1 99999999999999999999", "id beyond the 64-bit integer range")])
+def test_bad_id_in_lightgcn_format(spark, tmp_path, bad_line, message):
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "train.txt").write_text("".join(f"{u} {u % 7} {u % 7 + 1} {u % 7 + 2}\n" for u in range(30)) + "x7 1 2\n")
+    (raw / "train.txt").write_text("".join(f"{u} {u % 7} {u % 7 + 1} {u % 7 + 2}\n" for u in range(30)) + bad_line + "\n")
     (raw / "test.txt").write_text("".join(f"{u} {u % 7 + 3}\n" for u in range(30)))
-    fails(spark, tmp_path, {"source.format": "lightgcn", "source.path": str(raw)}, rf"{raw / 'train.txt'}:31: non-numeric id")
+    fails(spark, tmp_path, {"source.format": "lightgcn", "source.path": str(raw)}, rf"{raw / 'train.txt'}:31: {message}")
 
 
 def test_missing_columns(spark, tmp_path):

@@ -299,12 +299,13 @@ def read_lightgcn(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> Raw
     for split in ("train", "test"):
         path = _require_file(directory / f"{split}.txt", "source.path")
         lines = split_fields(numbered_lines(spark, [path]), r"\s+", regex=True)
-        bad_token = F.exists("fields", lambda t: ~t.rlike(r"^[0-9]+$"))
         lines = lines.withColumn(
             "problem",
             first_problem(
                 (F.trim(F.col("value")) == "", "empty line"),
-                (bad_token, "non-numeric id (expected 'user item item ...')"),
+                (F.exists("fields", lambda t: ~t.rlike(r"^[0-9]+$")), "non-numeric id (expected 'user item item ...')"),
+                # One that no int64 holds would become a null id, its interactions silently lost.
+                (F.exists("fields", lambda t: ~is_integer(t)), "id beyond the 64-bit integer range"),
             ),
         )
         good, report = drop_malformed(lines, cfg.malformed, path, log)

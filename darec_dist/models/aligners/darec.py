@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from darec_dist.config import ConfigError
 from darec_dist.distributed.collectives import gather_with_grad, sum_many_with_grad, world_size
 from darec_dist.models.aligners.base import Aligner, AlignInputs, distinct_rows, projector
 from darec_dist.models.aligners.coupled_losses import (
@@ -98,6 +99,8 @@ class DaRecConfig:
     def __post_init__(self) -> None:
         if self.sample_size < 2 or self.uniformity_sample < 2 or self.clusters < 1:
             raise ValueError("align.darec.sample_size and align.darec.uniformity_sample must be >= 2, align.darec.clusters >= 1")
+        if self.clusters > self.sample_size:
+            raise ValueError(f"align.darec.clusters ({self.clusters}) must be at most align.darec.sample_size ({self.sample_size})")
         if self.neighbourhood_temperature <= 0:
             raise ValueError(f"align.darec.neighbourhood_temperature must be > 0, got {self.neighbourhood_temperature}")
         if self.global_pairs == "same_kind" and self.global_form != "similarity":
@@ -231,6 +234,9 @@ class DaRec(Aligner):
         sides = [(self.centres, l_shared)] + ([(self.collab_centres, c_shared)] if self.cfg.centres == "matched" else [])
         for centres, shared in sides:
             everyone = gather_with_grad((shared if rows is None else shared[rows]).detach())
+            if everyone.shape[0] < self.cfg.clusters:
+                raise ConfigError(f"align.darec.clusters={self.cfg.clusters}: the first step's structure sample holds only "
+                                  f"{everyone.shape[0]} rows to place the centres among; lower it, or raise loader.batch_size")
             centres.copy_(kmeans(everyone, self.cfg.clusters, self.cfg.kmeans_iterations, self.seed))
         self.centres_ready.fill_(True)
 
