@@ -35,13 +35,13 @@ What it does:
 RecBole writes ``log/``, ``log_tensorboard/`` and ``saved/`` under ``--workdir``
 (the script changes into it before RecBole starts).
 
-Setup (once; the pins are what recbole 1.2.1 needs, see docs/recbole_baseline_raw.md)::
+Setup (once; the pins are what recbole 1.2.1 needs, see docs/training.md)::
 
     python3 -m venv /work/recbole-venv
     /work/recbole-venv/bin/pip install torch==2.13.0 recbole==1.2.1
     /work/recbole-venv/bin/pip install numpy==1.26.4 scipy==1.12.0 pandas==2.1.4 "setuptools<81"
 
-Runs recorded in docs/recbole_baseline_raw.md (RecBole's LightGCN defaults: d=64, lr 1e-3,
+Runs recorded in docs/training.md (RecBole's LightGCN defaults: d=64, lr 1e-3,
 reg 1e-5, batch 2048, one uniform negative; n_layers 2 and 3; stopping_step 10 and 20)::
 
     cd /work/main

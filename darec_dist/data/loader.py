@@ -82,7 +82,8 @@ def steps_per_epoch(dataset: PreparedDataset, cfg: LoaderConfig, seed: int, epoc
 
 
 class ShuffleBuffer:
-    """Holds up to `capacity` interactions and hands out uniformly drawn batches."""
+    """Hands out uniformly drawn batches from a pool it keeps at `capacity` interactions or more once filled
+    (the loader draws only while it holds capacity + a batch, then drains it at the epoch's end)."""
 
     def __init__(self, capacity: int, rng: np.random.Generator):
         self.capacity, self.rng = capacity, rng

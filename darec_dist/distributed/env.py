@@ -41,7 +41,8 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def seed_everything(seed: int, rank: int) -> None:
-    """Different streams per rank (so dropout-like randomness differs), the same on every rerun."""
+    """Streams per rank, the same on every rerun. The trainer then reseeds torch's with the run's seed alone (the
+    same dense initialisation everywhere), so its later draws (RLMRec-Gen's mask positions) match across ranks."""
     random.seed(seed * 1000 + rank)
     np.random.seed((seed * 1000 + rank) % 2**32)
     torch.manual_seed(seed * 1000 + rank)

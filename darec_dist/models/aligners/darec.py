@@ -1,6 +1,6 @@
 """DaRec: disentangle c and l into shared and specific parts, align only the shared parts by structure.
 
-Components (../shared/docs/darec-method.md; every open choice is a config key):
+Components (Yang et al., ICDE 2025, as far as public summaries state them; every open choice is a config key):
 four projections f_C_sp, f_C_sh, f_L_sp, f_L_sh; orthogonality of specific and
 shared parts on each side and uniformity of the specific parts (weight beta);
 global structure alignment of the shared parts' cosine-similarity matrices (or of
