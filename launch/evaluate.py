@@ -13,6 +13,7 @@ writes RUN_DIR/eval-<checkpoint>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,12 +47,19 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return path
 
 
-def load_run_model(cfg: TrainConfig, env: DistEnv, source: Path, verify_checksums: bool = True) -> tuple[Trainer, dict]:
+def load_run_model(
+    cfg: TrainConfig, env: DistEnv, source: Path, verify_checksums: bool = True, splits: tuple[str, ...] = ()
+) -> tuple[Trainer, dict]:
     """Every rank calls it: the run's model with the weights of checkpoint `source` (refused when written for another
-    model or dataset), resharded to this world size and ready to rank; returns it and the checkpoint's loop state."""
+    model or dataset shape, or when the dataset has none of `splits` to rank), resharded to this world size and ready
+    to rank; returns it and the checkpoint's loop state."""
     # Only ranking happens here: the batch size, which training splits over its ranks, need not suit this world size.
-    cfg.loader.batch_size = env.world_size * -(-cfg.loader.batch_size // env.world_size)
+    batch = env.world_size * -(-cfg.loader.batch_size // env.world_size)
+    cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=batch))
     dataset = open_dataset(cfg, env.world_size, verify_checksums, training=False)
+    empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
+    if empty:
+        raise DatasetError(f"{dataset.root}: no {' or '.join(empty)} interactions to rank")
     checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
     trainer = Trainer(cfg, env, dataset)
     # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
@@ -72,10 +80,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)
-        trainer, state = load_run_model(cfg, env, source)
-        empty = [split for split in splits if trainer.dataset.manifest["splits"][split] == 0]
-        if empty:
-            raise DatasetError(f"{trainer.dataset.root}: no {' or '.join(empty)} interactions to rank")
+        trainer, state = load_run_model(cfg, env, source, splits=splits)
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)

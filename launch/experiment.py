@@ -102,6 +102,9 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
         # A finished run counts, and an interrupted one is resumed, only if it computed what is asked now (an
         # edited experiment must not reuse it, nor finish it under the new settings); one copied from another
         # experiment's out_dir counts (docs/results.md reuses runs so).
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir}: holds a run's {'results' if finished else 'checkpoints'} but no config.yaml to "
+                              "compare with what is asked; restore it, or delete that run")
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
         changed = differences(what_a_run_computes(ran), what_a_run_computes(asked))
         if changed:
@@ -175,6 +178,13 @@ def markdown(cfg: ExperimentConfig, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_metrics(summary: dict) -> list[str]:
+    """Each metric at the largest cut-off the runs computed (eval.ks): recall@20 and ndcg@20 by default."""
+    reported = list(next(iter(summary.values()))["test_mean"])
+    largest = max(int(m.split("@")[1]) for m in reported)
+    return [m for m in reported if m.endswith(f"@{largest}")]
+
+
 def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
     import matplotlib
 
@@ -182,10 +192,7 @@ def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     values = cfg.sweep.values
-    # Each metric at the largest cut-off the runs computed (eval.ks): recall@20 and ndcg@20 by default.
-    reported = list(next(iter(summary.values()))["test_mean"])
-    largest = max(int(m.split("@")[1]) for m in reported)
-    metrics = [m for m in reported if m.endswith(f"@{largest}")]
+    metrics = sweep_metrics(summary)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         means = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_mean"][metric] for v in values]

@@ -263,7 +263,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
         state = fresh_state(env.world_size, identity, tables_layout, cfg.seed, model_selection(cfg))
         if source is not None:
-            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout}
+            # Keys checked above (equal where saved), written on: a checkpoint from before a key gains it.
+            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout,
+                                                        "seed": cfg.seed, "selection": model_selection(cfg)}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
                 # Epochs after the checkpoint were run (and logged) by the attempt that died: they are run again.

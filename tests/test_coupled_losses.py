@@ -365,14 +365,13 @@ def test_info_nce_matches_the_plain_formula():
 
 
 def test_more_centres_than_sampled_rows_are_refused_by_name():
-    """k-means cannot place K centres among fewer rows (it returned fewer, and the copy into K failed on shapes)."""
+    """k-means cannot place K centres among fewer rows (it returned fewer, and the copy into K failed on shapes):
+    refused when the config is read (K > N) and when the trainer sizes DaRec's sample for its batch and world."""
     from darec_dist.config import ConfigError
 
     with pytest.raises(ValueError, match=r"align.darec.clusters \(8\) must be at most align.darec.sample_size \(4\)"):
         DaRecConfig(clusters=8, sample_size=4)
     darec = DaRec(DaRecConfig(clusters=8, sample_size=N, uniformity_sample=4), D, DL, seed=1)
-    users, items = torch.tensor([0, 1]), torch.tensor([2, 3])  # 2 interactions: 4 sampled rows
-    inputs = AlignInputs({"user": torch.randn(2, D), "pos": torch.randn(2, D)}, {"user": torch.randn(2, DL), "pos": torch.randn(2, DL)},
-                         {}, {}, {"user": users, "pos": items})
-    with pytest.raises(ConfigError, match="align.darec.clusters=8: the first step's structure sample holds only 4 rows"):
-        darec(inputs)
+    assert darec.llm_rows(local_batch=2, world=2) == 2  # 2 users and 2 positives on each of 2 ranks: 8 rows
+    with pytest.raises(ConfigError, match="align.darec.clusters=8: DaRec's sample holds 4 rows per step over 1 ranks"):
+        darec.llm_rows(local_batch=2, world=1)

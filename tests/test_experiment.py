@@ -126,11 +126,12 @@ def test_a_sweep_is_plotted_with_the_metrics_its_runs_computed(tmp_path):
     """A sweep whose runs computed other cut-offs than 20 (eval.ks) is plotted at its largest one."""
     from PIL import Image
 
-    from launch.experiment import SweepConfig, plot_sweep
+    from launch.experiment import SweepConfig, plot_sweep, sweep_metrics
 
     cfg = ExperimentConfig(sweep=SweepConfig(key="align.darec.clusters", values=[4, 8]))
     metrics = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
     summary = {f"align.darec.clusters={k}": {"test_mean": {m: 0.1 * k for m in metrics}, "test_std": {m: 0.01 for m in metrics}}
                for k in (4, 8)}
+    assert sweep_metrics(summary) == ["recall@10", "ndcg@10"]
     plot_sweep(cfg, summary, tmp_path / "sweep.png")
     assert Image.open(tmp_path / "sweep.png").size[0] > 0

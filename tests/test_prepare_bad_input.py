@@ -49,6 +49,9 @@ def csv_with_lines(tmp_path, body_lines, header="user,item,rating,timestamp", **
         ("101,501,4", "expected 4 columns, got 3"),
         ("101,501,four,881250949", "non-numeric rating 'four'"),
         ("101,501,4,yesterday", "timestamp 'yesterday' is neither a number nor a date-time"),
+        # Spark's own cast would date a bare time of day on the day the job runs, and read unpadded dates.
+        ("101,501,4,08:00:00", "timestamp '08:00:00' is neither a number nor a date-time"),
+        ("101,501,4,2024-1-5", "timestamp '2024-1-5' is neither a number nor a date-time"),
         ("101,501,4,1e30", "timestamp '1e30' beyond the 64-bit integer range"),
         ("", "empty line"),
         ('"101,501,4,881250949', "unclosed double quote"),

@@ -58,10 +58,13 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
     timestamp = form = F.lit(None)
     if pos.timestamp is not None:
         stamp = field(pos.timestamp)
-        # A number is kept as written (its unit is the file's); a date-time (ISO 8601, read in UTC where it
-        # names no zone) counts microseconds since the epoch. Only the order within a user matters (temporal
-        # split, leave-one-out), which one file's timestamps keep if written one way: mixed_timestamp_forms.
-        date_time = F.try_to_timestamp(stamp)
+        # A number is kept as written (its unit is the file's); an ISO 8601 date or date-time (in the session's
+        # time zone, UTC, where it names none) counts microseconds since the epoch. Only the order within a user
+        # matters (temporal split, leave-one-out), which one file's timestamps keep if written one way
+        # (refuse_mixed_timestamp_forms). The pattern first: Spark's cast alone would also date a bare time of
+        # day (08:00:00) on the day the job runs.
+        iso_date = stamp.rlike(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]|$)")
+        date_time = F.when(iso_date, F.try_to_timestamp(stamp))
         form = F.when(is_number(stamp), F.lit("number")).when(date_time.isNotNull(), F.lit("date-time"))
         timestamp = F.when(is_number(stamp), stamp.try_cast("double").try_cast("long")).otherwise(F.unix_micros(date_time))
         checks.append((form.isNull(), F.format_string(

@@ -48,7 +48,8 @@ class DaRecConfig:
     sample_size: int = 4096
     # K: preference centres (the paper's best lies in [4, 8]).
     clusters: int = 4
-    # Softmax temperature of the soft assignments to the centres that the local term compares: lower is sharper.
+    # Softmax temperature of the soft assignments to the centres that the local term compares (learned and ema
+    # centres; matched ones compare cluster means): lower is sharper.
     cluster_temperature: float = 0.2
     # How the centres follow the data. "learned": parameters trained by the local loss (the method note's
     # default) plus a separation term. "ema": not trained; each step moves every centre toward the mean of
@@ -138,7 +139,12 @@ class DaRec(Aligner):
         self.register_buffer("centres_ready", torch.zeros((), dtype=torch.bool))
 
     def llm_rows(self, local_batch: int, world: int) -> int:
-        return min(local_batch, max(1, self.cfg.sample_size // (2 * world)))
+        rows = min(local_batch, max(1, self.cfg.sample_size // (2 * world)))
+        if self.cfg.use_local and 2 * rows * world < self.cfg.clusters:
+            # k-means places the centres among the first step's sample rows (users and positives of all ranks).
+            raise ConfigError(f"align.darec.clusters={self.cfg.clusters}: DaRec's sample holds {2 * rows * world} rows per step "
+                              f"over {world} ranks, fewer than the centres; lower it, or raise loader.batch_size")
+        return rows
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         rows = inputs.llm["user"].shape[0]
@@ -234,9 +240,6 @@ class DaRec(Aligner):
         sides = [(self.centres, l_shared)] + ([(self.collab_centres, c_shared)] if self.cfg.centres == "matched" else [])
         for centres, shared in sides:
             everyone = gather_with_grad((shared if rows is None else shared[rows]).detach())
-            if everyone.shape[0] < self.cfg.clusters:
-                raise ConfigError(f"align.darec.clusters={self.cfg.clusters}: the first step's structure sample holds only "
-                                  f"{everyone.shape[0]} rows to place the centres among; lower it, or raise loader.batch_size")
             centres.copy_(kmeans(everyone, self.cfg.clusters, self.cfg.kmeans_iterations, self.seed))
         self.centres_ready.fill_(True)
 
