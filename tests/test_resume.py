@@ -335,3 +335,22 @@ def test_a_checkpoint_being_read_is_not_pruned(tmp_path):
         assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(3), checkpoint.step_name(9)]
     checkpoint._prune(root, keep=1)
     assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(9)]
+
+
+def test_a_checkpoint_from_before_the_selection_key_gains_it_on_resume(small_dataset, tmp_path):
+    """A resume writes the keys it checks on, so a run begun before a key existed is checked from its next checkpoint."""
+    root, _ = small_dataset
+    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
+               *SETTINGS, "model.backbone=mf"]
+    first = subprocess.run([*command, "train.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    old = checkpoint.latest(tmp_path)
+    state = json.loads((old / checkpoint.STATE).read_text())
+    del state["selection"]  # as a checkpoint written before the key
+    (old / checkpoint.STATE).write_text(json.dumps(state))
+    sizes = json.loads((old / checkpoint.FILES).read_text())
+    (old / checkpoint.FILES).write_text(json.dumps({**sizes, checkpoint.STATE: (old / checkpoint.STATE).stat().st_size}))
+    again = subprocess.run([*command, "train.epochs=2", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and f"resumed from {old}" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    newest = checkpoint.latest(tmp_path)
+    assert newest != old and checkpoint.loop_state(newest)["selection"] == SELECTION
