@@ -373,6 +373,17 @@ def test_csv_timestamps_may_be_iso_dates_and_times_but_not_mixed_with_numbers(sp
         _read_csv_source(spark, path, **{"source.columns.timestamp": "when"})
 
 
+def test_integer_timestamps_keep_every_digit(spark, tmp_path):
+    """Nanosecond stamps are beyond a double's 53 bits: through a double these three would round to one value."""
+    path = tmp_path / "nanos.csv"
+    path.write_text("user,item,when\n1,5,1704067200000000003\n1,6,1704067200000000001\n1,7,1704067200000000002\n"
+                    "2,5,978300760.9\n")
+    raw = _read_csv_source(spark, path, **{"source.columns.timestamp": "when"})
+    stamps = {(r["user"], r["item"]): r["timestamp"] for r in raw.interactions.collect()}
+    assert stamps == {("1", "5"): 1704067200000000003, ("1", "6"): 1704067200000000001,
+                      ("1", "7"): 1704067200000000002, ("2", "5"): 978300760}
+
+
 def test_a_text_table_whose_ids_are_not_integers_like_the_interactions_is_refused(spark, tmp_path):
     (tmp_path / "inter.csv").write_text("user,item\n1,1000\n2,1000\n")
     (tmp_path / "items.csv").write_text("item,text\n1000.0,Product 1000\n")

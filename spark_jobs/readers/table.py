@@ -8,7 +8,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import first_problem, is_number, numbered_lines, split_fields, unbalanced_quotes
+from spark_jobs.readers.lines import INTEGER, first_problem, is_number, numbered_lines, split_fields, unbalanced_quotes
 
 
 @dataclass
@@ -66,7 +66,11 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
         iso_date = stamp.rlike(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]|$)")
         date_time = F.when(iso_date, F.try_to_timestamp(stamp))
         form = F.when(is_number(stamp), F.lit("number")).when(date_time.isNotNull(), F.lit("date-time"))
-        timestamp = F.when(is_number(stamp), stamp.try_cast("double").try_cast("long")).otherwise(F.unix_micros(date_time))
+        # An integer straight to int64: through a double, nanosecond stamps (about 1.7e18) would lose their last
+        # digits and events a few hundred nanoseconds apart would tie.
+        timestamp = (F.when(stamp.rlike(INTEGER), stamp.try_cast("long"))
+                     .when(is_number(stamp), stamp.try_cast("double").try_cast("long"))
+                     .otherwise(F.unix_micros(date_time)))
         checks.append((form.isNull(), F.format_string(
             "timestamp '%s' is neither a number nor a date-time (such as 2024-01-31 or 2024-01-31T08:00:00Z)", stamp)))
         # A number (1e30) that no 64-bit timestamp holds would otherwise become a missing timestamp.
