@@ -146,6 +146,11 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
                     "train with eval.validate=false, or raise split.ratios' validation share or split.val_from_train")
         train = split.where(F.col("split") == "train")
         log.log(f"splits {splits}")
+        # A built user profile lists train items: known now, so a missing one fails before the graph, not after.
+        user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
+        if encodes_text and user_text is not None:
+            user_text = user_text.persist(StorageLevel.MEMORY_AND_DISK)
+            fail_on_missing_text(user_text, users, "user", _text_source(cfg, "user"))
 
     with log.stage("interactions"):
         per_user = {}
@@ -174,11 +179,6 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         log.log(f"propagation rows: {num_rows} rows, {nnz} entries ({nnz / num_rows:.1f} per row)")
 
     with log.stage("embeddings"):
-        # A built user profile lists train items: checked here, after the split, before the slow encoding starts.
-        user_text = user_profiles(raw.user_text, raw.user_text_is_profile, users, train, item_text, cfg.profiles)
-        if encodes_text and user_text is not None:
-            user_text = user_text.persist(StorageLevel.MEMORY_AND_DISK)
-            fail_on_missing_text(user_text, users, "user", _text_source(cfg, "user"))
         if item_text is not None:
             item_text = item_text.select("id", "text")  # the title was for the user profiles
         dims = {}

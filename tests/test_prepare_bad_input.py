@@ -136,6 +136,22 @@ def test_missing_text_for_some_items(spark, tmp_path, capsys):
     assert "[prepare] split" not in capsys.readouterr().out  # known once the ids are: before the split and the graph
 
 
+def test_a_built_user_profile_without_text_fails_before_the_graph(spark, tmp_path, capsys):
+    """A user profile built from train items is empty for a user with none (a source split can leave one)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    train = np.ones((6, 5), dtype=np.float32)
+    train[5] = 0  # user 5 only in test
+    test = np.zeros_like(train)
+    test[5, 2] = 1
+    for name, matrix in (("trn", train), ("val", np.zeros_like(train)), ("tst", test)):
+        (raw / f"{name}_mat.pkl").write_bytes(pickle.dumps(sp.coo_matrix(matrix)))
+    (raw / "itm_prf.csv").write_text("item_id_int,profile_text\n" + "".join(f'{i},"Book {i}"\n' for i in range(5)))
+    fails(spark, tmp_path, {"source.format": "rlmrec", "source.path": str(raw)}, r"1 user\(s\) have no text to embed \(ids \['5'\]\)",
+          **{"embedding.encoder": "sentence-transformers"})
+    assert "[prepare] graph" not in capsys.readouterr().out
+
+
 def test_source_without_text_needs_id_hash(spark, tmp_path):
     source, _ = csv_with_lines(tmp_path, [], item_text=False)
     fails(spark, tmp_path, source, "no item text to embed", **{"embedding.encoder": "sentence-transformers"})
