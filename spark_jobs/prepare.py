@@ -76,6 +76,10 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
     finally:
         if own_session and spark is not None:
             spark.stop()
+        elif spark is not None:
+            # The job's cached tables would outlive it in the caller's session, and a later job reading a file
+            # edited since (a malformed row fixed) would be given the cached rows: Spark matches cached reads by plan.
+            spark.catalog.clearCache()
     _print_summary(manifest, output, log)
     return output
 

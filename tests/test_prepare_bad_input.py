@@ -74,6 +74,14 @@ def test_malformed_fraction_can_be_tolerated_and_is_reported(spark, tmp_path):
     assert sum(manifest["splits"].values()) == 160
 
 
+def test_a_rerun_in_the_same_session_reads_the_corrected_file(spark, tmp_path):
+    """Spark matches a cached read by its plan: a job that left its rows cached would hand them to the next one."""
+    source, path = csv_with_lines(tmp_path, ["101,501,four,881250949"], item_text=False)
+    fails(spark, tmp_path, source, "non-numeric rating 'four'")
+    path.write_text(path.read_text().replace("101,501,four,881250949\n", ""))
+    prepare(small_config(tmp_path / "out", source), spark=spark)
+
+
 def test_quoted_csv_fields_may_hold_the_delimiter(spark, tmp_path):
     import json
 
