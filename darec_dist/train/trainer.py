@@ -26,7 +26,7 @@ def feature_builder(cfg: TrainConfig, dataset: PreparedDataset, aligner, world_s
     rows = propagation_rows(cfg.model, dataset)
     if aligner.needs_graph_context and rows is None:
         raise ConfigError(
-            f"align.method={cfg.align.method} needs a graph backbone (model.backbone=lightgcn): its loss reaches "
+            f"align.method={cfg.align.method} needs a graph backbone (model.backbone=lightgcn or gccf): its loss reaches "
             f"the tables only through a node's graph context, which model.backbone={cfg.model.backbone} does not have"
         )
     llm_rows = aligner.llm_rows(local_batch_size(cfg.loader, world_size), world_size)
