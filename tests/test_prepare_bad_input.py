@@ -128,7 +128,8 @@ def test_text_row_with_the_wrong_number_of_fields(spark, tmp_path, bad_row):
     source, _ = csv_with_lines(tmp_path, [], item_text=True)
     items = tmp_path / "raw" / "items.csv"
     items.write_text(items.read_text() + bad_row + "\n")
-    fails(spark, tmp_path, source, rf"items.csv: row\(s\) without exactly 2 fields \(item, text\): \[{bad_row!r}\]",
+    line = len(items.read_text().splitlines())
+    fails(spark, tmp_path, source, rf"items.csv: row\(s\) without exactly 2 fields \(item, text\): line {line}: {bad_row!r}; quote",
           **{"embedding.encoder": "sentence-transformers"})
 
 

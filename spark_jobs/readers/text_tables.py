@@ -38,8 +38,10 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     # (Spark refuses a query of the corrupt-record column alone.)
     bad = [r[corrupt] for r in table.where(F.col(corrupt).isNotNull()).select(id_col, corrupt).limit(3).collect()]
     if bad:
+        lines = _starting_lines(path, bad)
+        listing = ", ".join(f"line {lines[row]}: {row!r}" if row in lines else repr(row) for row in bad)
         raise PrepareError(
-            f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {bad}; quote text that holds commas"
+            f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {listing}; quote text that holds commas"
         )
     if numeric_ids:
         # A row whose id is no integer names no node of the interactions, like any extra row, and is left out; but
@@ -57,6 +59,24 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
     fail_on_duplicate_ids(result, out_id, path)
     return result
+
+
+def _starting_lines(path: str, rows: list[str]) -> dict[str, int]:
+    """The line on which each row's first line first appears whole in the file: Spark's multi-line reader keeps no
+    line numbers. Read only on this error path; rows of a file that is not local get none."""
+    wanted = {row.split("\n")[0].rstrip("\r"): row for row in rows}
+    found: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for number, line in enumerate(stream, 1):
+                row = wanted.get(line.rstrip("\r\n"))
+                if row is not None and row not in found:
+                    found[row] = number
+                    if len(found) == len(wanted):
+                        break
+    except OSError:
+        pass
+    return found
 
 
 def with_title(text_table: DataFrame) -> DataFrame:
