@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from darec_dist.data import layout
+from darec_dist.data.dataset import PreparedDataset
 from spark_jobs.prepare import prepare
 from tests.prepare_helpers import small_config
 from tests.synthetic import interaction_rows, write_csv_source
@@ -73,6 +74,8 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
 
     first, source = small_dataset
     second = prepare(small_config(tmp_path / "b", source, **SMALL_DATASET_SETTINGS), spark=spark)
+    fingerprint = PreparedDataset.open(first).fingerprint  # what a checkpoint records of its dataset
+    assert PreparedDataset.open(second).fingerprint == fingerprint
     manifests = [json.loads((d / layout.MANIFEST).read_text()) for d in (first, second)]
     shards = [m["shards"] for m in manifests]
     assert [s["sha256"] for s in shards[0]] == [s["sha256"] for s in shards[1]]
@@ -95,6 +98,7 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
     reseeded = json.loads((second / layout.MANIFEST).read_text())
     assert reseeded["config"]["seed"] == 7
     assert [s["sha256"] for s in reseeded["shards"]] != [s["sha256"] for s in shards[0]]
+    assert PreparedDataset.open(second).fingerprint != fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 

@@ -229,9 +229,9 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
     from darec_dist.config import load_config
     from darec_dist.train.config import TrainConfig
 
-    def identity(*overrides, users=943):
+    def identity(*overrides, users=943, fingerprint="a1"):
         cfg = load_config(TrainConfig, "configs/train/default.yaml", ["model.backbone=mf", *overrides])
-        return checkpoint.identity(cfg, SimpleNamespace(num_users=users, num_items=1682, embedding_dim=384))
+        return checkpoint.identity(cfg, SimpleNamespace(num_users=users, num_items=1682, embedding_dim=384, fingerprint=fingerprint))
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
@@ -244,10 +244,18 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
         (identity("model.backbone=lightgcn"), "model.backbone: 'mf' -> 'lightgcn'"),
         (identity("align.method=darec"), "align.method: 'none' -> 'darec'"),
         (identity(users=40), "dataset.users: 943 -> 40"),
+        # Re-prepared with another split or graph: the same shape, other contents.
+        (identity(fingerprint="b2"), r"dataset.fingerprint: 'a1' -> 'b2' \(dataset.fingerprint digests the dataset's checksums"),
     ]
     for current, refusal in refusals:
         with pytest.raises(ConfigError, match=refusal):
             checkpoint.check_identity(path, current)
+    shape_only = identity()
+    del shape_only["dataset"]["fingerprint"]  # written before identities held it: the shape is checked
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": shape_only}))
+    checkpoint.check_identity(path, identity(fingerprint="b2"))
+    with pytest.raises(ConfigError, match="dataset.users: 943 -> 40"):
+        checkpoint.check_identity(path, identity(users=40, fingerprint="b2"))
 
 
 def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_path):

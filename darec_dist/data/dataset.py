@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -110,6 +111,13 @@ class PreparedDataset:
     @property
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the manifest's checksums of every array and shard: the same for a byte-identical re-prepare
+        (same inputs and seed) or a moved copy, different for another split, graph, embedding or shard order."""
+        checksums = {"arrays": self.manifest["arrays"], "shards": [s["sha256"] for s in self.shards]}
+        return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()[:16]
 
     def shard_urls(self) -> list[str]:
         return [str(self.root / s["path"]) for s in self.shards]

@@ -143,14 +143,16 @@ def damage(path: Path) -> str | None:
 
 
 def identity(cfg, dataset) -> dict:
-    """What a checkpoint's contents depend on: the model and aligner config, the dataset's node counts and LLM width.
+    """What a checkpoint's contents depend on: the model and aligner config, and the dataset (node counts, LLM
+    width, and its content's fingerprint: a dataset re-prepared with another split or graph has the same shape).
 
     Saved in every checkpoint's loop state; a checkpoint loads only where it is the same (check_identity),
     so a resume or an evaluation never fills a model of another shape or meaning with its tensors.
     """
     return json.loads(json.dumps({
         "model": to_dict(cfg.model), "align": to_dict(cfg.align),
-        "dataset": {"users": dataset.num_users, "items": dataset.num_items, "embedding_dim": dataset.embedding_dim},
+        "dataset": {"users": dataset.num_users, "items": dataset.num_items, "embedding_dim": dataset.embedding_dim,
+                    "fingerprint": dataset.fingerprint},
     }))
 
 
@@ -159,10 +161,14 @@ def check_identity(path: str | Path, current: dict) -> None:
     saved = loop_state(path).get("identity")
     if saved is None:  # written before checkpoints recorded it
         return
+    if "fingerprint" not in saved["dataset"]:  # written before the identity held it: the shape only
+        current = {**current, "dataset": {k: v for k, v in current["dataset"].items() if k != "fingerprint"}}
     differ = differences(saved, current)
     if differ:
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
-        raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {'; '.join(differ[:6])}{more}")
+        hint = (" (dataset.fingerprint digests the dataset's checksums: its split, graph, embeddings or shards differ; "
+                "give data.path the dataset this run trained on)") if any(d.startswith("dataset.fingerprint") for d in differ) else ""
+        raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {'; '.join(differ[:6])}{more}{hint}")
 
 
 def check_complete(path: Path) -> None:
