@@ -37,19 +37,27 @@ from darec_dist.train.metrics import metric_names
 from darec_dist.train.trainer import Trainer
 
 
-def fresh_state(world_size: int, identity: dict, tables: dict, seed: int, selection: dict) -> dict:
+def fresh_state(world_size: int, identity: dict, settings: dict) -> dict:
     # wall_seconds: the run's time up to the end of its last finished epoch, summed over every attempt (resumes).
     return {
         "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sums": {}, "best": None, "bad_evals": 0,
         "epoch_seconds": [], "epoch_world_sizes": [], "wall_seconds": 0.0, "world_size": world_size, "identity": identity,
-        "tables": tables, "seed": seed, "selection": selection, "stopped": False,
+        "stopped": False, **settings,
     }
 
 
-def model_selection(cfg: TrainConfig) -> dict:
-    """The settings by which a run's validations are computed and its best epoch chosen: a resume keeps them, or
-    the saved best (scored by other metrics, users or none at all) would be compared with what it cannot be."""
-    return {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")}
+def resume_settings(cfg: TrainConfig, tables: dict) -> dict:
+    """What a checkpoint records so that a resume can be checked against it (check_resumable):
+    tables: the trainable tables' optimizer and sharding (the shape of their optimizer state);
+    seed: its batches and random streams came from it;
+    selection: the settings by which validations are computed and the best epoch chosen (the saved best, scored
+    by other metrics, users or none at all, would be compared with what it cannot be);
+    stream: what a position inside an epoch counts in (batches of this size, from these readers and buffers)."""
+    return {
+        "tables": tables, "seed": cfg.seed,
+        "selection": {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")},
+        "stream": {key: getattr(cfg.loader, key) for key in ("batch_size", "num_workers", "shuffle_buffer")},
+    }
 
 
 def table_layout(cfg: TrainConfig, trainer: Trainer) -> dict:
@@ -94,16 +102,18 @@ def as_override(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict, seed: int, selection: dict) -> None:
-    """A checkpoint resumes with its seed, model-selection settings and table optimizer, and at another world size
-    only at an epoch's end and without state partitioned by world size.
+def check_resumable(source: Path, world_size: int, zero_stage: int, settings: dict) -> None:
+    """A checkpoint resumes with its seed, model-selection settings and table optimizer (settings: resume_settings),
+    inside an epoch only with its stream settings, and at another world size only at an epoch's end and without
+    state partitioned by world size.
 
-    Inside an epoch its step count is a position in each rank's stream of shards, which another world size
-    splits differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
+    Inside an epoch its step count is a position in each rank's stream of shards, which another world size, batch
+    size or reader layout counts differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
     partition the optimizer state by world size and cannot load it at another, and so does row-wise Adagrad
     on column-wise tables (each column shard keeps its own per-row state).
     """
     saved = checkpoint.loop_state(source)
+    tables, seed, selection = settings["tables"], settings["seed"], settings["selection"]
     written_by = saved.get("world_size", world_size)  # checkpoints from before this key: assume the same
     saved_tables = saved.get("tables", tables)  # likewise
     if saved.get("seed", seed) != seed:
@@ -126,6 +136,13 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, tables: dict
             f"{source}: its column-wise tables ({', '.join(per_column_shard)}) keep row-wise Adagrad state per column "
             f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
             "resume with those"
+        )
+    changed = {key: value for key, value in saved.get("stream", settings["stream"]).items() if settings["stream"][key] != value}
+    if saved["step_in_epoch"] and changed:
+        raise ConfigError(
+            f"{source}: written inside epoch {saved['epoch']} (step {saved['step_in_epoch']}), whose position counts batches "
+            "of its loader; resume it with " + " ".join(f"loader.{key}={value}" for key, value in changed.items())
+            + ", or from a checkpoint taken at an epoch's end"
         )
     if written_by == world_size:
         return
@@ -254,18 +271,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         elif resume is None:
             check_fresh(run_dir)
         trainer = Trainer(cfg, env, dataset)
-        tables_layout = table_layout(cfg, trainer)
+        settings = resume_settings(cfg, table_layout(cfg, trainer))
         if source is not None:
             zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
-            check_resumable(source, env.world_size, zero_stage, tables_layout, cfg.seed, model_selection(cfg))
+            check_resumable(source, env.world_size, zero_stage, settings)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
-        state = fresh_state(env.world_size, identity, tables_layout, cfg.seed, model_selection(cfg))
+        state = fresh_state(env.world_size, identity, settings)
         if source is not None:
             # Keys checked above (equal where saved), written on: a checkpoint from before a key gains it.
-            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, "tables": tables_layout,
-                                                        "seed": cfg.seed, "selection": model_selection(cfg)}
+            state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, **settings}
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
                 # Epochs after the checkpoint were run (and logged) by the attempt that died: they are run again.

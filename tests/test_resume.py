@@ -23,6 +23,12 @@ SETTINGS = [
     "output.plot=false", "sparse.optimizer=adam", "sparse.lr=0.01",
 ]
 SELECTION = {"monitor": "recall@20", "ks": [5, 10, 20], "validate": True, "max_users": None}  # eval's defaults
+STREAM = {"batch_size": 2048, "num_workers": 1, "shuffle_buffer": 65536}
+
+
+def settings(tables, seed=1, selection=SELECTION, stream=STREAM):
+    """launch/train.py's resume_settings, spelled out."""
+    return {"tables": tables, "seed": seed, "selection": selection, "stream": stream}
 
 
 def torchrun(dataset, run_dir, *extra):
@@ -128,9 +134,30 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
         (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam}))
         if refusal:
             with pytest.raises(ConfigError, match=refusal):
-                check_resumable(path, world_size, zero_stage, adam, 1, SELECTION)
+                check_resumable(path, world_size, zero_stage, settings(adam))
         else:
-            check_resumable(path, world_size, zero_stage, adam, 1, SELECTION)
+            check_resumable(path, world_size, zero_stage, settings(adam))
+
+
+def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_its_steps(tmp_path):
+    """Its position is a count of batches: 20 steps of 2048 resumed at a batch of 512 skipped a quarter of them."""
+    from launch.train import check_resumable
+
+    path = tmp_path / checkpoint.step_name(20)
+    path.mkdir()
+    (path / checkpoint.COMPLETE).write_text("")
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    other = {**STREAM, "batch_size": 512, "shuffle_buffer": 0}
+    for step_in_epoch in (0, 20):
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 0, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam,
+                                                          "stream": STREAM}))
+        check_resumable(path, 2, 0, settings(adam))
+        if step_in_epoch == 0:  # at an epoch's end the next epoch starts its stream afresh
+            check_resumable(path, 2, 0, settings(adam, stream=other))
+            continue
+        with pytest.raises(ConfigError, match=re.escape("inside epoch 0 (step 20), whose position counts batches of its loader; "
+                                                        "resume it with loader.batch_size=2048 loader.shuffle_buffer=65536, or")):
+            check_resumable(path, 2, 0, settings(adam, stream=other))
 
 
 def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
@@ -144,11 +171,11 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "seed": 1,
                                                       "selection": SELECTION}))
-    check_resumable(path, 2, 0, adam, 1, dict(SELECTION))
+    check_resumable(path, 2, 0, settings(adam, selection=dict(SELECTION)))
     for key, value, shown in [("monitor", "ndcg@10", "eval.monitor=recall@20"), ("ks", [10, 50], "eval.ks=[5,10,20]"),
                               ("validate", False, "eval.validate=true"), ("max_users", 500, "eval.max_users=null")]:
         with pytest.raises(ConfigError, match=re.escape(f"chosen with other evaluation settings; resume it with {shown} (or")):
-            check_resumable(path, 2, 0, adam, 1, {**SELECTION, key: value})
+            check_resumable(path, 2, 0, settings(adam, selection={**SELECTION, key: value}))
 
 
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
@@ -159,16 +186,16 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     (path / checkpoint.COMPLETE).write_text("")
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
-    check_resumable(path, 2, 0, column_wise, 1, SELECTION)
+    check_resumable(path, 2, 0, settings(column_wise))
     with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
-        check_resumable(path, 2, 0, {**column_wise, "optimizer": "adagrad"}, 1, SELECTION)
+        check_resumable(path, 2, 0, settings({**column_wise, "optimizer": "adagrad"}))
     with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
-        check_resumable(path, 1, 0, column_wise, 1, SELECTION)  # another world size: another number of column shards
+        check_resumable(path, 1, 0, settings(column_wise))  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
-        check_resumable(path, 2, 0, {**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}, 1, SELECTION)
+        check_resumable(path, 2, 0, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise, "seed": 7}))
     with pytest.raises(ConfigError, match="written by a run with seed=7; resume it with that seed"):
-        check_resumable(path, 2, 0, column_wise, 1, SELECTION)
+        check_resumable(path, 2, 0, settings(column_wise))
 
 
 def test_a_resume_continues_its_own_run_only(tmp_path):
