@@ -97,6 +97,27 @@ def check_own_checkpoint(source: Path, run_dir: Path) -> None:
         )
 
 
+def resume_source(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint this job continues (None: it starts the run), or why it may not."""
+    if resume is None:
+        check_fresh(run_dir)
+        return None
+    if resume == "auto":
+        source = checkpoint.latest(run_dir)
+        if source is None and checkpoint.step_checkpoints(run_dir):
+            # Starting over would replace the run's metrics and best model with a new run's.
+            names = ", ".join(p.name for p in checkpoint.step_checkpoints(run_dir)[-3:])
+            raise ConfigError(f"{run_dir}: --resume auto found no complete, undamaged checkpoint to continue ({names}); "
+                              "resume one by path to see why it is refused, or delete the run_dir to start over")
+    else:
+        source = Path(resume)
+        if not source.is_dir():
+            raise ConfigError(f"--resume {resume}: no such checkpoint directory (--resume takes auto or a checkpoint directory)")
+    if source is not None:
+        check_own_checkpoint(source, run_dir)
+    return source
+
+
 def as_override(value) -> str:
     """A value as a key=value override takes it on the command line (no spaces)."""
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
@@ -264,12 +285,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env.world_size)
         identity = checkpoint.identity(cfg, dataset)
-        source = checkpoint.latest(run_dir) if resume == "auto" else (Path(resume) if resume else None)
+        source = resume_source(run_dir, resume)
         if source is not None:
-            check_own_checkpoint(source, run_dir)
             checkpoint.check_identity(source, identity)
-        elif resume is None:
-            check_fresh(run_dir)
         trainer = Trainer(cfg, env, dataset)
         settings = resume_settings(cfg, table_layout(cfg, trainer))
         if source is not None:

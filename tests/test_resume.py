@@ -110,6 +110,7 @@ def _check_memory_record(dataset, run_dir, dim=8):
 def test_half_written_checkpoint_is_never_loaded(tmp_path):
     root = tmp_path / checkpoint.CHECKPOINTS
     (root / checkpoint.step_name(4)).mkdir(parents=True)
+    (root / checkpoint.step_name(4) / checkpoint.STATE).write_text("{}")
     (root / checkpoint.step_name(4) / checkpoint.COMPLETE).write_text("")
     (root / checkpoint.step_name(9)).mkdir()  # written, never marked complete
     (root / f".tmp-{checkpoint.step_name(12)}").mkdir()
@@ -318,10 +319,23 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
         checkpoint.loop_state(newer)
     assert checkpoint.latest(tmp_path) == older
     assert "skipping the damaged checkpoint" in capsys.readouterr().err
+    (older / checkpoint.FILES).write_text("[]")
+    with pytest.raises(ConfigError, match=r"files.json is unreadable"):
+        checkpoint.check_complete(older)
+    (older / checkpoint.FILES).unlink()  # as written before checkpoints listed their files: state.json still checked
     (older / checkpoint.STATE).unlink()
     with pytest.raises(ConfigError, match=r"state.json is missing"):
         checkpoint.check_complete(older)
     assert checkpoint.latest(tmp_path) is None
+    # Nothing to continue: --resume auto refuses rather than start over (the run's metrics and best model would go).
+    from launch.train import resume_source
+
+    with pytest.raises(ConfigError, match=rf"{tmp_path}: --resume auto found no complete, undamaged checkpoint to continue "
+                                          rf"\({checkpoint.step_name(4)}, {checkpoint.step_name(8)}\)"):
+        resume_source(tmp_path, "auto")
+    assert resume_source(tmp_path / "new", "auto") is None  # torchrun's first attempt of a self-healing run
+    with pytest.raises(ConfigError, match="--resume latest: no such checkpoint directory"):
+        resume_source(tmp_path, "latest")
 
 
 def _count_optimizer_steps(rank, world_size, root, run_dir):

@@ -101,7 +101,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
 
 
 def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
+    steps = [p for p in step_checkpoints(root.parent) if (p / COMPLETE).exists()]
     for old in steps[:-keep]:
         # One being read (load_weights: launch/evaluate.py on this running run) is left to a later save.
         with exclusive_lock(old) as unread:
@@ -109,12 +109,15 @@ def _prune(root: Path, keep: int) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's step checkpoints, oldest first, complete or not."""
+    root = Path(run_dir) / CHECKPOINTS
+    return sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name)) if root.is_dir() else []
+
+
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete and undamaged step checkpoint of a run, or None."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name) and (p / COMPLETE).exists())
+    done = [p for p in step_checkpoints(run_dir) if (p / COMPLETE).exists()]
     for path in reversed(done):
         problem = damage(path)
         if problem is None:
@@ -126,12 +129,16 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def damage(path: Path) -> str | None:
     """What differs from the file list the checkpoint was written with (None: nothing, or no list to check)."""
+    if not (path / STATE).is_file():  # every checkpoint has one, those from before the file list too
+        return f"{STATE} is missing"
     listing = path / FILES
     if not listing.exists():  # written before checkpoints listed their files
         return None
     try:
         sizes = json.loads(listing.read_text())
     except ValueError:
+        sizes = None
+    if not isinstance(sizes, dict):
         return f"{FILES} is unreadable"
     for name, size in sizes.items():
         file = path / name
@@ -186,7 +193,10 @@ def loop_state(path: str | Path) -> dict:
     """The loop position saved with a complete checkpoint (epoch, step, best, world size, ...), read without loading it."""
     path = Path(path)
     check_complete(path)
-    return json.loads((path / STATE).read_text())
+    try:
+        return json.loads((path / STATE).read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path / STATE}: unreadable ({err}); the checkpoint is damaged") from None
 
 
 def load_weights(trainer, path: str | Path) -> dict:
