@@ -224,6 +224,10 @@ def test_one_job_per_run_dir(tmp_path):
     with exclusive_run_dir(tmp_path / "refused", is_main=True):
         pass  # nothing written: the directory it created goes again
     assert not (tmp_path / "refused").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"run_dir: {tmp_path / 'file'} is a file"):
+        with exclusive_run_dir(tmp_path / "file", is_main=True):
+            pass
 
 
 def test_a_resumed_run_drops_the_records_it_will_log_again(tmp_path):
@@ -234,6 +238,13 @@ def test_a_resumed_run_drops_the_records_it_will_log_again(tmp_path):
         report.append_metrics(tmp_path, {"kind": "val", "epoch": epoch})
     report.keep_metrics_before(tmp_path, 2)
     assert [(r["kind"], r["epoch"]) for r in report.read_metrics(tmp_path)] == [("train", 0), ("val", 0), ("train", 1), ("val", 1)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"kind": "train", "ep')  # a killed job's last append
+    report.keep_metrics_before(tmp_path, 2)
+    assert path.read_text().count("\n") == 4 and path.read_text().endswith("}\n")
+    path.write_text('{"kind": "train", "ep\n' + path.read_text())  # damage anywhere else is named
+    with pytest.raises(ConfigError, match=rf"{path}:1: not a JSON record"):
+        report.read_metrics(tmp_path)
 
 
 def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(small_dataset, tmp_path):

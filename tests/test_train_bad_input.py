@@ -105,6 +105,7 @@ def test_unknown_keys_and_wrong_types():
     ("checkpoint.every_epochs=0", "checkpoint.every_epochs and checkpoint.keep must be >= 1"),
     ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be >= 1 or null, got 0"),
     ("sparse.lr=-1", "sparse.lr, sparse.eps and sparse.init_std must be > 0, got -1.0"),
+    ("run_dir=", "run_dir: required"),  # the working directory would take the run's files
 ])
 def test_values_out_of_range(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -110,6 +110,10 @@ class TrainConfig:
     run_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def __post_init__(self) -> None:
+        if not self.run_dir.strip():  # an empty path is the working directory: the run would litter it
+            raise ValueError("run_dir: required (the directory the run writes its checkpoints and results to)")
+
 
 def resolve_path(path: str) -> Path:
     """A path as given, else relative to the repository (so configs work from any directory)."""

@@ -16,6 +16,8 @@ def exclusive_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
     """Rank 0 holds an exclusive lock on run_dir for the job's life (the kernel drops it when the process dies,
     so a restarted or requeued job takes it over); every rank fails alike when another job holds it. Collective.
     A run_dir created here and left empty (a run refused before writing anything) is removed on the way out."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file; give a directory (a new one for a new run)")
     created = is_main and not run_dir.exists()
     with ExitStack() as held:
         taken = True

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from darec_dist.config import to_dict
+from darec_dist.config import ConfigError, to_dict
 from darec_dist.data import layout
 from darec_dist.files import atomic_path, replace_dir, write_text_atomic
 from darec_dist.train.metrics import metric_names
@@ -32,10 +32,19 @@ def keep_metrics_before(run_dir: Path, epoch: int) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records; a last line cut short (a job killed, or a disk filled, while appending it) is left out."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if position < len(lines) - 1:
+                raise ConfigError(f"{path}:{number}: not a JSON record; the file is damaged") from None
+    return records
 
 
 def metrics_table(by_split: dict[str, dict], ks: list[int]) -> str:
