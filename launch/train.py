@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
-from darec_dist.data.loader import check_world_fits, epoch_batches, local_batch_size, steps_per_epoch
+from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch
 from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
 from darec_dist.train import checkpoint, memory, report
@@ -188,19 +188,20 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
     dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=verify_checksums and cfg.data.verify_checksums)
     if training:
         check_world_fits(dataset, world_size, cfg.loader.num_workers)
-        local_batch_size(cfg.loader, world_size)
-    if cfg.eval.validate and dataset.manifest["splits"]["val"] == 0:
-        raise DatasetError(
-            f"{dataset.root}: no validation interactions; early stopping needs a validation split "
-            "(eval.validate=false trains exactly train.epochs epochs and tests the final model)"
-        )
+        steps_per_epoch(dataset, cfg.loader, cfg.seed, 0, world_size)  # at least one batch, known before any setup
+    # Test first: without it no setting helps, while eval.validate=false answers a missing validation split.
     if dataset.manifest["splits"]["test"] == 0:
         # Metrics over no users would read as a model that scores 0.
         raise DatasetError(
             f"{dataset.root}: no test interactions, so nothing to test the model on; re-prepare with a test share in "
             "split.ratios (a ratio split gives users with few interactions no held-out rows: 3:1:1 needs 5)"
         )
-    if cfg.eval.monitor not in metric_names(cfg.eval.ks):
+    if cfg.eval.validate and dataset.manifest["splits"]["val"] == 0:
+        raise DatasetError(
+            f"{dataset.root}: no validation interactions; early stopping needs a validation split "
+            "(eval.validate=false trains exactly train.epochs epochs and tests the final model)"
+        )
+    if training and cfg.eval.validate and cfg.eval.monitor not in metric_names(cfg.eval.ks):  # evaluation monitors nothing
         raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
     return dataset
 

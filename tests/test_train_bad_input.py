@@ -88,6 +88,10 @@ def test_world_size_the_shards_cannot_serve(small_dataset):
         local_batch_size(LoaderConfig(batch_size=7), 2)
     with pytest.raises(DatasetError, match="fewer than one local batch"):
         steps_per_epoch(dataset, LoaderConfig(batch_size=10**6), 0, 0, 2)
+    from launch.train import open_dataset  # checked with the dataset, before the model is built or run_dir written
+
+    with pytest.raises(DatasetError, match="fewer than one local batch"):
+        open_dataset(load_config(TrainConfig, None, [f"data.path={small_dataset[0]}", "loader.batch_size=1000000"]), 2)
 
 
 def test_unknown_keys_and_wrong_types():
@@ -199,14 +203,22 @@ def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_a_dataset_without_test_interactions_is_refused(dataset_copy):
+def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refused(dataset_copy):
     """Metrics over no test users would be reported as a model scoring 0 (a ratio split of users with few
     interactions holds none out)."""
     from launch.train import open_dataset
 
-    manifest = json.loads((dataset_copy / "manifest.json").read_text())
-    manifest["splits"]["test"] = 0
-    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
-    cfg = load_config(TrainConfig, None, [f"data.path={dataset_copy}", "loader.batch_size=64", "loader.num_workers=0"])
-    with pytest.raises(DatasetError, match="no test interactions, so nothing to test"):
+    settings = [f"data.path={dataset_copy}", "loader.batch_size=64", "loader.num_workers=0"]
+    cfg = load_config(TrainConfig, None, [*settings, "eval.ks=[10]", "eval.monitor=recall@10"])
+    open_dataset(cfg, 1, verify_checksums=False)
+    # The metric that picks the best epoch must be computed; evaluating a finished run picks nothing.
+    cfg = load_config(TrainConfig, None, [*settings, "eval.ks=[10]"])
+    with pytest.raises(ConfigError, match=r"eval.monitor: 'recall@20' is not among the metrics of eval.ks=\[10\]"):
         open_dataset(cfg, 1, verify_checksums=False)
+    open_dataset(cfg, 1, verify_checksums=False, training=False)
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    manifest["splits"]["test"] = manifest["splits"]["val"] = 0
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    # Without validation either: named first, since eval.validate=false (the answer to the other) would not help.
+    with pytest.raises(DatasetError, match="no test interactions, so nothing to test"):
+        open_dataset(load_config(TrainConfig, None, settings), 1, verify_checksums=False)
