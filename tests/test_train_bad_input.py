@@ -158,7 +158,8 @@ def test_dense_kernel_refuses_tables_split_across_ranks(small_dataset, tmp_path)
     # Adam on CPU runs the dense kernel, whose per-rank optimizer state a checkpoint cannot keep per shard.
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py", "configs/train/default.yaml",
-         f"data.path={small_dataset[0]}", "device=cpu", "sparse.optimizer=adam", "sparse.sharding=row_wise", f"run_dir={tmp_path}"],
+         f"data.path={small_dataset[0]}", "device=cpu", "sparse.optimizer=adam", "sparse.sharding=row_wise", f"run_dir={tmp_path}",
+         "loader.batch_size=64"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert done.returncode != 0
