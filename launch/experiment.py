@@ -59,6 +59,10 @@ class ExperimentConfig:
             raise ValueError(f"nproc must be >= 1 (processes per run), got {self.nproc}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        # A repeated seed would be the same run counted twice: its mean over "n seeds" and a std of 0 would be false.
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seeds: {repeated} given more than once in {self.seeds}; each seed is one run, give distinct seeds")
         if self.sweep.key and not self.sweep.values:
             raise ValueError(f"sweep.values: give at least one value of {self.sweep.key}")
 
@@ -90,10 +94,32 @@ def what_a_run_computes(settings: dict) -> dict:
     return kept
 
 
+# What summarise reads of every run's results.json.
+RESULTS_KEYS = ("test", "val", "best_epoch", "seconds_per_epoch")
+
+
+def run_settings(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> list[str]:
+    """The overrides of the training config that make one run of the grid."""
+    return [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
+
+
+def read_results(run_dir: Path) -> dict:
+    """A finished run's results.json, refused (naming it) when damaged: it would count as a run in the table."""
+    results = run_dir / "results.json"
+    try:
+        record = json.loads(results.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{results}: not valid JSON ({err}); delete {run_dir} to run it again") from err
+    missing = [key for key in RESULTS_KEYS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise ConfigError(f"{results}: missing key(s) {missing} of a finished run's results; delete {run_dir} to run it again")
+    return record
+
+
 def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
     """One torchrun job; returns its results.json (skips the job when that file already exists)."""
     results = run_dir / "results.json"
-    settings = [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
+    settings = run_settings(cfg, run_dir, overrides, seed)
     # Checked here, before torchrun: a bad key fails at once instead of in every restart of the job.
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
@@ -112,7 +138,7 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
                               f"settings (ran -> asked now): {'; '.join(changed[:6])}; delete that run or give the "
                               "experiment another out_dir")
         if finished:
-            return json.loads(results.read_text())
+            return read_results(run_dir)
     # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +151,7 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
     if done.returncode != 0:
         raise RunFailed(f"run failed ({done.returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
     # Its wall_seconds is the trainer's, which also counts the time before a resume.
-    return json.loads(results.read_text())
+    return read_results(run_dir)
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
@@ -212,13 +238,21 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if not out.is_absolute():
         out = REPO_ROOT / out
     variants = variants_of(cfg)
+    # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
+    grid = [(name, overrides, seed, out / name.replace("/", "_") / f"seed-{seed}")
+            for seed in cfg.seeds for name, overrides in variants.items()]
+    # Every run's config is checked before the first one trains: a typo in a later variant would stop the
+    # experiment only when its turn came, hours in.
+    for name, overrides, seed, run_dir in grid:
+        try:
+            load_config(TrainConfig, REPO_ROOT / cfg.train_config, run_settings(cfg, run_dir, overrides, seed))
+        except ConfigError as err:
+            raise ConfigError(f"variant {name}, seed {seed}: {err}") from err
     runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
-    for seed in cfg.seeds:
-        for name, overrides in variants.items():
-            print(f"[experiment] {name} seed {seed}", flush=True)
-            runs.setdefault(name, []).append(run_one(cfg, out / name.replace("/", "_") / f"seed-{seed}", overrides, seed))
+    for name, overrides, seed, run_dir in grid:
+        print(f"[experiment] {name} seed {seed}", flush=True)
+        runs.setdefault(name, []).append(run_one(cfg, run_dir, overrides, seed))
     summary = summarise(runs)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     table = markdown(cfg, summary)

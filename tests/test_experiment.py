@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -10,10 +11,11 @@ import sys
 import time
 
 import pytest
+import yaml
 
-from darec_dist.config import ConfigError
+from darec_dist.config import ConfigError, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
-from darec_dist.train.config import REPO_ROOT
+from darec_dist.train.config import REPO_ROOT, TrainConfig
 from launch.experiment import ExperimentConfig, markdown, run_experiment, summarise
 
 
@@ -108,6 +110,45 @@ def test_an_experiment_that_would_run_nothing_is_refused(capsys, overrides, mess
     assert main(["configs/experiments/quickstart.yaml", *overrides]) == 2
     assert message in capsys.readouterr().err
     assert main([]) == 2 and "error: give an experiment file" in capsys.readouterr().err
+
+
+def test_repeated_seeds_are_refused_at_load(capsys):
+    """seeds: [1, 1] reused one run and reported it as two seeds with a std of 0."""
+    from launch.experiment import main
+
+    # (no dataset: without the check, the first run would fail on it rather than train)
+    assert main(["configs/experiments/quickstart.yaml", "seeds=[1,2,1]", "overrides=[data.path=/no/dataset]"]) == 2
+    assert "seeds: [1] given more than once in [1, 2, 1]" in capsys.readouterr().err
+
+
+def test_a_typo_in_a_later_variant_fails_before_the_first_run(tmp_path):
+    # No dataset: the first variant's run would fail on it if it were started before the second was checked.
+    cfg = ExperimentConfig(
+        overrides=[f"data.path={tmp_path / 'no-dataset'}", "device=cpu"],
+        variants={"base": ["align.method=none"], "darec": ["align.method=darec", "align.darec.lamda=0.1"]},
+        seeds=[1, 2], nproc=1, out_dir=str(tmp_path / "exp"),
+    )
+    with pytest.raises(ConfigError, match=r"variant darec, seed 1: .*unknown key\(s\) align.darec.lamda"):
+        run_experiment(cfg)
+    assert not (tmp_path / "exp").exists()  # no run was started
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ('{"test": {"recall@20": 0.1', "not valid JSON"),  # truncated
+    ("{}", r"missing key\(s\) \['test', 'val', 'best_epoch', 'seconds_per_epoch'\]"),
+])
+def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(tmp_path, damaged, message):
+    cfg = ExperimentConfig(overrides=["data.path=/no/dataset", "device=cpu"], variants={"base": ["align.method=none"]},
+                           seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
+    # A finished run of exactly these settings, as launch/train.py leaves it, but for its results.json.
+    run_dir = tmp_path / "exp" / "base" / "seed-1"
+    run_dir.mkdir(parents=True)
+    settings = [*cfg.overrides, "align.method=none", "seed=1", f"run_dir={run_dir}", "train.progress_bar=false"]
+    ran = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(ran), sort_keys=False))
+    (run_dir / "results.json").write_text(damaged)
+    with pytest.raises(ConfigError, match=f"{re.escape(str(run_dir / 'results.json'))}: {message}.*; delete {re.escape(str(run_dir))} to run it again"):
+        run_experiment(cfg)
 
 
 def test_runs_without_validation_are_tabulated_by_their_final_epoch():
