@@ -22,11 +22,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from darec_dist.config import ConfigError, load_config
+from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
 from darec_dist.files import write_text_atomic
 from darec_dist.train import checkpoint, report
-from darec_dist.train.config import TrainConfig
+from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate
 from darec_dist.train.trainer import Trainer
 from launch.train import open_dataset
@@ -56,6 +57,11 @@ def load_run_model(
     # Only ranking happens here: the batch size, which training splits over its ranks, need not suit this world size.
     batch = env.world_size * -(-cfg.loader.batch_size // env.world_size)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=batch))
+    root = resolve_path(cfg.data.path) if cfg.data.path else None
+    if root is not None and not (root / layout.MANIFEST).exists():
+        # The run's own data.path unless overridden: a dataset moved since the run is pointed at on the command line.
+        raise DatasetError(f"{root}: no prepared dataset here (no {layout.MANIFEST}); if the run's dataset moved, give its "
+                           "directory as data.path=DIR")
     dataset = open_dataset(cfg, env.world_size, verify_checksums, training=False)
     empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
     if empty:
@@ -68,15 +74,21 @@ def load_run_model(
     return trainer, state
 
 
-def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:
-    """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
+def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
+    """The run's resolved config with `overrides` of anything but the model (e.g. data.path=DIR for a dataset that
+    moved): the checkpoint holds the run's model."""
     config = run_dir / "config.yaml"
     if not config.exists():
         raise ConfigError(f"{run_dir}: no config.yaml; not a run directory written by launch/train.py")
     shaping = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in MODEL_SECTIONS]
     if shaping:
-        raise ConfigError(f"{shaping}: these keys shape the model the checkpoint holds; evaluate.py keeps the run's ({config})")
-    cfg = load_config(TrainConfig, config, [*overrides, f"run_dir={run_dir}"])
+        raise ConfigError(f"{shaping}: these keys shape the model the checkpoint holds; the run's are kept ({config})")
+    return load_config(TrainConfig, config, [*overrides, f"run_dir={run_dir}"])
+
+
+def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:
+    """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
+    cfg = run_config(run_dir, overrides)
     source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env:
         seed_everything(cfg.seed, env.rank)

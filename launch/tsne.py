@@ -1,6 +1,6 @@
 """t-SNE picture of DaRec's shared and specific representations, from a finished run.
 
-    python launch/tsne.py runs/ml-100k-darec --nodes 800 --out docs/figures/tsne.png
+    python launch/tsne.py runs/ml-100k-darec --nodes 800 --out docs/figures/tsne.png [key=value ...]
 
 Rebuilds the run's model in one process, loads its best checkpoint (resharded from however
 many ranks wrote it), takes a seeded sample of users and items, and embeds c_sp, c_sh, l_sp
@@ -8,6 +8,7 @@ and l_sh of those nodes together with t-SNE. If the disentangling works, the two
 parts overlap while the two specific parts stay apart from them and from each other. Also
 prints each part's mean pairwise cosine over the sampled nodes (near 1: collapsed) and the mean
 entropy of the shared parts' soft assignments to the centres (log K: uniform, the local term idle).
+Overrides of the run's config are those of launch/evaluate.py, e.g. `data.path=DIR` for a dataset that moved.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from darec_dist.config import ConfigError, load_config
+from darec_dist.config import ConfigError
 from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.env import distributed
 from darec_dist.files import atomic_path
 from darec_dist.models.aligners.coupled_losses import soft_assignments
-from darec_dist.train.config import TrainConfig
-from launch.evaluate import checkpoint_path, load_run_model
+from launch.evaluate import checkpoint_path, load_run_model, run_config
 
 
-def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    cfg = load_config(TrainConfig, run_dir / "config.yaml", ["device=cpu"])
+def representations(
+    run_dir: Path, nodes: int, seed: int, overrides: tuple[str, ...] = ()
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    cfg = run_config(run_dir, (*overrides, "device=cpu"))
     if cfg.align.method != "darec":
         raise ConfigError(f"{run_dir}: align.method is {cfg.align.method}; only a darec run has shared and specific parts")
     with distributed("cpu") as env:
@@ -62,17 +64,30 @@ def representations(run_dir: Path, nodes: int, seed: int) -> tuple[dict[str, np.
         return {name: z.numpy() for name, z in parts.items()}, entropy
 
 
-def main() -> None:
+def image_formats() -> list[str]:
+    """The file suffixes savefig writes (png, pdf, svg ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the run's config, e.g. data.path=DIR")
     parser.add_argument("--nodes", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, required=True, help="the picture: a file name whose suffix names its format (.png, .pdf, .svg ...)")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides may follow the options
     if args.nodes < 8:  # t-SNE's perplexity (30) needs more than 30 points; each node gives four (its parts)
         parser.error(f"--nodes must be >= 8, got {args.nodes}")
+    # Checked before the t-SNE, which takes minutes: savefig reads the format from the suffix.
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory; give a file name such as {args.out / 'tsne.png'}")
+    if args.out.suffix[1:].lower() not in image_formats():
+        parser.error(f"--out {args.out}: expected a file name ending in an image format's suffix, one of {', '.join(image_formats())}")
     try:
-        parts, entropy = representations(args.run_dir, args.nodes, args.seed)
+        parts, entropy = representations(args.run_dir, args.nodes, args.seed, tuple(args.overrides))
     except (ConfigError, DatasetError) as err:
         raise SystemExit(f"error: {err}") from None
     from sklearn.manifold import TSNE
