@@ -32,15 +32,41 @@ from darec_dist.train.metrics import mask_rows, top_k
 
 def load_export(run_dir: Path, kind: str) -> tuple[np.ndarray, pd.Series]:
     """(vectors, original ids) of `kind`; row i of the vectors is contiguous id i."""
-    vectors, ids = run_dir / "export" / f"{kind}_vectors.npy", run_dir / "export" / f"{kind}_ids.parquet"
-    if not vectors.exists() or not ids.exists():
+    vectors_path, ids = run_dir / "export" / f"{kind}_vectors.npy", run_dir / "export" / f"{kind}_ids.parquet"
+    if not vectors_path.exists() or not ids.exists():
         raise ConfigError(f"{run_dir}: no export/{kind}_vectors.npy and {kind}_ids.parquet (runs export them unless output.export_embeddings=false)")
-    return np.load(vectors, mmap_mode="r"), raw_ids(ids)
+    try:
+        vectors = np.load(vectors_path, mmap_mode="r")
+    except (ValueError, OSError) as err:  # truncated or not a .npy file
+        raise ConfigError(f"{vectors_path}: not a readable .npy array ({err})") from err
+    raw = raw_ids(ids)
+    # A row per id: with fewer rows, ranking with --keep-seen would silently leave the missing rows' items out.
+    if vectors.ndim != 2 or vectors.shape[0] != len(raw):
+        raise ConfigError(f"{vectors_path}: shape {vectors.shape}, expected ({len(raw)}, dim): a row per id in {ids.name}")
+    return vectors, raw
 
 
 def raw_ids(id_map: Path) -> pd.Series:
     """The original ids of an id map (Parquet of raw, id), in contiguous-id order."""
-    return pd.read_parquet(id_map).sort_values("id")["raw"].astype(str).reset_index(drop=True)
+    try:
+        table = pd.read_parquet(id_map, columns=["raw", "id"])
+    except (ValueError, OSError) as err:  # not Parquet (pyarrow's ArrowInvalid is a ValueError), or without the columns
+        raise ConfigError(f"{id_map}: not a readable id map (Parquet with columns raw and id): {str(err).splitlines()[0]}") from err
+    ids = table["id"].sort_values().to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):
+        # Row i of the vectors is contiguous id i: other ids would name the wrong rows.
+        raise ConfigError(f"{id_map}: ids are not 0..{len(ids) - 1}, each once")
+    return table.sort_values("id")["raw"].astype(str).reset_index(drop=True)
+
+
+def run_data_path(run_dir: Path) -> str:
+    """The dataset the run trained on: data.path of its config.yaml."""
+    config = run_dir / "config.yaml"
+    data = read_yaml(config).get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not data["path"]:
+        raise ConfigError(f"{config}: expected a section data with the dataset's directory as path (data: {{path: DIR}}), "
+                          f"got data: {data!r}; or give --data DIR")
+    return data["path"]
 
 
 def top_items(users: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray, k: int, seen=None) -> tuple[np.ndarray, np.ndarray]:
@@ -64,6 +90,9 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
     """One row per (user, rank): user and item as original ids, the score."""
     user_vectors, user_raw = load_export(run_dir, "user")
     item_vectors, item_raw = load_export(run_dir, "item")
+    if user_vectors.shape[1] != item_vectors.shape[1]:
+        raise ConfigError(f"{run_dir / 'export'}: user vectors have {user_vectors.shape[1]} columns and item vectors "
+                          f"{item_vectors.shape[1]}; a score is their dot product, so the widths must be equal")
     if raw_users is None:
         users = np.arange(len(user_raw), dtype=np.int64)
     else:
@@ -74,7 +103,7 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
         users = position[raw_users].to_numpy(np.int64)
     seen = None
     if not keep_seen:
-        path = data or read_yaml(run_dir / "config.yaml")["data"]["path"]
+        path = data or run_data_path(run_dir)
         dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
         for kind, raw in (("user", user_raw), ("item", item_raw)):
             # Another dataset's train items would be left out of the lists (or its ids would not fit them).
@@ -107,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
+    if args.keep_seen and args.data is not None:
+        # --data is read only for the train items to leave out; with --keep-seen it would be ignored unchecked.
+        parser.error("--data is read only to leave the users' train items out, which --keep-seen keeps; give one of them")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out} is a directory; give a file name such as {args.out / 'recs.parquet'}")
     try:
