@@ -11,6 +11,7 @@ evaluation, so these lists are the ones the run's test metrics were computed fro
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from darec_dist.config import ConfigError, read_yaml
 from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.files import atomic_path
+from darec_dist.train import report
 from darec_dist.train.config import resolve_path
 from darec_dist.train.evaluate import MAX_SCORES
 from darec_dist.train.metrics import mask_rows, top_k
@@ -113,6 +115,12 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
                     f"{dataset.root}: its {kind} ids are not those of {run_dir}/export ({len(theirs)} {kind}s against "
                     f"{len(raw)}); give --data the dataset the run trained on"
                 )
+        record = run_dir / "export" / report.EXPORT_DATASET  # exports from before it have their ids checked only
+        trained_on = json.loads(record.read_text())["fingerprint"] if record.exists() else dataset.fingerprint
+        if trained_on != dataset.fingerprint:
+            raise DatasetError(f"{dataset.root}: the same ids, but not the dataset the run trained on (fingerprint "
+                               f"{dataset.fingerprint}, the run's {trained_on}: its split or graph differ); give --data "
+                               "the dataset the run trained on")
         seen = dataset.interactions("train")
     items, scores = top_items(users, user_vectors, item_vectors, k, seen)
     # Fewer than k unseen items leave -inf scores at the end of a row: those are not recommendations.

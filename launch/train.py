@@ -274,7 +274,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
     if cfg.output.export_embeddings:
         counts = {"user": trainer.dataset.num_users, "item": trainer.dataset.num_items}
         blocks = {kind: (rows, gathered_blocks(trainer, kind, env.world_size, env.rank, cfg.eval.item_block)) for kind, rows in counts.items()}
-        report.export_vectors(run_dir, trainer.dataset.root, blocks, write=env.is_main)
+        report.export_vectors(run_dir, trainer.dataset, blocks, write=env.is_main)
     return results
 
 

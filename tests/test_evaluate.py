@@ -35,7 +35,7 @@ def run(rank, world_size, root, out_dir):
         results[name] = {"test": evaluate(trainer, "test", world_size, rank)}
         counts = {"user": dataset.num_users, "item": dataset.num_items}
         blocks = {kind: (rows, gathered_blocks(trainer, kind, world_size, rank, 7)) for kind, rows in counts.items()}
-        report.export_vectors(out_dir / name / f"world{world_size}", dataset.root, blocks, write=rank == 0)
+        report.export_vectors(out_dir / name / f"world{world_size}", dataset, blocks, write=rank == 0)
         if world_size == 1:
             results[name]["vectors"] = {kind: scoring_vectors(trainer, kind, np.arange(n), calls=n).numpy() for kind, n in counts.items()}
     return results

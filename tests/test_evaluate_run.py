@@ -6,6 +6,7 @@ stage 1, whose optimizer state is partitioned by world size) as well as on the r
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,15 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_d
     # Recommendations filtered by another dataset's train items are refused, naming the mismatch.
     with pytest.raises(DatasetError, match="user ids are not those of"):
         recommend(run_dir, None, k=5, data=str(exact_dataset))
+    # A moved copy serves; one re-prepared with another split (the same ids) would leave other items out.
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    assert recommend(run_dir, None, k=5, data=str(moved)).equals(recommend(run_dir, None, k=5))
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64  # as if re-prepared: the checksums differ
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="the same ids, but not the dataset the run trained on"):
+        recommend(run_dir, None, k=5, data=str(moved))
     refused = subprocess.run([sys.executable, "launch/recommend.py", str(run_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "is a directory" in refused.stderr and "Traceback" not in refused.stderr
 
