@@ -61,6 +61,13 @@ def raw_ids(id_map: Path) -> pd.Series:
     return table.sort_values("id")["raw"].astype(str).reset_index(drop=True)
 
 
+def exported_fingerprint(record: Path) -> str:
+    try:
+        return str(json.loads(record.read_text())["fingerprint"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{record}: expected JSON with the dataset's fingerprint ({type(err).__name__}: {err})") from None
+
+
 def run_data_path(run_dir: Path) -> str:
     """The dataset the run trained on: data.path of its config.yaml."""
     config = run_dir / "config.yaml"
@@ -116,7 +123,7 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
                     f"{len(raw)}); give --data the dataset the run trained on"
                 )
         record = run_dir / "export" / report.EXPORT_DATASET  # exports from before it have their ids checked only
-        trained_on = json.loads(record.read_text())["fingerprint"] if record.exists() else dataset.fingerprint
+        trained_on = exported_fingerprint(record) if record.exists() else dataset.fingerprint
         if trained_on != dataset.fingerprint:
             raise DatasetError(f"{dataset.root}: the same ids, but not the dataset the run trained on (fingerprint "
                                f"{dataset.fingerprint}, the run's {trained_on}: its split or graph differ); give --data "

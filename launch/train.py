@@ -52,11 +52,13 @@ def resume_settings(cfg: TrainConfig, tables: dict) -> dict:
     seed: its batches and random streams came from it;
     selection: the settings by which validations are computed and the best epoch chosen (the saved best, scored
     by other metrics, users or none at all, would be compared with what it cannot be);
-    stream: what a position inside an epoch counts in (batches of this size, from these readers and buffers)."""
+    stream: what a position inside an epoch counts in: batches of this size, from these readers and buffers, each
+    drawing its negatives from the generator that also shuffles (0 workers read like 1)."""
+    stream = {key: getattr(cfg.loader, key) for key in ("batch_size", "shuffle_buffer", "num_negatives", "reject_train_positives")}
     return {
         "tables": tables, "seed": cfg.seed,
         "selection": {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")},
-        "stream": {key: getattr(cfg.loader, key) for key in ("batch_size", "num_workers", "shuffle_buffer")},
+        "stream": {**stream, "num_workers": max(1, cfg.loader.num_workers)},
     }
 
 
@@ -115,6 +117,7 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
             raise ConfigError(f"--resume {resume}: no such checkpoint directory (--resume takes auto or a checkpoint directory)")
     if source is not None:
         check_own_checkpoint(source, run_dir)
+        report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
     return source
 
 
@@ -162,7 +165,7 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, settings: di
     if saved["step_in_epoch"] and changed:
         raise ConfigError(
             f"{source}: written inside epoch {saved['epoch']} (step {saved['step_in_epoch']}), whose position counts batches "
-            "of its loader; resume it with " + " ".join(f"loader.{key}={value}" for key, value in changed.items())
+            "of its loader; resume it with " + " ".join(f"loader.{key}={as_override(value)}" for key, value in changed.items())
             + ", or from a checkpoint taken at an epoch's end"
         )
     if written_by == world_size:
@@ -188,7 +191,7 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
     dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=verify_checksums and cfg.data.verify_checksums)
     if training:
         check_world_fits(dataset, world_size, cfg.loader.num_workers)
-        steps_per_epoch(dataset, cfg.loader, cfg.seed, 0, world_size)  # at least one batch, known before any setup
+        steps_per_epoch(dataset, cfg.loader, cfg.seed, 0, world_size)  # the first epoch has a batch (before any setup)
     # Test first: without it no setting helps, while eval.validate=false answers a missing validation split.
     if dataset.manifest["splits"]["test"] == 0:
         # Metrics over no users would read as a model that scores 0.

@@ -47,7 +47,8 @@ OWNER = "OWNER"
 
 
 def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog | None = None) -> Path:
-    """Run the whole job; returns the finished dataset directory."""
+    """Run the whole job; returns the finished dataset directory. A session passed in is left running, with its
+    cache cleared (the job's cached tables and any of the caller's)."""
     log = log or StageLog()
     output = Path(cfg.output).expanduser().resolve()
     if output.exists() and not output.is_dir():

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from darec_dist.config import ConfigError
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.train.metrics import ranking_sums
 from launch.recommend import recommend
@@ -72,6 +73,12 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_d
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetError, match="the same ids, but not the dataset the run trained on"):
         recommend(run_dir, None, k=5, data=str(moved))
+    record = run_dir / "export" / "dataset.json"
+    record.write_text("{")
+    with pytest.raises(ConfigError, match="dataset.json: expected JSON with the dataset's fingerprint"):
+        recommend(run_dir, None, k=5)
+    record.unlink()  # an export from before the record: its ids are checked only
+    assert len(recommend(run_dir, None, k=5, data=str(moved))) == len(recommend(run_dir, None, k=5))
     refused = subprocess.run([sys.executable, "launch/recommend.py", str(run_dir), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "is a directory" in refused.stderr and "Traceback" not in refused.stderr
 

@@ -151,6 +151,17 @@ def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(tmp_path,
         run_experiment(cfg)
 
 
+def test_an_interrupted_run_whose_checkpoints_are_all_damaged_is_named_to_delete(tmp_path):
+    """torchrun's --resume auto refuses it (starting over would replace its metrics): named here, before torchrun."""
+    cfg = ExperimentConfig(overrides=["data.path=/no/dataset", "device=cpu"], variants={"base": ["align.method=none"]},
+                           seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
+    damaged = tmp_path / "exp" / "base" / "seed-1" / "checkpoints" / "step-000000005"
+    damaged.mkdir(parents=True)
+    (damaged / "COMPLETE").write_text("")  # its state.json is gone
+    with pytest.raises(ConfigError, match=f"{re.escape(str(damaged.parent.parent))}: interrupted, and every checkpoint it holds is damaged"):
+        run_experiment(cfg)
+
+
 def test_runs_without_validation_are_tabulated_by_their_final_epoch():
     def record(value):
         return {"best_epoch": 4, "monitor": None, "val": {}, "test": {"recall@20": value, "ndcg@20": value / 2},

@@ -23,7 +23,7 @@ SETTINGS = [
     "output.plot=false", "sparse.optimizer=adam", "sparse.lr=0.01",
 ]
 SELECTION = {"monitor": "recall@20", "ks": [5, 10, 20], "validate": True, "max_users": None}  # eval's defaults
-STREAM = {"batch_size": 2048, "num_workers": 1, "shuffle_buffer": 65536}
+STREAM = {"batch_size": 2048, "shuffle_buffer": 65536, "num_negatives": 1, "reject_train_positives": True, "num_workers": 1}
 
 
 def settings(tables, seed=1, selection=SELECTION, stream=STREAM):
@@ -159,6 +159,9 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
         with pytest.raises(ConfigError, match=re.escape("inside epoch 0 (step 20), whose position counts batches of its loader; "
                                                         "resume it with loader.batch_size=2048 loader.shuffle_buffer=65536, or")):
             check_resumable(path, 2, 0, settings(adam, stream=other))
+        # The negatives come from the shuffle's generator: another count or rejection replays other batches.
+        with pytest.raises(ConfigError, match=re.escape("resume it with loader.reject_train_positives=true, or")):
+            check_resumable(path, 2, 0, settings(adam, stream={**STREAM, "reject_train_positives": False}))
 
 
 def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):

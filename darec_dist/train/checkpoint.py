@@ -128,7 +128,8 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def damage(path: Path) -> str | None:
-    """What differs from the file list the checkpoint was written with (None: nothing, or no list to check)."""
+    """What is missing from the checkpoint or differs from the file list it was written with (None: nothing; a
+    checkpoint written before the list is checked for its state.json only)."""
     if not (path / STATE).is_file():  # every checkpoint has one, those from before the file list too
         return f"{STATE} is missing"
     listing = path / FILES

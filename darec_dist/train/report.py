@@ -97,7 +97,7 @@ EXPORT_DATASET = "dataset.json"
 
 def export_vectors(run_dir: Path, dataset, blocks: dict[str, tuple[int, Iterable]], write: bool) -> None:
     """Scoring vectors, row i = contiguous id i, with the id maps that give each row's original id, and the
-    dataset they came from (its path and fingerprint: what a consumer checks its dataset against).
+    fingerprint of the dataset they came from (what a consumer checks its dataset against).
 
     blocks[kind] = (row count, (ids, vectors) blocks). Every rank consumes the blocks (they are
     collective); the writer fills a memory map block by block, so it never holds all rows.
@@ -120,5 +120,5 @@ def export_vectors(run_dir: Path, dataset, blocks: dict[str, tuple[int, Iterable
             del vectors
             shutil.copyfile(dataset.root / layout.id_map(kind), staging / f"{kind}_ids.parquet")
     if write:
-        (staging / EXPORT_DATASET).write_text(json.dumps({"path": str(dataset.root), "fingerprint": dataset.fingerprint}))
+        (staging / EXPORT_DATASET).write_text(json.dumps({"fingerprint": dataset.fingerprint}))
         replace_dir(staging, out)
