@@ -43,8 +43,13 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
         if found is None:
             raise ConfigError(f"{run_dir}: no complete step checkpoint under {checkpoint.CHECKPOINTS}/")
         return found
-    path = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST if which == "best" else Path(which)
+    path = run_dir / checkpoint.CHECKPOINTS / (checkpoint.BEST if which == "best" else which)  # a name: one of the run's
+    if which != "best" and not path.is_dir():
+        path = Path(which)
     checkpoint.check_complete(path)
+    if not checkpoint.belongs_to(path, run_dir):  # its scores would be written into this run as its own
+        raise ConfigError(f"{path}: not a checkpoint of {run_dir}; evaluate it with the run it belongs to "
+                          f"(launch/evaluate.py {path.resolve().parent.parent} --checkpoint {path})")
     return path
 
 
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run directory written by launch/train.py")
     parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the run's config, e.g. data.path=DIR")
-    parser.add_argument("--checkpoint", default="best", help="'best' (default), 'latest' (newest step checkpoint) or a checkpoint directory")
+    parser.add_argument("--checkpoint", default="best", help="'best' (default), 'latest' (newest step checkpoint) or one of the run's checkpoints by name (step-000000020) or path")
     parser.add_argument("--split", default="test", help="splits to rank, comma-separated: test (default), val or val,test")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides may follow the options
     splits = tuple(args.split.split(","))

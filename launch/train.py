@@ -91,8 +91,8 @@ def check_fresh(run_dir: Path) -> None:
 
 def check_own_checkpoint(source: Path, run_dir: Path) -> None:
     """A resume continues the run whose checkpoint it is: that run_dir holds its best model and its metrics."""
-    owner = source.resolve().parent.parent
-    if source.resolve().parent.name != checkpoint.CHECKPOINTS or owner != run_dir.resolve():
+    if not checkpoint.belongs_to(source, run_dir):
+        owner = source.resolve().parent.parent
         raise ConfigError(
             f"{source}: not a checkpoint of run_dir {run_dir} (it belongs to {owner}); resume a run in its own run_dir "
             f"(run_dir={owner}), or copy that run's directory and resume the copy"
@@ -115,6 +115,7 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
         source = Path(resume)
         if not source.is_dir():
             raise ConfigError(f"--resume {resume}: no such checkpoint directory (--resume takes auto or a checkpoint directory)")
+        checkpoint.check_complete(source)  # before whose run it is: a run_dir given here is no checkpoint
     if source is not None:
         check_own_checkpoint(source, run_dir)
         report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
@@ -256,13 +257,15 @@ def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, 
 
 
 def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, state: dict) -> dict:
-    checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)  # testing needs no optimizer state
+    # The epoch and validation scores are the best checkpoint's own: a run resumed from an older checkpoint (the newer
+    # ones damaged) may not have met that model again, and its loop state names an earlier best that is gone.
+    best = checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)["best"]  # no optimizer state
     trainer.set_train(False)
     test = evaluate(trainer, "test", env.world_size, env.rank)
     results = {
-        "best_epoch": state["best"]["epoch"],
+        "best_epoch": best["epoch"],
         "monitor": cfg.eval.monitor if cfg.eval.validate else None,
-        "val": state["best"]["metrics"],
+        "val": best["metrics"],
         "test": test,
         "epochs_run": state["epoch"],
         "seconds_per_epoch": seconds_per_epoch(state, env.world_size),

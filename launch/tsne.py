@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     # Checked before the t-SNE, which takes minutes: savefig reads the format from the suffix.
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a directory; give a file name such as {args.out / 'tsne.png'}")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: {args.out.parent} is not a directory")
     if args.out.suffix[1:].lower() not in image_formats():
         parser.error(f"--out {args.out}: expected a file name ending in an image format's suffix, one of {', '.join(image_formats())}")
     try:

@@ -99,3 +99,23 @@ def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
     process = launch(1, "launch/evaluate.py", str(tmp_path), "--checkpoint", "latest")
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 2 and "no complete step checkpoint" in out, out[-2000:]
+
+
+def test_a_checkpoint_is_evaluated_with_its_own_run(tmp_path):
+    """Its scores are written into the run (eval-<name>.json) as that run's."""
+    from darec_dist.train import checkpoint
+    from launch.evaluate import checkpoint_path
+
+    for run in ("a", "b"):
+        for name in (checkpoint.BEST, checkpoint.step_name(3)):
+            path = tmp_path / run / checkpoint.CHECKPOINTS / name
+            path.mkdir(parents=True)
+            (path / checkpoint.STATE).write_text("{}")
+            (path / checkpoint.COMPLETE).write_text("")
+    own = tmp_path / "a" / checkpoint.CHECKPOINTS
+    assert checkpoint_path(tmp_path / "a", "best") == own / checkpoint.BEST
+    assert checkpoint_path(tmp_path / "a", checkpoint.step_name(3)) == own / checkpoint.step_name(3)  # by name
+    assert checkpoint_path(tmp_path / "a", str(own / checkpoint.step_name(3))) == own / checkpoint.step_name(3)
+    other = tmp_path / "b" / checkpoint.CHECKPOINTS / checkpoint.BEST
+    with pytest.raises(ConfigError, match=f"{other}: not a checkpoint of {tmp_path / 'a'}; evaluate it with the run it belongs to"):
+        checkpoint_path(tmp_path / "a", str(other))

@@ -231,6 +231,9 @@ def test_one_job_per_run_dir(tmp_path):
     with pytest.raises(ConfigError, match=f"run_dir: {tmp_path / 'file'} is a file"):
         with exclusive_run_dir(tmp_path / "file", is_main=True):
             pass
+    with pytest.raises(ConfigError, match=f"run_dir: cannot create {tmp_path / 'file' / 'run'} \\(Not a directory\\)"):
+        with exclusive_run_dir(tmp_path / "file" / "run", is_main=True):
+            pass
 
 
 def test_a_resumed_run_drops_the_records_it_will_log_again(tmp_path):
@@ -246,8 +249,29 @@ def test_a_resumed_run_drops_the_records_it_will_log_again(tmp_path):
     report.keep_metrics_before(tmp_path, 2)
     assert path.read_text().count("\n") == 4 and path.read_text().endswith("}\n")
     path.write_text('{"kind": "train", "ep\n' + path.read_text())  # damage anywhere else is named
-    with pytest.raises(ConfigError, match=rf"{path}:1: not a JSON record"):
+    with pytest.raises(ConfigError, match=rf"{path}:1: not a JSON record with an epoch"):
         report.read_metrics(tmp_path)
+    path.write_text('{"kind": "val"}\n' + path.read_text()[path.read_text().index("\n") + 1:])  # JSON, but no epoch
+    with pytest.raises(ConfigError, match=rf"{path}:1: not a JSON record with an epoch"):
+        report.read_metrics(tmp_path)
+
+
+def test_results_name_the_epoch_and_scores_of_the_model_they_test(small_dataset, tmp_path):
+    """Resumed from an older checkpoint (the newest damaged), the loop's state names an earlier best than the
+    model in checkpoints/best, which is the one tested: results.json reported the earlier epoch's validation."""
+    root, _ = small_dataset
+    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
+               *SETTINGS, "model.backbone=mf", "train.epochs=2", "checkpoint.every_steps=null", "sparse.lr=0.05"]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best_epoch"] == 1  # the case: the newest checkpoint's epoch is the best one
+    newest = checkpoint.latest(tmp_path)
+    (newest / checkpoint.STATE).unlink()  # damaged: the resume starts from the end of epoch 0, whose best was epoch 0
+    again = subprocess.run([*command, "train.epochs=1", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    assert (rerun["best_epoch"], rerun["val"], rerun["test"]) == (results["best_epoch"], results["val"], results["test"])
 
 
 def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(small_dataset, tmp_path):
@@ -350,6 +374,8 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
     assert resume_source(tmp_path / "new", "auto") is None  # torchrun's first attempt of a self-healing run
     with pytest.raises(ConfigError, match="--resume latest: no such checkpoint directory"):
         resume_source(tmp_path, "latest")
+    with pytest.raises(ConfigError, match=f"{tmp_path}: not a complete checkpoint"):  # the run_dir, not one of its checkpoints
+        resume_source(tmp_path, str(tmp_path))
 
 
 def _count_optimizer_steps(rank, world_size, root, run_dir):

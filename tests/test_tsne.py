@@ -18,6 +18,7 @@ def tsne(*args: str) -> subprocess.CompletedProcess:
     ("picture.txt", "expected a file name ending in an image format's suffix, one of"),
     (".", "is a directory; give a file name such as"),
     ("folder.png", "is a directory; give a file name such as"),
+    ("missing/picture.png", "missing is not a directory"),
 ])
 def test_out_that_savefig_cannot_write_is_refused_before_the_run_is_read(tmp_path, out, message):
     (tmp_path / "folder.png").mkdir()

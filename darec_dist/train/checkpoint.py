@@ -109,6 +109,12 @@ def _prune(root: Path, keep: int) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def belongs_to(path: Path, run_dir: Path) -> bool:
+    """Whether a checkpoint directory is one of run_dir's (RUN_DIR/checkpoints/NAME)."""
+    resolved = path.resolve()
+    return resolved.parent.name == CHECKPOINTS and resolved.parent.parent == run_dir.resolve()
+
+
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
     """A run's step checkpoints, oldest first, complete or not."""
     root = Path(run_dir) / CHECKPOINTS

@@ -22,7 +22,10 @@ def exclusive_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
     with ExitStack() as held:
         taken = True
         if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a file where a parent directory should be, or no permission
+                raise ConfigError(f"run_dir: cannot create {run_dir} ({err.strerror})") from None
             taken = held.enter_context(exclusive_lock(run_dir))
         (refused,) = max_over_ranks(int(not taken))
         if refused:

@@ -40,10 +40,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     records = []
     for position, (number, line) in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            if position < len(lines) - 1:
-                raise ConfigError(f"{path}:{number}: not a JSON record; the file is damaged") from None
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+        elif position < len(lines) - 1:
+            raise ConfigError(f"{path}:{number}: not a JSON record with an epoch; the file is damaged")
     return records
 
 
