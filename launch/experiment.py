@@ -116,11 +116,11 @@ def read_results(run_dir: Path) -> dict:
     return record
 
 
-def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
-    """One torchrun job; returns its results.json (skips the job when that file already exists)."""
+def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict | None:
+    """Everything one run of the grid can be refused for before torchrun starts (a bad key, a finished or interrupted
+    run under other settings, a damaged one, its dataset); returns a finished run's results.json, else None."""
     results = run_dir / "results.json"
     settings = run_settings(cfg, run_dir, overrides, seed)
-    # Checked here, before torchrun: a bad key fails at once instead of in every restart of the job.
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
     finished = results.exists()
@@ -144,6 +144,12 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
             return read_results(run_dir)
     # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
+    return None
+
+
+def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
+    """One torchrun job (resuming the run where it stopped); returns its results.json."""
+    settings = run_settings(cfg, run_dir, overrides, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}", "--max-restarts=1",
@@ -244,18 +250,19 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
     grid = [(name, overrides, seed, out / name.replace("/", "_") / f"seed-{seed}")
             for seed in cfg.seeds for name, overrides in variants.items()]
-    # Every run's config is checked before the first one trains: a typo in a later variant would stop the
-    # experiment only when its turn came, hours in.
+    # Every run is checked before the first one trains: a typo in a later variant, or a damaged later run, would
+    # stop the experiment only when its turn came, hours in.
+    finished = []
     for name, overrides, seed, run_dir in grid:
         try:
-            load_config(TrainConfig, REPO_ROOT / cfg.train_config, run_settings(cfg, run_dir, overrides, seed))
-        except ConfigError as err:
-            raise ConfigError(f"variant {name}, seed {seed}: {err}") from err
+            finished.append(check_run(cfg, run_dir, overrides, seed))
+        except (ConfigError, DatasetError) as err:
+            raise type(err)(f"variant {name}, seed {seed}: {err}") from err
     runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
-    for name, overrides, seed, run_dir in grid:
+    for (name, overrides, seed, run_dir), results in zip(grid, finished):
         print(f"[experiment] {name} seed {seed}", flush=True)
-        runs.setdefault(name, []).append(run_one(cfg, run_dir, overrides, seed))
+        runs.setdefault(name, []).append(results if results is not None else run_one(cfg, run_dir, overrides, seed))
     summary = summarise(runs)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     table = markdown(cfg, summary)

@@ -121,10 +121,9 @@ def test_repeated_seeds_are_refused_at_load(capsys):
     assert "seeds: [1] given more than once in [1, 2, 1]" in capsys.readouterr().err
 
 
-def test_a_typo_in_a_later_variant_fails_before_the_first_run(tmp_path):
-    # No dataset: the first variant's run would fail on it if it were started before the second was checked.
+def test_a_typo_in_a_later_variant_fails_before_the_first_run(small_dataset, tmp_path):
     cfg = ExperimentConfig(
-        overrides=[f"data.path={tmp_path / 'no-dataset'}", "device=cpu"],
+        overrides=[f"data.path={small_dataset[0]}", "device=cpu", "loader.batch_size=64"],
         variants={"base": ["align.method=none"], "darec": ["align.method=darec", "align.darec.lamda=0.1"]},
         seeds=[1, 2], nproc=1, out_dir=str(tmp_path / "exp"),
     )
@@ -137,8 +136,10 @@ def test_a_typo_in_a_later_variant_fails_before_the_first_run(tmp_path):
     ('{"test": {"recall@20": 0.1', "not valid JSON"),  # truncated
     ("{}", r"missing key\(s\) \['test', 'val', 'best_epoch', 'seconds_per_epoch'\]"),
 ])
-def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(tmp_path, damaged, message):
-    cfg = ExperimentConfig(overrides=["data.path=/no/dataset", "device=cpu"], variants={"base": ["align.method=none"]},
+def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(small_dataset, tmp_path, damaged, message):
+    # "fresh" comes first and could train: the damaged run is named before it does.
+    cfg = ExperimentConfig(overrides=[f"data.path={small_dataset[0]}", "device=cpu", "loader.batch_size=64"],
+                           variants={"fresh": ["align.method=rlmrec-con"], "base": ["align.method=none"]},
                            seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
     # A finished run of exactly these settings, as launch/train.py leaves it, but for its results.json.
     run_dir = tmp_path / "exp" / "base" / "seed-1"
@@ -147,8 +148,10 @@ def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(tmp_path,
     ran = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(ran), sort_keys=False))
     (run_dir / "results.json").write_text(damaged)
-    with pytest.raises(ConfigError, match=f"{re.escape(str(run_dir / 'results.json'))}: {message}.*; delete {re.escape(str(run_dir))} to run it again"):
+    with pytest.raises(ConfigError, match=f"variant base, seed 1: {re.escape(str(run_dir / 'results.json'))}: {message}.*; "
+                                          f"delete {re.escape(str(run_dir))} to run it again"):
         run_experiment(cfg)
+    assert not (tmp_path / "exp" / "fresh").exists()
 
 
 def test_an_interrupted_run_whose_checkpoints_are_all_damaged_is_named_to_delete(tmp_path):
