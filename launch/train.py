@@ -119,6 +119,13 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
     if source is not None:
         check_own_checkpoint(source, run_dir)
         report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
+        if checkpoint.loop_state(source).get("best") is not None:  # the model the run tests at its end
+            try:
+                checkpoint.check_complete(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+            except ConfigError as err:
+                raise ConfigError(f"the run's best model, which it tests when done, cannot be read: {err}. Evaluate a step "
+                                  "checkpoint instead (launch/evaluate.py RUN_DIR --checkpoint latest), or run again in "
+                                  "another run_dir") from None
     return source
 
 

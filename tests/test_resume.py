@@ -376,6 +376,10 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
         resume_source(tmp_path, "latest")
     with pytest.raises(ConfigError, match=f"{tmp_path}: not a complete checkpoint"):  # the run_dir, not one of its checkpoints
         resume_source(tmp_path, str(tmp_path))
+    # A checkpoint whose run has a best model resumes only where that model can be read.
+    (older / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "best": {"epoch": 0, "metrics": {}}}))
+    with pytest.raises(ConfigError, match=r"the run's best model, which it tests when done, cannot be read: .*best: no such checkpoint"):
+        resume_source(tmp_path, str(older))
 
 
 def _count_optimizer_steps(rank, world_size, root, run_dir):
