@@ -20,15 +20,19 @@ def exclusive_run_dir(run_dir: Path, is_main: bool) -> Iterator[None]:
         raise ConfigError(f"run_dir: {run_dir} is a file; give a directory (a new one for a new run)")
     created = is_main and not run_dir.exists()
     with ExitStack() as held:
-        taken = True
+        # 0: taken, 1: another job holds it, 2: rank 0 cannot create it. Shared, so that every rank fails alike.
+        problem, reason = 0, "see rank 0"
         if is_main:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as err:  # a file where a parent directory should be, or no permission
-                raise ConfigError(f"run_dir: cannot create {run_dir} ({err.strerror})") from None
-            taken = held.enter_context(exclusive_lock(run_dir))
-        (refused,) = max_over_ranks(int(not taken))
-        if refused:
+                problem, reason = 2, err.strerror
+            else:
+                problem = 0 if held.enter_context(exclusive_lock(run_dir)) else 1
+        (problem,) = max_over_ranks(problem)
+        if problem == 2:
+            raise ConfigError(f"run_dir: cannot create {run_dir} ({reason})")
+        if problem == 1:
             raise ConfigError(
                 f"{run_dir}: another training job is using this run_dir (a run in progress, or the workers of a killed "
                 "torchrun still running: see `ps`); wait for it, stop it, or give this run another run_dir"
