@@ -156,12 +156,12 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         # YAML 1.1 (PyYAML) reads 1e-4 and 1e6, without a dot, as strings.
         value = float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            # Allow 1e6-style floats that are whole numbers: sizes are often written that way.
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{_where(source, key)}: expected an integer, got {value!r}")
-        return value
+        # 1e6-style floats that are whole numbers are allowed: sizes are often written that way.
+        if not -2**63 <= value < 2**63:  # Spark, numpy and torch take 64-bit integers; a larger one failed stages later
+            raise ConfigError(f"{_where(source, key)}: expected a 64-bit integer, got {value!r}")
+        return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{_where(source, key)}: expected a number, got {value!r}")

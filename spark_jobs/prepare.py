@@ -57,10 +57,12 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         raise PrepareError(f"output: {output} already holds a dataset; pass overwrite=true to replace it")
     if output.exists() and not (output / layout.MANIFEST).exists() and any(output.iterdir()):
         raise PrepareError(f"output: {output} exists and is not a dataset directory; choose another path")
-    output.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(output, log)
     staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    try:
+        staging.mkdir(parents=True)
+    except OSError as err:  # a file where a parent directory should be, or no permission
+        raise PrepareError(f"output: cannot write beside {output} ({err.strerror}: {err.filename})") from None
     (staging / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
     own_session = spark is None
     started = time.perf_counter()

@@ -83,3 +83,13 @@ def test_dense_lr_replaces_the_deepspeed_json_lr(tmp_path):
     cfg = load_config(TrainConfig, None, ["data.path=x", "dense.lr=1e-4", f"dense.deepspeed_config={no_optimizer}"])
     with pytest.raises(ConfigError, match="no optimizer.params"):
         deepspeed_settings(cfg, world_size=1)
+
+
+def test_integers_beyond_64_bits_are_refused_at_load():
+    """Spark failed on graph.top_k=1e20 with a Java NumberFormatException, stages into the job."""
+    from spark_jobs.config import PrepareConfig
+
+    for value in ("1e20", "100000000000000000000"):
+        with pytest.raises(ConfigError, match="key 'graph.top_k': expected a 64-bit integer"):
+            load_config(PrepareConfig, None, [f"graph.top_k={value}"])
+    assert load_config(PrepareConfig, None, ["graph.top_k=1e3"]).graph.top_k == 1000

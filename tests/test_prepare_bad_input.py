@@ -414,3 +414,13 @@ def test_a_text_table_whose_ids_are_not_integers_like_the_interactions_is_refuse
     (tmp_path / "items.csv").write_text("item,text\n1000.0,Product 1000\n")
     with pytest.raises(PrepareError, match=r"items.csv: id\(s\) \['1000.0'\] in column 'item' are not integers"):
         _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "items.csv"})
+
+
+def test_an_output_that_cannot_be_written_and_a_repeated_column_are_named(spark, tmp_path):
+    source, _ = csv_with_lines(tmp_path, [], item_text=False)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(PrepareError, match=rf"output: cannot write beside {tmp_path / 'a-file' / 'ds'} \(Not a directory"):
+        prepare(small_config(tmp_path / "a-file" / "ds", source), spark=spark)
+    source, _ = csv_with_lines(tmp_path, [], header="user,item,item,rating,timestamp", item_text=False)
+    with pytest.raises(PrepareError, match=r"interactions.csv: column\(s\) \['item'\] appear more than once in header"):
+        prepare(small_config(tmp_path / "out", source), spark=spark)

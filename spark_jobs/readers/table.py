@@ -34,6 +34,9 @@ def positions_from_header(
     missing = [name for name in wanted.values() if name is not None and name not in header]
     if missing:
         raise PrepareError(f"{path}: missing column(s) {missing} in header {header}; expected {[n for n in wanted.values() if n]}")
+    repeated = sorted({name for name in wanted.values() if name is not None and header.count(name) > 1})
+    if repeated:  # which of the two is meant? (a joined export repeats its key columns)
+        raise PrepareError(f"{path}: column(s) {repeated} appear more than once in header {header}; rename all but one")
     index = {key: header.index(name) if name is not None else None for key, name in wanted.items()}
     return ColumnPositions(count=len(header), **index)
 
