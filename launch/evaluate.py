@@ -22,12 +22,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from darec_dist.config import ConfigError, load_config
-from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
 from darec_dist.files import write_text_atomic
 from darec_dist.train import checkpoint, report
-from darec_dist.train.config import TrainConfig, resolve_path
+from darec_dist.train.config import TrainConfig
 from darec_dist.train.evaluate import evaluate
 from darec_dist.train.trainer import Trainer
 from launch.train import open_dataset
@@ -62,11 +61,6 @@ def load_run_model(
     # Only ranking happens here: the batch size, which training splits over its ranks, need not suit this world size.
     batch = env.world_size * -(-cfg.loader.batch_size // env.world_size)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=batch))
-    root = resolve_path(cfg.data.path) if cfg.data.path else None
-    if root is not None and not (root / layout.MANIFEST).exists():
-        # The run's own data.path unless overridden: a dataset moved since the run is pointed at on the command line.
-        raise DatasetError(f"{root}: no prepared dataset here (no {layout.MANIFEST}); if the run's dataset moved, give its "
-                           "directory as data.path=DIR")
     dataset = open_dataset(cfg, env.world_size, verify_checksums, training=False)
     empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
     if empty:

@@ -41,7 +41,7 @@ def test_a_run_whose_dataset_moved_is_pointed_at_it_with_data_path(small_dataset
 
     # Where it was: the error says how to point at where it went, as launch/evaluate.py's does.
     done = tsne(str(run_dir), "--nodes", "8", "--out", str(picture))
-    assert done.returncode != 0 and f"{dataset}: no prepared dataset here" in done.stderr and "data.path=DIR" in done.stderr, done.stderr
+    assert done.returncode != 0 and f"{dataset}: no manifest.json; not a finished dataset" in done.stderr and "data.path=DIR" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not picture.exists()
     evaluated = subprocess.run([sys.executable, "launch/evaluate.py", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 2 and "data.path=DIR" in evaluated.stderr, evaluated.stderr

@@ -45,7 +45,8 @@ class PreparedDataset:
         root = Path(root).expanduser()
         path = root / layout.MANIFEST
         if not path.is_file():
-            raise DatasetError(f"{root}: no {layout.MANIFEST}; not a finished dataset (run spark_jobs.prepare first)")
+            raise DatasetError(f"{root}: no {layout.MANIFEST}; not a finished dataset (run spark_jobs.prepare first, or, "
+                               "if the dataset moved, give its directory as data.path=DIR)")
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
