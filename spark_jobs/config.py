@@ -65,6 +65,20 @@ class SyntheticConfig:
             )
         if not 1 <= self.min_user_interactions <= self.max_user_interactions:
             raise ValueError("source.synthetic: need 1 <= min_user_interactions <= max_user_interactions")
+        # A user's items are distinct and drawn from a community's catalogue (items // communities of them), so
+        # no user holds more; asked for beyond that, the generator would silently make fewer.
+        catalogue = self.items // self.communities
+        if self.min_user_interactions > catalogue:
+            raise ValueError(
+                f"source.synthetic.min_user_interactions ({self.min_user_interactions}) exceeds a community's catalogue "
+                f"(items // communities = {catalogue}); lower it or the communities, or raise the items"
+            )
+        most = self.users * min(self.max_user_interactions, catalogue) + self.items
+        if self.interactions > most:
+            raise ValueError(
+                f"source.synthetic.interactions ({self.interactions}) exceeds what {self.users} users can hold: at most "
+                f"users x min(max_user_interactions, items // communities) + items = {most}"
+            )
 
 
 @dataclass

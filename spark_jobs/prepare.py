@@ -9,6 +9,7 @@ place only when complete, so a failed run leaves no dataset behind.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from spark_jobs.errors import PrepareError
 from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows, sample_neighbors, train_edges
 from spark_jobs.ids import apply_id_maps, build_id_map
 from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
-from spark_jobs.readers.formats import read_source
+from spark_jobs.readers.formats import check_source_paths, read_source
 from spark_jobs.session import StageLog, start_session
 from spark_jobs.split import split_interactions
 from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
@@ -57,13 +58,21 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         raise PrepareError(f"output: {output} already holds a dataset; pass overwrite=true to replace it")
     if output.exists() and not (output / layout.MANIFEST).exists() and any(output.iterdir()):
         raise PrepareError(f"output: {output} exists and is not a dataset directory; choose another path")
-    _remove_abandoned_staging(output, log)
+    check_source_paths(cfg)
     staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir(parents=True)
     except OSError as err:  # a file where a parent directory should be, or no permission
         raise PrepareError(f"output: cannot write beside {output} ({err.strerror}: {err.filename})") from None
     (staging / OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
+    # Checked with our own staging in place: of two jobs started together, one at least sees the other.
+    running = _remove_abandoned_staging(output, staging, log)
+    if running:
+        shutil.rmtree(staging, ignore_errors=True)
+        owner, other = running[0]
+        # The later rename would win, and overwrite=false was checked before either had written anything.
+        raise PrepareError(f"output: another prepare job ({owner}) is writing {output} in {other}; wait for it to "
+                           "finish, or delete that directory if the job is gone")
     own_session = spark is None
     started = time.perf_counter()
     try:
@@ -87,12 +96,14 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
     return output
 
 
-def _remove_abandoned_staging(output: Path, log: StageLog) -> None:
-    """Delete the staging directories of earlier jobs for this output that were killed (no cleanup ran):
-    those whose owner process, on this host, is gone. A running job's directory, or one from another host
-    (a shared filesystem), is left alone."""
-    host = socket.gethostname()
-    for staging in output.parent.glob(f".{output.name}.tmp-*"):
+def _remove_abandoned_staging(output: Path, own: Path, log: StageLog) -> list[tuple[str, Path]]:
+    """Delete the staging directories of earlier jobs for this output that were killed (no cleanup ran): those
+    whose owner process, on this host, is gone. Returns the others: jobs still writing
+    this output, here or on another host (a shared filesystem), as ("host H, process P", directory)."""
+    host, running = socket.gethostname(), []
+    for staging in sorted(output.parent.glob(f".{glob.escape(output.name)}.tmp-*")):
+        if staging == own:
+            continue
         try:
             owner_host, pid = (staging / OWNER).read_text().split()
         except (OSError, ValueError):
@@ -100,6 +111,9 @@ def _remove_abandoned_staging(output: Path, log: StageLog) -> None:
         if owner_host == host and not _alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
             log.log(f"removed {staging.name}, left by a killed job")
+        else:
+            running.append((f"host {owner_host}, process {pid}", staging))
+    return running
 
 
 def _alive(pid: int) -> bool:

@@ -6,6 +6,8 @@ the validation or test split can leak into the LLM side.
 
 from __future__ import annotations
 
+import re
+
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -68,4 +70,16 @@ def fail_on_missing_text(profiles: DataFrame, ids: DataFrame, kind: str, source:
         raise PrepareError(
             f"{source}: {count} {kind}(s) have no text to embed (ids {examples}{' ...' if count > 5 else ''}); "
             f"every {kind} in the interactions needs a row with non-empty text in the {kind} text table"
+            + _swallowed_rows_hint(profiles, ids, examples, kind)
         )
+
+
+def _swallowed_rows_hint(profiles: DataFrame, ids: DataFrame, missing: list, kind: str) -> str:
+    """A CSV text field whose opening quote is never closed takes the rows after it for its text, and their nodes
+    then have none: the error names the node whose text holds a line that starts as a missing node's row."""
+    row_start = r"\n\s*\"?(" + "|".join(re.escape(str(raw)) for raw in missing) + r")\"?,"
+    holder = profiles.where(F.col("text").rlike(row_start)).join(ids, "id").orderBy("id").select("raw").first()
+    if holder is None:
+        return ""
+    return (f"; the text of {kind} {holder['raw']!r} holds lines that start like their rows: a double quote opened "
+            "in its row may be unclosed, so the rows after it were read as its text")

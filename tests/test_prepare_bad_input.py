@@ -4,6 +4,7 @@ import decimal
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -283,13 +284,19 @@ def test_a_tab_delimiter_whose_quotes_a_shell_removed_is_a_tab():
     ("profiles.max_chars=0", "profiles.max_chars >= 1"),
     ("split.method=temporal", "name the timestamp column, source.columns.timestamp=COLUMN"),
     ("clean.rating_threshold=4", "name the rating column, source.columns.rating=COLUMN"),
+    # 10 users x 20 items in 2 communities hold at most 10 x 10 + 20 distinct interactions (the generator made 91).
+    ("source.synthetic.users=10 source.synthetic.items=20 source.synthetic.communities=2 source.synthetic.interactions=100000",
+     "source.synthetic.interactions (100000) exceeds what 10 users can hold: at most users x min(max_user_interactions, "
+     "items // communities) + items = 120"),
+    ("source.synthetic.users=10 source.synthetic.items=20 source.synthetic.communities=5 source.synthetic.interactions=100",
+     "source.synthetic.min_user_interactions (5) exceeds a community's catalogue (items // communities = 4)"),
 ])
 def test_nonsense_prepare_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", [override])
+        load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", override.split())
 
 
-def test_a_killed_jobs_staging_is_removed_and_a_running_ones_kept(spark, tmp_path):
+def test_a_killed_jobs_staging_is_removed_and_a_running_one_refuses_a_second_job(spark, tmp_path):
     import socket
 
     from spark_jobs.prepare import OWNER
@@ -301,8 +308,14 @@ def test_a_killed_jobs_staging_is_removed_and_a_running_ones_kept(spark, tmp_pat
         staging.mkdir()
         (staging / OWNER).write_text(f"{socket.gethostname()} {pid}")
     source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), item_text=False)
-    output = prepare(small_config(tmp_path / "out", source), spark=spark)
+    # Two jobs writing one output: the later rename would win, whatever overwrite said.
+    with pytest.raises(PrepareError, match=rf"another prepare job \(host {socket.gethostname()}, process {os.getpid()}\) "
+                                           rf"is writing {tmp_path / 'out'} in {running}; wait for it"):
+        prepare(small_config(tmp_path / "out", source), spark=spark)
     assert not killed.exists() and running.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-running0", "raw"]  # its own staging is gone
+    shutil.rmtree(running)
+    output = prepare(small_config(tmp_path / "out", source), spark=spark)
     assert not (output / OWNER).exists()  # the marker does not reach the dataset
 
 
@@ -380,6 +393,10 @@ def test_parquet_timestamp_columns_count_microseconds_and_float_ids_are_refused(
     frame.assign(user=frame["user"].astype(float)).to_parquet(tmp_path / "float.parquet")
     with pytest.raises(PrepareError, match="id column 'user' holds double values; expected integer or string ids"):
         _read_csv_source(spark, tmp_path / "float.parquet")
+    # A struct or list would become its text form ("{1, a}"), an id per distinct value.
+    frame.assign(item=[[5, 6], [6]]).to_parquet(tmp_path / "list.parquet")
+    with pytest.raises(PrepareError, match=r"list.parquet: id column 'item' holds array<bigint> values; expected integer or string ids$"):
+        _read_csv_source(spark, tmp_path / "list.parquet")
 
 
 def test_csv_timestamps_may_be_iso_dates_and_times_but_not_mixed_with_numbers(spark, tmp_path):
@@ -424,3 +441,56 @@ def test_an_output_that_cannot_be_written_and_a_repeated_column_are_named(spark,
     source, _ = csv_with_lines(tmp_path, [], header="user,item,item,rating,timestamp", item_text=False)
     with pytest.raises(PrepareError, match=r"interactions.csv: column\(s\) \['item'\] appear more than once in header"):
         prepare(small_config(tmp_path / "out", source), spark=spark)
+
+
+def test_a_header_row_read_as_data_is_refused(spark, tmp_path):
+    """With source.header=false a header line would become a user "user" and turn every id into a string."""
+    named = tmp_path / "named.csv"
+    named.write_text("user,item\n1,5\n2,6\n")
+    with pytest.raises(PrepareError, match=r"named.csv: line 1 \('user,item'\) looks like a header, but source.header is false"):
+        _read_csv_source(spark, named, **{"source.header": "false"})
+    renamed = tmp_path / "renamed.csv"  # names other than the configured ones: the only ids that are not integers
+    renamed.write_text("customer,product\n1,5\n2,6\n")
+    with pytest.raises(PrepareError, match=r"renamed.csv: line 1 \('customer,product'\) looks like a header"):
+        _read_csv_source(spark, renamed, **{"source.header": "false"})
+    headerless = tmp_path / "headerless.csv"  # string ids throughout: a first row like the others is data
+    headerless.write_text("alice,book\nbob,film\n")
+    raw = _read_csv_source(spark, headerless, **{"source.header": "false"})
+    assert sorted((r["user"], r["item"]) for r in raw.interactions.collect()) == [("alice", "book"), ("bob", "film")]
+
+
+def test_text_table_headers_are_trimmed_and_an_empty_one_is_named(spark, tmp_path):
+    (tmp_path / "inter.csv").write_text("user,item\n1,5\n2,6\n")
+    (tmp_path / "items.csv").write_text("item , text\n5,Five\n6,Six\n")  # trimmed like the interactions' fields
+    raw = _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "items.csv"})
+    assert sorted((r["item"], r["text"]) for r in raw.item_text.collect()) == [("5", "Five"), ("6", "Six")]
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(PrepareError, match=r"empty.csv: file is empty; expected a header line naming columns item and text"):
+        _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "empty.csv"})
+
+
+@pytest.mark.parametrize("key", ["source.interactions", "source.item_text", "source.user_text"])
+def test_a_missing_source_file_is_named_before_spark_starts(tmp_path, monkeypatch, key):
+    import spark_jobs.prepare as job
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a Spark session was started for a source file that does not exist")
+
+    monkeypatch.setattr(job, "start_session", no_session)
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=5), user_text=True)
+    source[key] = str(tmp_path / "raw" / "typo.csv")
+    with pytest.raises(PrepareError, match=rf"{re.escape(key)}: (file )?{re.escape(str(tmp_path))}/raw/typo.csv not found"):
+        prepare(small_config(tmp_path / "out", source))
+    assert_nothing_left(tmp_path)
+
+
+def test_rows_swallowed_by_an_unclosed_quote_in_a_text_table_are_traced_to_it(spark, tmp_path):
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), item_text=False)
+    items = sorted({row[1] for row in interaction_rows(num_users=20)})
+    rows = [f"{i},Item {i}" for i in items]
+    rows[3] = f'{items[3]},"Item {items[3]}, a film'  # the quote is never closed: the rows after it become its text
+    (tmp_path / "raw" / "items.csv").write_text("item,text\n" + "\n".join(rows) + "\n")
+    source["source.item_text"] = str(tmp_path / "raw" / "items.csv")
+    fails(spark, tmp_path, source, rf"item\(s\) have no text to embed \(ids \['{items[4]}', [\s\S]*the text of item "
+          rf"'{items[3]}' holds lines that start like their rows: a double quote opened in its row may be unclosed",
+          **{"embedding.encoder": "sentence-transformers"})

@@ -43,6 +43,22 @@ def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
     return readers[cfg.source.format](spark, cfg, log)
 
 
+def check_source_paths(cfg: PrepareConfig) -> None:
+    """The files and directories the config names, checked before Spark starts (tens of seconds): a mistyped path
+    fails at once. The files inside a source directory are its reader's to check."""
+    src = cfg.source
+    if src.format == "csv":
+        if not src.interactions:
+            raise PrepareError("source.interactions: required for source.format=csv (a .csv or .parquet file)")
+        if not Path(src.interactions).expanduser().exists():
+            raise PrepareError(f"source.interactions: {Path(src.interactions).expanduser()} not found")
+        for key, path in (("source.item_text", src.item_text), ("source.user_text", src.user_text)):
+            if path:
+                _require_file(Path(path).expanduser(), key)
+    elif src.format in ("rlmrec", "recbole", "lightgcn") or (src.format == "movielens-100k" and src.path):
+        _require_dir(src.path)
+
+
 def _require_dir(path: str | None, key: str = "source.path") -> Path:
     if not path:
         raise PrepareError(f"{key}: required for this source.format")
@@ -174,11 +190,8 @@ def _standard(df: DataFrame, has_split: bool) -> DataFrame:
 
 def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
     src = cfg.source
-    if not src.interactions:
-        raise PrepareError("source.interactions: required for source.format=csv (a .csv or .parquet file)")
+    check_source_paths(cfg)
     path = str(Path(src.interactions).expanduser())
-    if not Path(path).exists():
-        raise PrepareError(f"source.interactions: {path} not found")
     cols = src.columns
     columns = {"user": cols.user, "item": cols.item, "rating": cols.rating, "timestamp": cols.timestamp}
     if path.endswith(".parquet") or Path(path).is_dir():
@@ -227,6 +240,10 @@ def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]
         if isinstance(types[column], (T.FloatType, T.DoubleType)) or (isinstance(types[column], T.DecimalType) and types[column].scale > 0):
             raise PrepareError(f"{path}: id column {column!r} holds {types[column].simpleString()} values; expected integer "
                                "or string ids (a float id such as 1.0 is an integer id stored as a float: cast it)")
+        if not isinstance(types[column], (T.IntegralType, T.DecimalType, T.StringType)):
+            # A struct, list or map would become its text form ("{1, a}"), one id per distinct value.
+            raise PrepareError(f"{path}: id column {column!r} holds {types[column].simpleString()} values; expected integer "
+                               "or string ids")
 
     def text_of(column: str):
         # A timestamp or date column counts microseconds since the epoch: whole seconds would leave a user's

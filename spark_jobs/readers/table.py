@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from spark_jobs.errors import PrepareError
-from spark_jobs.readers.lines import INTEGER, first_problem, is_number, numbered_lines, split_fields, unbalanced_quotes
+from spark_jobs.readers.lines import INTEGER, first_problem, is_integer, is_number, numbered_lines, split_fields, unbalanced_quotes
 
 
 @dataclass
@@ -131,4 +132,25 @@ def read_delimited_interactions(
     else:
         order = [k for k in ("user", "item", "rating", "timestamp") if columns.get(k)]
         pos = ColumnPositions(count=len(order), **{k: i for i, k in enumerate(order)})
+        refuse_a_header_row(lines, pos, path, columns)
     return parse_interactions(lines, pos, quoted)
+
+
+def refuse_a_header_row(lines: DataFrame, pos: ColumnPositions, path: str, columns: dict[str, str | None]) -> None:
+    """With source.header=false, a first line of column names would become an interaction (a user "user") and,
+    being no integer, turn every id of the file into a string. It is taken for a header when its ids are the
+    configured column names, or the only ids of the file that are not integers."""
+    first = lines.where(F.col("line") == 1).select("value", "fields").first()
+    if first is None or len(first["fields"]) != pos.count:
+        return  # an empty file or a short line is reported as such
+    ids = [first["fields"][pos.user], first["fields"][pos.item]]
+    names = [columns["user"], columns["item"]]
+    looks_like_header = [i.lower() for i in ids] == [n.lower() for n in names]
+    if not looks_like_header and not all(re.fullmatch(INTEGER, i) for i in ids):
+        fields = F.col("fields")
+        integer_ids = is_integer(F.get(fields, pos.user)) & is_integer(F.get(fields, pos.item))
+        body = lines.where(F.col("line") > 1)
+        looks_like_header = body.limit(1).count() > 0 and body.where(~integer_ids).limit(1).count() == 0
+    if looks_like_header:
+        raise PrepareError(f"{path}: line 1 ({first['value'][:120]!r}) looks like a header, but source.header is false; "
+                           "set source.header=true, or remove the line")

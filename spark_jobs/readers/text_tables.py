@@ -26,7 +26,10 @@ def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str) -> None:
 
 def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, numeric_ids: bool, out_id: str) -> DataFrame:
     """A CSV with a header, one row per node: returns (out_id, text). Quoted multi-line text is allowed."""
-    columns = spark.read.csv(path, header=True, multiLine=True, escape='"').columns  # reads the header only
+    # Reads the header only; its names trimmed as the interactions' fields are ("item, text" names "text").
+    columns = [c.strip() for c in spark.read.csv(path, header=True, multiLine=True, escape='"').columns]
+    if not columns:
+        raise PrepareError(f"{path}: file is empty; expected a header line naming columns {id_col} and {text_col}")
     missing = [c for c in (id_col, text_col) if c not in columns]
     if missing:
         raise PrepareError(f"{path}: missing column(s) {missing}; found {columns}")
