@@ -212,6 +212,13 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
             f"{dataset.root}: no validation interactions; early stopping needs a validation split "
             "(eval.validate=false trains exactly train.epochs epochs and tests the final model)"
         )
+    # A cut-off past the catalogue ranks every item: Recall@K is then 1 for every user, a score that means nothing.
+    # (The monitored metric is one of eval.ks, checked below, so this covers it too.)
+    beyond = [k for k in cfg.eval.ks if k > dataset.num_items]
+    if beyond:
+        raise ConfigError(f"eval.ks={cfg.eval.ks}: {', '.join(map(str, beyond))} {'exceeds' if len(beyond) == 1 else 'exceed'} "
+                          f"the {dataset.num_items} items of {dataset.root} (Recall@{beyond[0]} would be 1 for every user); "
+                          f"give cut-offs of at most {dataset.num_items}")
     if training and cfg.eval.validate and cfg.eval.monitor not in metric_names(cfg.eval.ks):  # evaluation monitors nothing
         raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
     return dataset

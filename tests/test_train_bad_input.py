@@ -223,3 +223,18 @@ def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refuse
     # Without validation either: named first, since eval.validate=false (the answer to the other) would not help.
     with pytest.raises(DatasetError, match="no test interactions, so nothing to test"):
         open_dataset(load_config(TrainConfig, None, settings), 1, verify_checksums=False)
+
+
+def test_cut_offs_beyond_the_catalogue_are_refused(small_dataset):
+    """A K past the item count ranks every item: Recall@K was 1 for every user, reported as a perfect score."""
+    from launch.train import open_dataset
+
+    root = small_dataset[0]
+    items = PreparedDataset.open(root).num_items
+    settings = [f"data.path={root}", "loader.batch_size=64", "loader.num_workers=0", "eval.monitor=recall@5"]
+    open_dataset(load_config(TrainConfig, None, [*settings, f"eval.ks=[5,{items}]"]), 1, verify_checksums=False)
+    cfg = load_config(TrainConfig, None, [*settings, f"eval.ks=[5,{items + 1}]"])
+    refusal = rf"eval.ks=\[5, {items + 1}\]: {items + 1} exceeds the {items} items of {root}"
+    for training in (True, False):  # launch/train.py, and launch/evaluate.py with the run's or an overridden eval.ks
+        with pytest.raises(ConfigError, match=refusal):
+            open_dataset(cfg, 1, verify_checksums=False, training=training)
