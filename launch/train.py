@@ -28,7 +28,7 @@ from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch
 from darec_dist.distributed.collectives import all_reduce_sum
-from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
+from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path
 from darec_dist.train.evaluate import evaluate, gathered_blocks
@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(TrainConfig, config, overrides)
         train(cfg, resume)
     except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if first_to_report(str(err)):  # every rank meets a bad config or dataset alike: printed once, not per rank
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr)

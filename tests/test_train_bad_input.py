@@ -238,3 +238,28 @@ def test_cut_offs_beyond_the_catalogue_are_refused(small_dataset):
     for training in (True, False):  # launch/train.py, and launch/evaluate.py with the run's or an overridden eval.ks
         with pytest.raises(ConfigError, match=refusal):
             open_dataset(cfg, 1, verify_checksums=False, training=training)
+
+
+def test_a_bad_override_under_torchrun_is_reported_once(tmp_path):
+    """Every rank meets a bad config alike: each printed the message (twice on 2 processes). Once now, by the first
+    rank to meet it (rank 0 alone could be stopped by torchrun before printing); every rank still exits with 2."""
+    import re
+
+    bad = ["launch/train.py", "configs/train/default.yaml", "model.layers=3", "device=cpu", f"run_dir={tmp_path}"]
+    # torchrun stops the other ranks when it sees one fail; polled every 5 s, both ranks usually reach their exit first.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=5"]
+    done = subprocess.run([*torchrun, *bad], capture_output=True, text=True, cwd=REPO, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and out.count("unknown key(s) model.layers") == 1, out[-3000:]
+    codes = re.findall(r"exitcode\s*: (-?\d+)", out)  # torchrun's summary, per rank: 2, or -15 where it stopped the rank
+    assert "2" in codes and set(codes) <= {"2", "-15"}, out[-3000:]
+    alone = subprocess.run([sys.executable, *bad], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert alone.returncode == 2 and alone.stderr.startswith("error: ") and alone.stderr.count("unknown key(s) model.layers") == 1, alone.stderr
+
+
+def test_a_rank_that_leaves_the_message_to_another_exits_alike(monkeypatch, capsys):
+    import launch.train
+
+    monkeypatch.setattr(launch.train, "first_to_report", lambda message: False)
+    assert launch.train.main(["configs/train/default.yaml", "model.layers=3"]) == 2
+    assert capsys.readouterr().err == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import random
@@ -107,6 +108,24 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
     )
     return dist.PrefixStore(f"darec_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+
+
+def first_to_report(message: str) -> bool:
+    """Whether this process prints an error `message`: under torchrun, the first of this attempt's processes to meet
+    that message does (the agent's store counts them, by its text), so an error every rank meets alike (a bad config)
+    is printed once, not once per rank, and ranks with different errors each print theirs; outside torchrun, or where
+    the agent's store cannot be reached, always.
+
+    Not rank 0 alone: torchrun stops the other processes as soon as it sees one exit, so a rank 0 slower to meet the
+    error than another was stopped before it printed (no message at all in 3 of 10 launches on 2 processes).
+    """
+    try:
+        store = _attempt_store(int(os.environ.get("WORLD_SIZE", "1")), timedelta(seconds=10))
+        if store is None:
+            return True
+        return store.add(f"error/{hashlib.sha256(message.encode()).hexdigest()[:16]}", 1) == 1
+    except (RuntimeError, KeyError, ValueError):  # the store unreachable (or torchrun's variables incomplete): twice beats never
+        return True
 
 
 def _die_with_the_agent() -> None:
