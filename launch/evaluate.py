@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError
-from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, seed_everything
+from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.files import write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate_run(args.run_dir, args.checkpoint, splits, tuple(args.overrides))
     except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if first_to_report(str(err)):  # every rank meets it alike: printed once, not per rank
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
