@@ -124,10 +124,11 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
     finished = results.exists()
-    if not finished and checkpoint.step_checkpoints(run_dir) and checkpoint.latest(run_dir) is None:
+    latest = checkpoint.latest(run_dir)  # once: it warns about each damaged checkpoint
+    if not finished and checkpoint.step_checkpoints(run_dir) and latest is None:
         raise ConfigError(f"{run_dir}: interrupted, and every checkpoint it holds is damaged (the trainer names why when "
                           "resuming one by path); delete that run to run it again")
-    if finished or checkpoint.latest(run_dir) is not None:
+    if finished or latest is not None:
         # A finished run counts, and an interrupted one is resumed, only if it computed what is asked now (an
         # edited experiment must not reuse it, nor finish it under the new settings); one copied from another
         # experiment's out_dir counts (docs/results.md reuses runs so).

@@ -224,12 +224,16 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
     return dataset
 
 
+def epoch_steps(trainer: Trainer, cfg: TrainConfig, env: DistEnv, epoch: int) -> int:
+    """Steps every rank takes in `epoch` (train.max_steps_per_epoch caps them)."""
+    steps = steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, epoch, env.world_size)
+    return steps if cfg.train.max_steps_per_epoch is None else min(steps, cfg.train.max_steps_per_epoch)
+
+
 def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, run_dir: Path) -> dict[str, float]:
     """One epoch (or its rest, after a resume); returns the mean losses over all ranks and steps."""
     epoch = state["epoch"]
-    steps = steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, epoch, env.world_size)
-    if cfg.train.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    steps = epoch_steps(trainer, cfg, env, epoch)
     # A checkpoint holds the sums over all ranks of the epoch's earlier steps: rank 0 carries them on.
     carried = state["epoch_loss_sums"] if env.is_main else {}
     sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in carried.items()}
@@ -283,7 +287,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "test": test,
         "epochs_run": state["epoch"],
         "seconds_per_epoch": seconds_per_epoch(state, env.world_size),
-        "steps_per_epoch": min(steps_per_epoch(trainer.dataset, cfg.loader, cfg.seed, 0, env.world_size), cfg.train.max_steps_per_epoch or math.inf),
+        "steps_per_epoch": epoch_steps(trainer, cfg, env, 0),
         "world_size": env.world_size,
         "backbone": cfg.model.backbone,
         "align": cfg.align.method,

@@ -14,6 +14,7 @@ Overrides of the run's config are those of launch/evaluate.py, e.g. `data.path=D
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def representations(
         users = np.sort(rng.choice(dataset.num_users, size=min(nodes // 2, dataset.num_users), replace=False))
         items = np.sort(rng.choice(dataset.num_items, size=min(nodes // 2, dataset.num_items), replace=False))
         ids = np.concatenate([users, items + dataset.num_users])
-        collab = trainer.node_embeddings(ids, calls=1 + len(ids) // trainer.cfg.eval.node_chunk)
+        collab = trainer.node_embeddings(ids, calls=math.ceil(len(ids) / trainer.cfg.eval.node_chunk))
         llm = torch.from_numpy(np.concatenate([dataset.embeddings("user")[users], dataset.embeddings("item")[items]]).astype(np.float32))
         darec = trainer.aligner
         with torch.no_grad():

@@ -101,10 +101,7 @@ def propagation_rows(
             terms.append(frontier.select("src", "dst", (F.col("w") * weights[hop]).alias("w")))
     if cfg.per_layer:  # every hop was already pruned to its top K
         return reduce(DataFrame.unionAll, terms)
-    rows = terms[0]
-    for term in terms[1:]:
-        rows = rows.unionAll(term)
-    rows = rows.groupBy("src", "dst").agg(F.sum("w").alias("w"))
+    rows = reduce(DataFrame.unionAll, terms).groupBy("src", "dst").agg(F.sum("w").alias("w"))
     if cfg.top_k is not None:
         rows = keep_top_k(rows, cfg.top_k)
     return rows

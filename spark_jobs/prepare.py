@@ -272,8 +272,8 @@ def _node_vectors(raw, cfg: PrepareConfig, kind: str, ids, profiles, root: Path,
         return ids.join(raw.vectors[kind], "raw").select("id", "vector")
     if encoder == "id-hash":
         return embed_profiles(ids.select("id"), cfg.embedding, kind, cfg.seed)
-    if profiles is None:
-        raise PrepareError(f"source.format={cfg.source.format}: no {kind} text to embed; give a {kind} text table or set embedding.encoder=id-hash")
+    # A text encoder has profiles: _check_embedding_source refused a source without item text, and user profiles
+    # are built from the items' titles where no user text is given.
     write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
     return embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
 

@@ -8,16 +8,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from darec_dist.distributed.collectives import sum_with_grad, world_size
 from darec_dist.models.aligners.base import AlignInputs
 from darec_dist.models.aligners.coupled_losses import (
     centre_statistics,
     cluster_alignment_loss,
-    global_similarity_loss,
     info_nce,
     moving_centres,
     neighbourhood_loss,
     orthogonality_loss,
-    uniformity_loss,
+    similarity_from_gram,
+    similarity_gram,
+    uniformity_from_sums,
+    uniformity_sums,
 )
 from darec_dist.models.aligners.darec import DaRec, DaRecConfig
 from darec_dist.models.aligners.rlmrec_con import ConConfig, RLMRecCon
@@ -27,6 +30,17 @@ from darec_dist.models.losses import bpr_loss
 from tests.dist_helpers import results_per_world_size
 
 N, D, DL, K = 16, 6, 10, 3
+
+
+def global_similarity_loss(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
+    """mean((S_C - S_L)^2) of the global sample's cosine matrices, from the parts DaRec composes the same way."""
+    return similarity_from_gram(sum_with_grad(similarity_gram(collab, llm)), collab.shape[0] * world_size())
+
+
+def uniformity_loss(*parts: torch.Tensor) -> torch.Tensor:
+    """The Wang-Isola uniformity of the global sample, from the parts DaRec composes the same way."""
+    sums, n = uniformity_sums(*parts)
+    return uniformity_from_sums(sum_with_grad(sums), n)
 
 
 def global_data():

@@ -192,6 +192,27 @@ def test_pickle_with_code_is_refused(spark, tmp_path):
     assert load_matrix(raw / "trn_mat.pkl").nnz == 6
 
 
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("form", ["coo", "lil", "dok", "bsr", "dia", "csr_array", "dense", "np.matrix"])
+def test_any_pickle_protocol_of_any_scipy_or_numpy_matrix_is_read(tmp_path, protocol, form):
+    matrix = sp.coo_matrix(np.array([[1, 0, 1], [0, 2, 0]], dtype=np.float32))
+    made = {"coo": matrix, "lil": matrix.tolil(), "dok": matrix.todok(), "bsr": matrix.tobsr(), "dia": matrix.todia(),
+            "csr_array": sp.csr_array(matrix), "dense": matrix.toarray(), "np.matrix": np.asmatrix(matrix.toarray())}[form]
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(made, protocol=protocol))
+    np.testing.assert_array_equal(load_matrix(tmp_path / "m.pkl").toarray(), matrix.toarray())
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.array([["1", "0"]]), "expected a numeric users x items matrix, got dtype <U1"),
+    (np.array([[1.0, -1.0]]), r"1 entries are negative or not finite \(first: row 0, column 1, value -1.0\)"),
+    (np.array([[np.nan, 1.0]]), r"1 entries are negative or not finite \(first: row 0, column 0, value nan\)"),
+])
+def test_matrix_values_that_are_no_interactions_are_refused(tmp_path, values, message):
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps(values))
+    with pytest.raises(PrepareError, match=f"m.pkl: {message}"):
+        load_matrix(tmp_path / "m.pkl")
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [

@@ -3,7 +3,7 @@
 Each DataLoader worker reads the shards that `split_by_node` and `split_by_worker`
 hand it, shuffles interactions through a buffer reseeded every epoch, samples
 negatives and gathers every batch node's propagation row (the expensive part),
-so the training process only wraps ready arrays into KeyedJaggedTensors. The
+and builds the batch's KeyedJaggedTensors, so the training process receives them ready. The
 number of steps per epoch is computed from the manifest so that every rank takes
 the same number of steps and collectives never wait on a rank that ran dry.
 """

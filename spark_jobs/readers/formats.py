@@ -190,8 +190,7 @@ def _standard(df: DataFrame, has_split: bool) -> DataFrame:
 
 def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
     src = cfg.source
-    check_source_paths(cfg)
-    path = str(Path(src.interactions).expanduser())
+    path = str(Path(src.interactions).expanduser())  # found by check_source_paths, before Spark started
     cols = src.columns
     columns = {"user": cols.user, "item": cols.item, "rating": cols.rating, "timestamp": cols.timestamp}
     if path.endswith(".parquet") or Path(path).is_dir():

@@ -68,8 +68,9 @@ def degree_scale(cfg: SyntheticConfig, total: int, most: int) -> float:
 
 def synthetic_interactions(spark: SparkSession, cfg: SyntheticConfig, seed: int) -> DataFrame:
     c = cfg.communities
-    # Distinct items per pool need a user's count to fit in the smallest community's catalogue.
-    most = max(cfg.min_user_interactions, min(cfg.max_user_interactions, cfg.items // c))
+    # Distinct items per pool need a user's count to fit in the smallest community's catalogue (SyntheticConfig
+    # refuses a min_user_interactions beyond it).
+    most = min(cfg.max_user_interactions, cfg.items // c)
     scale = degree_scale(cfg, cfg.interactions - cfg.items, most)
     users = spark.range(0, cfg.users, numPartitions=cfg.partitions)
     # The activity rank is a permutation of the id, so heavy users spread over the partitions.

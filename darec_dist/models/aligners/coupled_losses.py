@@ -1,13 +1,13 @@
 """Losses that couple samples, computed over the global batch (every rank's rows) with gradients.
 
-Each function takes this rank's rows and gathers the others' with
-`gather_with_grad`. A loss that is a mean over anchors returns the mean over
-this rank's anchors against the global pool; with equal row counts per rank the
-trainer's convention (objective = mean over ranks of each rank's loss, see
-darec_dist/distributed/collectives.py) then equals the one-process loss over the
-whole batch. A loss that is not a mean of per-anchor terms (uniformity's log of a
-mean, the global similarity in Gram form) sums the per-rank partial sums with a
-differentiable all-reduce first and returns the same global value on every rank.
+Two patterns. A loss that is a mean of per-anchor terms against the whole pool (InfoNCE, the neighbourhood form
+of the global term) gathers the other ranks' rows with `gather_with_grad` and returns the mean over this rank's
+anchors; with equal row counts per rank the trainer's convention (objective = mean over ranks of each rank's
+loss, see darec_dist/distributed/collectives.py) then equals the one-process loss over the whole batch. A loss
+that is not (the uniformity's log of a mean, the global similarity in Gram form, the centres' statistics) is
+split into this rank's partial sums (`*_sums`, `similarity_gram`, `centre_statistics`), which the caller sums
+over ranks with one differentiable all-reduce, and a function of the global sums (`*_from_*`) that gives the
+same value on every rank. Per-row terms (orthogonality, the soft assignments' KL) need no collective.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from darec_dist.distributed.collectives import gather_with_grad, rank, sum_with_grad, world_size
+from darec_dist.distributed.collectives import gather_with_grad, rank
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -54,11 +54,6 @@ def similarity_from_gram(gram: torch.Tensor, n: int) -> torch.Tensor:
     g = gram.double()
     squared = g[:d, :d].square().sum() - 2 * g[:d, d:].square().sum() + g[d:, d:].square().sum()
     return (squared / (n * n)).to(gram.dtype)
-
-
-def global_similarity_loss(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
-    """mean((S_C - S_L)^2) of the cosine-similarity matrices of the global sample, never formed."""
-    return similarity_from_gram(sum_with_grad(similarity_gram(collab, llm)), collab.shape[0] * world_size())
 
 
 def neighbourhood_loss(collab: torch.Tensor, llm: torch.Tensor, anchors: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -100,12 +95,6 @@ def uniformity_sums(*parts: torch.Tensor, t: float = 2.0) -> tuple[torch.Tensor,
 def uniformity_from_sums(sums: torch.Tensor, n: int) -> torch.Tensor:
     """Sum over parts of log mean_{i != j} exp(-t ||z_i - z_j||^2) (Wang and Isola), from the global sums."""
     return torch.log(sums / (n * (n - 1))).sum()
-
-
-def uniformity_loss(*parts: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Sum over parts of the Wang-Isola uniformity of the global sample."""
-    sums, n = uniformity_sums(*parts, t=t)
-    return uniformity_from_sums(sum_with_grad(sums), n)
 
 
 def orthogonality_loss(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
