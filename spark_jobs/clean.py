@@ -22,9 +22,12 @@ def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog) -> DataFrame
             raise PrepareError("clean.rating_threshold is set but the source has no rating column")
         df = df.where(F.col("rating") >= cfg.rating_threshold)
     if cfg.dedupe:
+        before = _rows_by_split(df)
         first = Window.partitionBy("user", "item").orderBy(_split_priority(), F.col("timestamp").asc_nulls_last(), F.col("rating").desc_nulls_last())
         df = df.withColumn("_n", F.row_number().over(first)).where(F.col("_n") == 1).drop("_n")
     df = df.localCheckpoint()
+    if cfg.dedupe:
+        _report_repeats(before, _rows_by_split(df), log)
     if cfg.k_core > 0:
         df = k_core(df, cfg.k_core, cfg.k_core_max_rounds, log)
     if df.limit(1).count() == 0:
@@ -32,6 +35,19 @@ def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog) -> DataFrame
             f"no interactions left after cleaning (clean.rating_threshold={cfg.rating_threshold}, clean.k_core={cfg.k_core})"
         )
     return df
+
+
+def _rows_by_split(df: DataFrame) -> dict[str | None, int]:
+    return {r["split"]: r["count"] for r in df.groupBy("split").count().collect()}
+
+
+def _report_repeats(before: dict[str | None, int], after: dict[str | None, int], log: StageLog) -> None:
+    """A pre-split source's validation or test pair that is also a train pair leaves its split: say how many."""
+    dropped = {split: n - after.get(split, 0) for split, n in sorted(before.items(), key=lambda kv: str(kv[0])) if n > after.get(split, 0)}
+    if dropped:
+        listing = ", ".join(f"{n} {split or 'unsplit'}" for split, n in dropped.items())
+        log.log(f"de-duplication dropped {sum(dropped.values())} repeated (user, item) interactions ({listing}); each pair "
+                "is kept once, in train where a copy is there, else in validation, else in test")
 
 
 def k_core(df: DataFrame, k: int, max_rounds: int, log: StageLog) -> DataFrame:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 SourceFormat = Literal["movielens-100k", "rlmrec", "recbole", "csv", "lightgcn", "synthetic"]
+PRE_SPLIT_FORMATS = ("rlmrec", "lightgcn")  # their files are the split
+UNTIMED_FORMATS = ("rlmrec", "lightgcn")  # interaction matrices and item lists hold no times
 
 
 @dataclass
@@ -271,7 +273,15 @@ class PrepareConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     def __post_init__(self) -> None:
-        # A csv source reads only the columns it names: refuse now what would fail after the read and id stages.
+        # Refused now what would fail after the read, clean and id stages.
+        timed = self.split.method in ("temporal", "leave-one-out")
+        if timed and self.source.format in UNTIMED_FORMATS:
+            raise ValueError(f"split.method={self.split.method} orders each user's interactions by time, and "
+                             f"source.format={self.source.format} has no timestamps; use split.method=ratio or source")
+        if self.split.method == "source" and self.source.format not in PRE_SPLIT_FORMATS:
+            raise ValueError(f"split.method=source: source.format={self.source.format} has no split of its own; use "
+                             "split.method=ratio, temporal or leave-one-out")
+        # A csv source reads only the columns it names.
         if self.source.format == "csv":
             if self.split.method in ("temporal", "leave-one-out") and self.source.columns.timestamp is None:
                 raise ValueError(f"split.method={self.split.method} orders each user's interactions by time: name the "

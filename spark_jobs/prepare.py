@@ -42,6 +42,13 @@ from spark_jobs.session import StageLog, start_session
 from spark_jobs.split import split_interactions
 from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
 
+# Where each format finds its item text, for the error that finds none.
+ITEM_TEXT_SOURCES = {
+    "csv": "a text table given as source.item_text",
+    "recbole": "a .item file beside the .inter file",
+    "rlmrec": "itm_prf.csv in source.path",
+}
+
 # In a staging directory: "host pid" of the job writing it, so that a later job can tell a killed job's
 # leftovers from a running one's.
 OWNER = "OWNER"
@@ -259,9 +266,10 @@ def _check_embedding_source(raw, cfg: PrepareConfig) -> None:
     if encoder == "source" and raw.vectors is None:
         raise PrepareError(f"embedding.encoder=source: source.format={cfg.source.format} brings no vectors of its own")
     if encoder in ("sentence-transformers", "hf-decoder") and raw.item_text is None:
+        where = ITEM_TEXT_SOURCES.get(cfg.source.format, "this format carries no text")
         raise PrepareError(
-            f"source.format={cfg.source.format}: this source has no item text to embed; "
-            "give text tables or set embedding.encoder=id-hash (a random stand-in, say so in results)"
+            f"source.format={cfg.source.format}: this source has no item text to embed ({where}); "
+            "give it, or set embedding.encoder=id-hash (a random stand-in, say so in results)"
         )
 
 

@@ -14,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from darec_dist.config import ConfigError, load_config
+from darec_dist.data.dataset import PreparedDataset
 from spark_jobs.config import PrepareConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.prepare import prepare
@@ -164,7 +165,8 @@ def test_a_built_user_profile_without_text_fails_before_the_graph(spark, tmp_pat
 
 def test_source_without_text_needs_id_hash(spark, tmp_path):
     source, _ = csv_with_lines(tmp_path, [], item_text=False)
-    fails(spark, tmp_path, source, "no item text to embed", **{"embedding.encoder": "sentence-transformers"})
+    fails(spark, tmp_path, source, r"no item text to embed \(a text table given as source.item_text\)",
+          **{"embedding.encoder": "sentence-transformers"})
 
 
 class _Payload:
@@ -260,7 +262,6 @@ def test_integer_ids_beyond_int64_stay_ids(spark, tmp_path):
     import pandas as pd
 
     from darec_dist.data import layout
-    from darec_dist.data.dataset import PreparedDataset
 
     huge = 12345678901234567890  # above int64: a numeric cast would make it null and drop its rows
     rows = interaction_rows(num_users=20) + [(huge, 500 + i, 4.0, 10**8 + i) for i in range(8)]
@@ -272,7 +273,6 @@ def test_integer_ids_beyond_int64_stay_ids(spark, tmp_path):
 
 
 def test_repeated_pairs_kept_by_dedupe_false_stay_in_one_split(spark, tmp_path):
-    from darec_dist.data.dataset import PreparedDataset
 
     rows = [(u, i, 4.0, 10**8 + c) for u in range(100, 112) for i in range(500, 510) for c in range(3)]
     source = write_csv_source(tmp_path / "raw", rows, item_text=False)
@@ -305,6 +305,9 @@ def test_a_tab_delimiter_whose_quotes_a_shell_removed_is_a_tab():
     ("profiles.max_chars=0", "profiles.max_chars >= 1"),
     ("split.method=temporal", "name the timestamp column, source.columns.timestamp=COLUMN"),
     ("clean.rating_threshold=4", "name the rating column, source.columns.rating=COLUMN"),
+    ("source.format=rlmrec split.method=temporal", "split.method=temporal orders each user's interactions by time, and "
+     "source.format=rlmrec has no timestamps"),
+    ("split.method=source", "split.method=source: source.format=csv has no split of its own"),
     # 10 users x 20 items in 2 communities hold at most 10 x 10 + 20 distinct interactions (the generator made 91).
     ("source.synthetic.users=10 source.synthetic.items=20 source.synthetic.communities=2 source.synthetic.interactions=100000",
      "source.synthetic.interactions (100000) exceeds what 10 users can hold: at most users x min(max_user_interactions, "
@@ -515,3 +518,63 @@ def test_rows_swallowed_by_an_unclosed_quote_in_a_text_table_are_traced_to_it(sp
     fails(spark, tmp_path, source, rf"item\(s\) have no text to embed \(ids \['{items[4]}', [\s\S]*the text of item "
           rf"'{items[3]}' holds lines that start like their rows: a double quote opened in its row may be unclosed",
           **{"embedding.encoder": "sentence-transformers"})
+
+
+def test_rlmrec_profiles_counted_from_one_are_refused(spark, tmp_path):
+    """Profile ids index the matrices: ids 1..5 for 5 items would pair each item with its neighbour's text."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("trn", "tst"):
+        (raw / f"{name}_mat.pkl").write_bytes(pickle.dumps(sp.coo_matrix(np.eye(6, 5))))
+    (raw / "itm_prf.csv").write_text("item_id_int,profile_text\n" + "".join(f'{i + 1},"Book {i}"\n' for i in range(5)))
+    fails(spark, tmp_path, {"source.format": "rlmrec", "source.path": str(raw)},
+          r"itm_prf.csv: item_id_int \['5'\] outside the matrices' 5 items \(0 to 4\); ids count from 0")
+
+
+@pytest.mark.parametrize("form, present, missing", [
+    ("lightgcn", ["train.txt"], "test.txt"),
+    ("rlmrec", ["trn_mat.pkl", "val_mat.pkl"], "tst_mat.pkl"),
+    ("movielens-100k", ["ml-100k.inter", "ml-100k.user"], "ml-100k.item"),
+])
+def test_a_source_directory_without_a_required_file_is_named_before_spark_starts(tmp_path, monkeypatch, form, present, missing):
+    import spark_jobs.prepare as job
+
+    monkeypatch.setattr(job, "start_session", lambda *a, **k: pytest.fail("a Spark session was started"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in present:
+        (raw / name).write_text("")
+    with pytest.raises(PrepareError, match=rf"source.path: file {re.escape(str(raw / missing))} not found; source.format={form} reads"):
+        prepare(small_config(tmp_path / "out", {"source.format": form, "source.path": str(raw), "split.method": "auto"}))
+
+
+def test_a_row_that_is_not_utf8_is_named_with_its_line(spark, tmp_path):
+    """A Latin-1 byte in a RecBole .inter file: the header read crashed on it (a traceback), and Spark would have read
+    it as U+FFFD, an id unlike the same name written elsewhere."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = "".join(f"{u}\t{i}\n" for u in range(1, 6) for i in range(1, 6))
+    (raw / "x.inter").write_bytes(("user_id:token\titem_id:token\n" + rows).encode() + b"caf\xe9\t3\n")
+    fails(spark, tmp_path, {"source.format": "recbole", "source.path": str(raw)},
+          rf"{re.escape(str(raw / 'x.inter'))}:27: not UTF-8 text \(save the file as UTF-8\)")
+
+
+def test_a_held_out_pair_that_is_also_a_train_pair_is_reported(spark, tmp_path, capsys):
+    source = tmp_path / "raw"
+    source.mkdir()
+    (source / "train.txt").write_text("".join(f"{u} 0 1 2 3 {u + 4}\n" for u in range(5)))
+    (source / "test.txt").write_text("0 1 5\n1 6\n")  # (0, 1) is a train pair too: the source's test set loses it
+    settings = {"source.format": "lightgcn", "source.path": str(source), "split.method": "source", "shards.factor": 1}
+    dataset = PreparedDataset.open(prepare(small_config(tmp_path / "out", {}, **settings), spark=spark))
+    assert "de-duplication dropped 1 repeated (user, item) interactions (1 test); each pair is kept once, in train" in capsys.readouterr().out
+    assert dataset.manifest["splits"]["test"] == 2
+
+
+def test_a_time_ordered_split_of_a_recbole_file_without_timestamps_is_refused_before_its_rows_are_read(spark, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "x.inter").write_text("user_id:token\titem_id:token\n" + "".join(f"{u}\t{i}\n" for u in range(3) for i in range(3)))
+    fails(spark, tmp_path, {"source.format": "recbole", "source.path": str(raw), "split.method": "temporal"},
+          rf"{re.escape(str(raw / 'x.inter'))}: split.method=temporal orders each user's interactions by time, and its "
+          r"header \['user_id', 'item_id'\] has no timestamp field")
+    assert "[prepare] read done" not in capsys.readouterr().out

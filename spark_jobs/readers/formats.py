@@ -43,6 +43,21 @@ def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
     return readers[cfg.source.format](spark, cfg, log)
 
 
+ML100K_MEMBERS = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+# The files a source directory must hold (others are optional: rlmrec's val_mat.pkl and profiles, RecBole's .item/.user).
+REQUIRED_FILES = {
+    "rlmrec": ("trn_mat.pkl", "tst_mat.pkl"),
+    "lightgcn": ("train.txt", "test.txt"),
+    "movielens-100k": ML100K_MEMBERS,
+}
+FORMAT_HINTS = {
+    "rlmrec": "; source.format=rlmrec reads RLMRec's trn_mat.pkl and tst_mat.pkl (val_mat.pkl, itm_prf.csv and usr_prf.csv optional)",
+    "lightgcn": "; source.format=lightgcn reads train.txt and test.txt, one line 'user item item ...' per user",
+    "movielens-100k": ("; source.format=movielens-100k reads RecBole's atomic files ml-100k.inter, .item and .user (leave "
+                       "source.path unset to take them from the recbole wheel; for other RecBole datasets use source.format=recbole)"),
+}
+
+
 def check_source_paths(cfg: PrepareConfig) -> None:
     """The files and directories the config names, checked before Spark starts (tens of seconds): a mistyped path
     fails at once. The files inside a source directory are its reader's to check."""
@@ -56,7 +71,11 @@ def check_source_paths(cfg: PrepareConfig) -> None:
             if path:
                 _require_file(Path(path).expanduser(), key)
     elif src.format in ("rlmrec", "recbole", "lightgcn") or (src.format == "movielens-100k" and src.path):
-        _require_dir(src.path)
+        directory = _require_dir(src.path)
+        if src.format == "recbole":
+            _the_inter_file(directory)
+        for name in REQUIRED_FILES.get(src.format, ()):
+            _require_file(directory / name, "source.path", hint=FORMAT_HINTS[src.format])
 
 
 def _require_dir(path: str | None, key: str = "source.path") -> Path:
@@ -68,9 +87,9 @@ def _require_dir(path: str | None, key: str = "source.path") -> Path:
     return directory
 
 
-def _require_file(path: Path | str, key: str) -> str:
+def _require_file(path: Path | str, key: str, hint: str = "") -> str:
     if not Path(path).is_file():
-        raise PrepareError(f"{key}: file {path} not found")
+        raise PrepareError(f"{key}: file {path} not found{hint}")
     return str(Path(path).resolve())
 
 
@@ -78,7 +97,6 @@ def _require_file(path: Path | str, key: str) -> str:
 
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 RECBOLE_WHEEL_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
-ML100K_MEMBERS = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
 
 
 def fetch_movielens_100k(cache_dir: str) -> Path:
@@ -122,15 +140,20 @@ def read_movielens_100k(spark: SparkSession, cfg: PrepareConfig, log: StageLog) 
 
 def read_recbole(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
     directory = _require_dir(cfg.source.path)
+    return _read_atomic(spark, cfg, log, directory, _the_inter_file(directory).stem, name="recbole")
+
+
+def _the_inter_file(directory: Path) -> Path:
     inters = sorted(directory.glob("*.inter"))
     if len(inters) != 1:
         raise PrepareError(f"source.path: expected exactly one .inter file in {directory}, found {[p.name for p in inters]}")
-    return _read_atomic(spark, cfg, log, directory, inters[0].stem, name="recbole")
+    return inters[0]
 
 
 def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directory: Path, stem: str, name: str) -> RawSource:
     inter_path = _require_file(directory / f"{stem}.inter", "source.path")
-    with open(inter_path) as stream:
+    # Only the header is read here; a row that is not UTF-8 is named by its line when Spark reads the rows.
+    with open(inter_path, encoding="utf-8", errors="replace") as stream:
         header = stream.readline().rstrip("\n").split("\t")
     names = [atomic_header_name(h) for h in header]
     columns = {
@@ -139,6 +162,9 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
         "rating": "rating" if "rating" in names else None,
         "timestamp": "timestamp" if "timestamp" in names else None,
     }
+    if cfg.split.method in ("temporal", "leave-one-out") and columns["timestamp"] is None:  # known now, not after the read
+        raise PrepareError(f"{inter_path}: split.method={cfg.split.method} orders each user's interactions by time, and its "
+                           f"header {names} has no timestamp field")
     rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, header_parser=atomic_header_name)
     interactions, report = drop_malformed(rows, cfg.malformed, inter_path, log)
     if columns["timestamp"]:
@@ -289,10 +315,12 @@ def read_rlmrec(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
     item_text = user_text = None
     if (directory / "itm_prf.csv").is_file():
         item_text = read_text_csv(spark, str(directory / "itm_prf.csv"), "item_id_int", "profile_text", True, "item")
+        _refuse_ids_beyond(item_text, "item", shape[1], directory / "itm_prf.csv", "item_id_int")
         item_text = with_title(item_text)
         files.append(str((directory / "itm_prf.csv").resolve()))
     if (directory / "usr_prf.csv").is_file():
         user_text = read_text_csv(spark, str(directory / "usr_prf.csv"), "user_id_int", "profile_text", True, "user")
+        _refuse_ids_beyond(user_text, "user", shape[0], directory / "usr_prf.csv", "user_id_int")
         files.append(str((directory / "usr_prf.csv").resolve()))
     return RawSource(
         name="rlmrec",
@@ -304,6 +332,16 @@ def read_rlmrec(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSo
         user_text=user_text,
         user_text_is_profile=user_text is not None,
     )
+
+
+def _refuse_ids_beyond(table: DataFrame, kind: str, count: int, path: Path, file_column: str) -> None:
+    """A profile's ids index the matrices' rows (users) or columns (items): one outside them names no node, and
+    profiles counted from 1 would pair every node with its neighbour's text."""
+    node = F.col(kind).cast("long")
+    outside = [r[kind] for r in table.where((node < 0) | (node >= count)).orderBy(node).limit(3).collect()]
+    if outside:
+        raise PrepareError(f"{path}: {file_column} {outside} outside the matrices' {count} {kind}s (0 to {count - 1}); "
+                           "ids count from 0, as the matrices' " + ("rows" if kind == "user" else "columns") + " do")
 
 
 # --- LightGCN txt (one line per user: user item item ...) -----------------------------------------

@@ -53,6 +53,8 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
 
     checks = [
         (F.trim(F.col("value")) == "", "empty line"),
+        # Spark keeps a byte that is not UTF-8 and shows it as U+FFFD: ids unlike the same names written elsewhere.
+        (~F.is_valid_utf8(F.col("value")), "not UTF-8 text (save the file as UTF-8)"),
         *([(unbalanced_quotes(F.col("value")), "unclosed double quote")] if quoted else []),
         (n != pos.count, F.format_string(f"expected {pos.count} columns, got %d", n)),
         ((field(pos.user) == "") | (field(pos.item) == ""), "empty user or item id"),

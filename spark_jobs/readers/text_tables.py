@@ -17,11 +17,12 @@ YEAR_FIELDS = ("release_year", "year")
 TITLE_CHARS = 120
 
 
-def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str) -> None:
+def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str, file_column: str | None = None) -> None:
+    """file_column: the ids' column as the file names it, where the table renamed it."""
     dupes = table.groupBy(id_col).count().where(F.col("count") > 1).orderBy(id_col).limit(5).collect()
     if dupes:
         listing = ", ".join(f"{r[id_col]!r} ({r['count']} rows)" for r in dupes)
-        raise PrepareError(f"{path}: duplicate ids in column {id_col!r}: {listing}; expected one row per id")
+        raise PrepareError(f"{path}: duplicate ids in column {file_column or id_col!r}: {listing}; expected one row per id")
 
 
 def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, numeric_ids: bool, out_id: str) -> DataFrame:
@@ -60,7 +61,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     else:
         ids = F.trim(F.col(id_col))
     result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
-    fail_on_duplicate_ids(result, out_id, path)
+    fail_on_duplicate_ids(result, out_id, path, id_col)
     return result
 
 
