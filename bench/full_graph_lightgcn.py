@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from darec_dist.data.dataset import PreparedDataset
+from bench.cli import at_least
+from darec_dist.data.dataset import DatasetError, PreparedDataset
 
 
 def normalised_graph(dataset: PreparedDataset) -> torch.Tensor:
@@ -43,20 +44,25 @@ def normalised_graph(dataset: PreparedDataset) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=at_least(1), default=3)
+    parser.add_argument("--dim", type=at_least(1), default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=4096)
+    parser.add_argument("--steps", type=at_least(1), default=5)
+    parser.add_argument("--threads", type=at_least(1), default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dataset = PreparedDataset.open(args.data, verify_checksums=False)
+    try:
+        dataset = PreparedDataset.open(args.data, verify_checksums=False)
+    except DatasetError as err:
+        raise SystemExit(f"error: {err}") from None
+    train = dataset.interactions("train")
+    n_train = int(train.indptr[-1])
+    if n_train < args.batch_size:  # an epoch of 0 steps would print 0 s per epoch
+        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {n_train} train interactions of {args.data}")
     graph = normalised_graph(dataset)
     table = torch.nn.Parameter(torch.randn(dataset.num_nodes, args.dim) * 0.1)
     optimizer = torch.optim.Adam([table], lr=1e-3)
-    train = dataset.interactions("train")
     rng = np.random.default_rng(0)
-    n_train = int(train.indptr[-1])
     times = []
     for step in range(args.steps + 1):
         pick = rng.integers(0, n_train, args.batch_size)

@@ -20,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.torchrun_worker import add_worker_arguments, run_worker, slowest_rank_seconds  # noqa: E402  (needs the path above)
+from bench.cli import at_least  # noqa: E402  (needs the path above)
+from bench.torchrun_worker import add_worker_arguments, run_worker, slowest_rank_seconds  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -53,12 +54,12 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200000, help="rows of each of the user and item tables")
-    parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--ids", type=int, default=1024, help="ids looked up per table per rank")
+    parser.add_argument("--rows", type=at_least(1), default=200000, help="rows of each of the user and item tables")
+    parser.add_argument("--dim", type=at_least(1), default=384)
+    parser.add_argument("--ids", type=at_least(1), default=1024, help="ids looked up per table per rank")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "fp16"], choices=["fp32", "fp16"])
-    parser.add_argument("--sharding", default="row_wise")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sharding", default="row_wise", choices=["row_wise", "table_wise", "column_wise"])
+    parser.add_argument("--steps", type=at_least(1), default=20)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     add_worker_arguments(parser)
     args = parser.parse_args()

@@ -20,6 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cli import at_least  # noqa: E402  (needs the path above)
+
 
 def measure(args: argparse.Namespace, workers: int) -> float:
     from darec_dist.config import load_config
@@ -42,8 +44,10 @@ def measure(args: argparse.Namespace, workers: int) -> float:
         count += len(batch)
         if step + 1 >= args.warmup + args.steps:
             break
-    if started is None or count == 0:
-        raise SystemExit("too few batches in an epoch for this many steps; lower --steps")
+    measured = step + 1 - args.warmup
+    if started is None or count == 0 or measured < args.steps:  # a rate over fewer batches than asked, unsaid, misleads
+        raise SystemExit(f"an epoch holds {step + 1} batches here, fewer than --warmup {args.warmup} + --steps "
+                         f"{args.steps}; lower --steps or --warmup")
     return count / (time.perf_counter() - started)
 
 
@@ -51,10 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--train-config", default="configs/train/default.yaml")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1, 2])
+    parser.add_argument("--world-size", type=at_least(1), default=2)
+    parser.add_argument("--steps", type=at_least(1), default=40)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--override", nargs="*", default=[])
     args = parser.parse_args()
     from darec_dist.config import ConfigError

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cli import at_least  # noqa: E402
 from scale_bench import full_epoch  # noqa: E402
 
 
@@ -28,9 +29,12 @@ def fmt(values) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datasets", nargs="+")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=at_least(1), default=200)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
+    for data in args.datasets:
+        if not (Path(data) / "manifest.json").is_file():
+            parser.error(f"{data}: no manifest.json; not a dataset written by spark_jobs.prepare")
     rows = []
     print("| dataset | nodes | interactions | rank's table share | private after setup | after training | after evaluation | sampled peak private, ranks | peak minus table share |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -164,6 +164,11 @@ def main(argv=None) -> dict:
     workdir = args.workdir.resolve()
     run_name = f"lightgcn_d{args.embedding_size}_l{args.n_layers}_seed{args.seed}"
     out_path = (args.out.resolve() if args.out else workdir / f"{run_name}.json")
+    try:  # before anything is written: RecBole lives in its own virtualenv (docs/training.md)
+        import recbole
+    except ImportError:
+        raise SystemExit("error: recbole is not importable here; run this script with the RecBole virtualenv's python "
+                         "(docs/training.md, 'How RecBole was run')") from None
     counts = export_atomic(data, workdir, args.name)
 
     # RecBole's Config also reads `--key=value` from sys.argv, and its logger / tensorboard /
@@ -172,7 +177,6 @@ def main(argv=None) -> dict:
     os.chdir(workdir)
 
     import torch
-    import recbole
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_logger, init_seed

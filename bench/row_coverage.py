@@ -1,8 +1,8 @@
 """How much of the exact LightGCN propagation a prepared dataset's pruned rows keep.
 
-    python bench/row_coverage.py --data data/gowalla --layers 3 --sample 200
+    python bench/row_coverage.py --data data/gowalla --sample 200
 
-The exact row of node v is P_v = sum_k a_k (A^k)_v over k = 0..L with equal weights (the mean over
+The exact row of node v is P_v = sum_k a_k (A^k)_v over k = 0..L (L the dataset's graph.layers) with equal weights (the mean over
 layers); its total weight is (P 1)_v, computed by L sparse products with the normalised train graph
 (bench/full_graph_lightgcn.py builds it). Prints the share of each row's exact weight that the
 dataset's rows hold, and the number of entries of exact rows for a seeded sample of nodes.
@@ -26,19 +26,24 @@ from darec_dist.data.dataset import PreparedDataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--sample", type=int, default=200)
     args = parser.parse_args()
     dataset = PreparedDataset.open(args.data, verify_checksums=False)
+    # The exact rows to compare with are the dataset's own: another layer count measures other rows.
+    graph_cfg = dataset.manifest["config"]["graph"]
+    layers = graph_cfg["layers"]
+    if graph_cfg.get("layer_weights") is not None:
+        raise SystemExit(f"error: {args.data} weights its layers {graph_cfg['layer_weights']}; this script compares with "
+                         "the equal-weight mean of layers 0..L")
     graph = normalised_graph(dataset).double()
     n = dataset.num_nodes
 
     power = torch.ones(n, 1, dtype=torch.float64)
     exact_weight = power.clone()
-    for _ in range(args.layers):
+    for _ in range(layers):
         power = graph @ power
         exact_weight += power
-    exact_weight = exact_weight.squeeze(1).numpy() / (args.layers + 1)
+    exact_weight = exact_weight.squeeze(1).numpy() / (layers + 1)
     indptr = np.load(Path(args.data) / "graph" / "indptr.npy")
     weights = np.load(Path(args.data) / "graph" / "weights.npy")
     kept = np.add.reduceat(weights.astype(np.float64), indptr[:-1])
@@ -51,11 +56,11 @@ def main() -> None:
     reach = torch.zeros(n, len(nodes), dtype=torch.float64)
     reach[torch.from_numpy(nodes), torch.arange(len(nodes))] = 1.0
     support = reach.clone()
-    for _ in range(args.layers):
+    for _ in range(layers):
         reach = graph @ reach
         support += reach
     entries = (support != 0).sum(0).numpy()
-    print(f"exact {args.layers}-layer rows, {len(nodes)} sampled nodes: mean {entries.mean():.0f}, median {np.median(entries):.0f} entries")
+    print(f"exact {layers}-layer rows, {len(nodes)} sampled nodes: mean {entries.mean():.0f}, median {np.median(entries):.0f} entries")
 
 
 if __name__ == "__main__":

@@ -53,20 +53,22 @@ def prepare(size: int, root: Path, nodes: int | None = None) -> dict:
     return {"path": str(out), "manifest": manifest, **measured}
 
 
+def child(command: list[str]) -> subprocess.CompletedProcess:
+    """A benchmark run as a child; its own error, not only its exit status, when it fails."""
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command[1:3])} failed (exit status {done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
 def loader_rate(data: str) -> float:
-    done = subprocess.run(
-        [PY, "bench/loader_throughput.py", "--data", data, "--train-config", TRAIN_CONFIG, "--workers", "1", "--steps", "30"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    )
+    done = child([PY, "bench/loader_throughput.py", "--data", data, "--train-config", TRAIN_CONFIG, "--workers", "1", "--steps", "30"])
     return float(done.stdout.strip().splitlines()[-1].split()[1])
 
 
 def step_rates(data: str, backbone: str, nproc: int) -> dict[str, float]:
-    done = subprocess.run(
-        [PY, "bench/step_time.py", "--data", data, "--train-config", TRAIN_CONFIG, "--methods", "none", "darec",
-         "--nproc", str(nproc), "--steps", "15", "--override", f"model.backbone={backbone}"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    )
+    done = child([PY, "bench/step_time.py", "--data", data, "--train-config", TRAIN_CONFIG, "--methods", "none", "darec",
+                  "--nproc", str(nproc), "--steps", "15", "--override", f"model.backbone={backbone}"])
     rates = {}
     for line in done.stdout.splitlines()[1:]:
         method, ms, per_s, _ = line.split()
@@ -100,7 +102,7 @@ def full_epoch(data: str, overrides: tuple[str, ...] = ()) -> dict:
 
 
 def full_graph(data: str) -> dict:
-    done = subprocess.run([PY, "bench/full_graph_lightgcn.py", "--data", data, "--steps", "3"], cwd=REPO, capture_output=True, text=True, check=True)
+    done = child([PY, "bench/full_graph_lightgcn.py", "--data", data, "--steps", "3"])
     line = done.stdout.strip().splitlines()[-1]
     ms, epoch, peak = re.search(r"([\d.]+) ms/step x \d+ steps = ([\d.]+) s/epoch; peak RSS (\d+) MiB", line).groups()
     return {"ms_per_step": float(ms), "epoch_seconds": float(epoch), "peak_rss_mib": float(peak)}

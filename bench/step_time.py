@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.torchrun_worker import add_worker_arguments, run_worker, slowest_rank_seconds  # noqa: E402  (needs the path above)
+from bench.cli import at_least  # noqa: E402  (needs the path above)
+from bench.torchrun_worker import add_worker_arguments, run_worker, slowest_rank_seconds  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -76,10 +77,10 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--train-config", default="configs/train/default.yaml")
     parser.add_argument("--methods", nargs="+", default=["none", "darec"])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=at_least(1), default=20)
+    parser.add_argument("--warmup", type=at_least(0), default=3)
     parser.add_argument("--override", nargs="*", default=[])
-    parser.add_argument("--repeat", type=int, default=1, help="rounds over the methods, alternating")
+    parser.add_argument("--repeat", type=at_least(1), default=1, help="rounds over the methods, alternating")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print this many top operators per method")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     add_worker_arguments(parser)

@@ -10,13 +10,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cli import at_least
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of this protocol: `--nproc` for the caller, and the hidden `--worker` and `--result`
     that `run_worker` passes to the script it starts."""
-    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--nproc", type=at_least(1), default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 

@@ -12,7 +12,9 @@ the mean ms of forward + backward, both ways, and whether the table gradient (de
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -22,6 +24,9 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     DenseTableBatchedEmbeddingBagsCodegen,
     SplitTableBatchedEmbeddingBagsCodegen,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cli import at_least  # noqa: E402  (needs the path above)
 
 
 def ms_per_call(step, repeat: int) -> float:
@@ -35,11 +40,11 @@ def ms_per_call(step, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2625)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--bags", type=int, default=3000)
-    parser.add_argument("--bag-size", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--rows", type=at_least(1), default=2625)
+    parser.add_argument("--dim", type=at_least(1), default=64)
+    parser.add_argument("--bags", type=at_least(1), default=3000)
+    parser.add_argument("--bag-size", type=at_least(1), default=256)
+    parser.add_argument("--repeat", type=at_least(1), default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)

@@ -25,13 +25,15 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 
-from darec_dist.models.tables import RowModule, TableModule, llm_table_configs, trainable_table_configs
+from darec_dist.models.tables import RowModule, TableModule, llm_table_configs, optimizer_state_planned, trainable_table_configs
 
 GIB = 1024**3
 # Optimizer state of a table: (a multiple of its weights, bytes per row). Adagrad keeps one value per
 # weight, Adam two moments, row-wise Adagrad one float per row; SGD and the frozen LLM tables keep none.
 OPTIMIZER_STATE = {"rowwise_adagrad": (0.0, 4), "adagrad": (1.0, 0), "adam": (2.0, 0), "sgd": (0.0, 0)}
 NO_STATE = (0.0, 0)
+# Kernels that keep a table's rows in host memory (UVM), the device holding at most a cache of them.
+HOST_KERNELS = ("fused_uvm", "fused_uvm_caching")
 
 
 class ClusterTables(nn.Module):
@@ -51,23 +53,25 @@ def table_bytes(rows: int, cols: int, bytes_per_value: int, state: tuple[float, 
     return rows * cols * bytes_per_value * (1.0 + per_weight) + rows * per_row
 
 
-def per_device_bytes(plan: ShardingPlan, widths: dict, optimizer: str, llm_bytes: int) -> dict[int, float]:
-    """Bytes each rank holds, from the plan's shard placements."""
-    totals: dict[int, float] = defaultdict(float)
+def per_device_bytes(plan: ShardingPlan, widths: dict, optimizer: str, llm_bytes: int) -> dict[str, dict[int, float]]:
+    """Bytes each rank holds, from the plan's shard placements: {"device": ..., "host": ...} (tables under a UVM kernel
+    live in host memory)."""
+    totals: dict[str, dict[int, float]] = {"device": defaultdict(float), "host": defaultdict(float)}
     for name, sharding in table_plans(plan):
         frozen = name.endswith("_llm")
         state = NO_STATE if frozen else OPTIMIZER_STATE[optimizer]
         value_bytes = llm_bytes if frozen else 4
+        where = totals["host" if sharding.compute_kernel in HOST_KERNELS else "device"]
         spec = sharding.sharding_spec
         if spec is None:  # data parallel: every rank holds the whole table
             rows, cols = widths[name]
             for rank in sharding.ranks or []:
-                totals[rank] += table_bytes(rows, cols, value_bytes, state)
+                where[rank] += table_bytes(rows, cols, value_bytes, state)
             continue
         for shard in spec.shards:
             rank = shard.placement.rank()
             rows, cols = shard.shard_sizes
-            totals[rank] += table_bytes(rows, cols, value_bytes, state)
+            where[rank] += table_bytes(rows, cols, value_bytes, state)
     return totals
 
 
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size)
     try:
-        plan = planner.plan(module, [TableModule.sharder(), RowModule.sharder()])
+        with optimizer_state_planned(module.trainable, args.optimizer):
+            plan = planner.plan(module, [TableModule.sharder(), RowModule.sharder()])
     except PlannerError as err:
         first = str(err).splitlines()[0][:500]
         print(f"error: does not fit: TorchRec's planner found no placement ({first}); the tables need "
@@ -141,9 +146,22 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{len(ranks)} ({ranks[0]}..{ranks[-1]})" if len(ranks) > 4 else str(ranks)
         print(f"{name:<10} {rows:>15,} {cols:>6} {sharding.sharding_type:<18} {sharding.compute_kernel:<22} {shown}")
     totals = per_device_bytes(plan, widths, args.optimizer, llm_bytes)
-    values = [totals.get(rank, 0.0) for rank in range(world)]
-    print(f"\nmemory per device (weights + optimizer state): min {min(values) / GIB:.2f} GiB, "
-          f"mean {sum(values) / world / GIB:.2f} GiB, max {max(values) / GIB:.2f} GiB of {args.hbm_gb:g} GiB")
+    print()
+    over = []
+    shown = (("device", args.hbm_gb, "HBM", "the tables on the device"),
+             ("host", args.ddr_gb, "host memory", "the tables under UVM; the device caches some of their rows besides"))
+    for where, capacity, label, what in shown:
+        values = [totals[where].get(rank, 0.0) for rank in range(world)]
+        if where == "host" and not any(values):
+            continue
+        print(f"{label} per device (weights + optimizer state of {what}): min {min(values) / GIB:.2f} GiB, "
+              f"mean {sum(values) / world / GIB:.2f} GiB, max {max(values) / GIB:.2f} GiB of {capacity:g} GiB")
+        if max(values) > capacity * GIB:
+            over.append(f"{label}: {max(values) / GIB:.2f} GiB on one device, {capacity:g} GiB there")
+    if over:  # the planner's own estimate missed: never print such a plan as one that runs
+        print(f"error: does not fit: the plan places more than a device holds ({'; '.join(over)}); add devices or shrink "
+              "the tables", file=sys.stderr)
+        return 2
     return 0
 
 

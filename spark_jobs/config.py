@@ -253,6 +253,9 @@ class SparkConfig:
             raise ValueError(f"spark.shuffle_partitions must be >= 1, got {self.shuffle_partitions}")
         if not re.fullmatch(r"[0-9]+[kmgtKMGT]?", self.driver_memory):
             raise ValueError(f"spark.driver_memory must be a JVM size such as 4g or 512m, got {self.driver_memory!r}")
+        # A mistyped master URL (sprak://) otherwise ends in a Java gateway traceback.
+        if self.master is not None and not re.fullmatch(r"local(\[([0-9]+|\*)(,[0-9]+)?\])?|local-cluster\[.+\]|yarn|(spark|k8s|mesos)://.+", self.master):
+            raise ValueError(f"spark.master must be local, local[N], local[*], spark://HOST:PORT, yarn or k8s://URL, got {self.master!r}")
 
 
 @dataclass

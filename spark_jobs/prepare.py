@@ -31,7 +31,7 @@ from darec_dist.config import ConfigError, load_config, to_dict
 from darec_dist.data import layout
 from darec_dist.files import replace_dir
 from spark_jobs.clean import clean
-from spark_jobs.config import PrepareConfig
+from spark_jobs.config import EmbeddingConfig, PrepareConfig
 from spark_jobs.embed import embed_profiles
 from spark_jobs.errors import PrepareError
 from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_rows, sample_neighbors, train_edges
@@ -66,6 +66,9 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
     if output.exists() and not (output / layout.MANIFEST).exists() and any(output.iterdir()):
         raise PrepareError(f"output: {output} exists and is not a dataset directory; choose another path")
     check_source_paths(cfg)
+    if cfg.embedding.encoder != "id-hash" and cfg.embedding.dim != EmbeddingConfig.dim:  # the manifest records the real width
+        log.log(f"warning: embedding.dim={cfg.embedding.dim} applies to the id-hash encoder only; embedding.encoder="
+                f"{cfg.embedding.encoder} gives vectors of its own width")
     staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir(parents=True)
@@ -89,8 +92,14 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (staging / OWNER).unlink()
         replace_dir(staging, output)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if "stopped SparkContext" in str(err) and cfg.spark.master and cfg.spark.master.startswith("spark://"):
+            # Spark gives up on a master it cannot reach after a minute of retries, and the next call reports only that
+            # the context stopped; the cause is far above in its log.
+            raise PrepareError(f"spark.master={cfg.spark.master}: the Spark context stopped, most likely because the master "
+                               "cannot be reached (Spark's log above says 'All masters are unresponsive'); check the URL "
+                               "and that the master runs") from None
         raise
     finally:
         if own_session and spark is not None:

@@ -299,6 +299,7 @@ def test_a_tab_delimiter_whose_quotes_a_shell_removed_is_a_tab():
     ("embedding.dim=0", "embedding.dim must be >= 1"),
     ("spark.shuffle_partitions=0", "spark.shuffle_partitions must be >= 1"),
     ("spark.driver_memory=lots", "spark.driver_memory must be a JVM size"),
+    ("spark.master=sprak://host:7077", "spark.master must be local, local[N], local[*], spark://HOST:PORT, yarn or k8s://URL"),
     ("clean.k_core=-1", "clean.k_core must be >= 0"),
     ("graph.layer_weights=[1,-1,0,0]", "graph.layer_weights must be >= 0"),
     ("split.ratios=[.inf,1,1]", "split.ratios must be three non-negative numbers"),

@@ -11,7 +11,7 @@ from tests.prepare_helpers import small_config
 COMMUNITIES = 4
 
 
-def test_synthetic_dataset_has_industrial_shape(spark, tmp_path):
+def test_synthetic_dataset_has_industrial_shape(spark, tmp_path, capsys):
     source = {
         "source.format": "synthetic",
         "source.synthetic.users": 400,
@@ -32,6 +32,8 @@ def test_synthetic_dataset_has_industrial_shape(spark, tmp_path):
     # What was asked for is what the dataset holds: every user and item active; pairs are lost only where a
     # catalogue-wide draw repeats an item of the user's own community (a quarter of the catalogue here).
     assert 0.95 * 6000 <= total <= 6000 and manifest["embedding"]["dim"] == 16
+    # small_config's embedding.dim=8 is the id-hash encoder's: the source's own 16 wins, and the log says so.
+    assert "warning: embedding.dim=8 applies to the id-hash encoder only; embedding.encoder=source" in capsys.readouterr().out
     users = pd.read_parquet(root / "ids/user.parquet").sort_values("id")["raw"].astype(int).to_numpy()
     items = pd.read_parquet(root / "ids/item.parquet").sort_values("id")["raw"].astype(int).to_numpy()
     assert len(users) == 400 and len(items) == 300

@@ -229,13 +229,36 @@ def _torch_optimizer(cfg: SparseConfig):
     return makers[cfg.optimizer]
 
 
+# The optimizer class TorchRec's planner sizes a table's optimizer state by (Adam 2x the weights, Adagrad 1x,
+# row-wise Adagrad a value per row, SGD none).
+PLANNER_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "rowwise_adagrad": RowWiseAdagrad}
+
+
+@contextmanager
+def optimizer_state_planned(module: nn.Module, optimizer: str | None):
+    """Within it, TorchRec's planner counts the tables' optimizer state: it reads the class from each weight's
+    `_optimizer_classes`, which only apply_optimizer_in_backward sets, so fused optimizers were planned as weights
+    alone (Adam's tables at a third of their size). Removed after, because the sharder would also read it as
+    optimizer settings. optimizer None (frozen tables): no state."""
+    weights = list(module.parameters()) if optimizer is not None else []
+    for weight in weights:
+        weight._optimizer_classes = [PLANNER_OPTIMIZERS[optimizer]]
+    try:
+        yield
+    finally:
+        for weight in weights:
+            del weight._optimizer_classes
+
+
 def compute_kernel(cfg: SparseConfig, sharding: Sharding, device: torch.device) -> str:
     if sharding == "data_parallel" or (cfg.optimizer == "adam" and device.type == "cpu"):
         return EmbeddingComputeKernel.DENSE.value
     return EmbeddingComputeKernel.FUSED.value
 
 
-def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, sharder, env: DistEnv) -> ShardingPlan:
+def make_plan(
+    module: TableModule | RowModule, sharding: Sharding, kernel: str, sharder, env: DistEnv, optimizer: str | None
+) -> ShardingPlan:
     (attribute, collection), = module.named_children()
     tables = module.table_names()
     # Processes per node (torchrun sets it): the planner and TorchRec's placements tell intra- from inter-node links by it.
@@ -250,7 +273,8 @@ def make_plan(module: TableModule | RowModule, sharding: Sharding, kernel: str, 
             topology=Topology(world_size=env.world_size, local_world_size=local_world, compute_device=env.device.type, **memory),
             constraints={t: ParameterConstraints(compute_kernels=[kernel], sharding_types=types) for t in tables},
         )
-        return planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
+        with optimizer_state_planned(module, optimizer):
+            return planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     fixed = {
         "table_wise": lambda i: table_wise(rank=i % env.world_size, compute_kernel=kernel),
         "row_wise": lambda i: row_wise(compute_kernel=kernel),
@@ -281,7 +305,7 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
                 "data_parallel, or a fused optimizer (rowwise_adagrad, adagrad, sgd)"
             )
     sharder = module.sharder(fused_params=fused)
-    plan = make_plan(module, sharding, kernel, sharder, env)
+    plan = make_plan(module, sharding, kernel, sharder, env, None if frozen else cfg.optimizer)
     dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=[sharder])
     (module_plan,) = plan.plan.values()
     summary = {name: (p.sharding_type, p.compute_kernel, p.ranks) for name, p in module_plan.items()}
