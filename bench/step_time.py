@@ -88,6 +88,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    check_before_launch(args)
     # A profile is a second pass over the timed steps: only the last round takes it.
     rounds = [[run_method(args, method, profile=r == args.repeat - 1) for method in args.methods] for r in range(args.repeat)]
     print(f"{'method':<12} {'ms/step':>9} {'interactions/s':>15} {'x base':>7}" + ("   (median; range over rounds)" if args.repeat > 1 else ""))
@@ -104,6 +105,21 @@ def main() -> None:
     for r in rounds[-1]:
         if "profile" in r:
             print(f"\n{r['method']}: rank 0, {args.steps} steps\n{r['profile']}")
+
+
+def check_before_launch(args: argparse.Namespace) -> None:
+    """Each method's config and the dataset, checked here: under torchrun the error comes after seconds of startup,
+    once per rank, among the launcher's own lines."""
+    from darec_dist.config import ConfigError, load_config
+    from darec_dist.data.dataset import DatasetError, PreparedDataset
+    from darec_dist.train.config import TrainConfig, resolve_path
+
+    try:
+        for method in args.methods:
+            cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"align.method={method}", *args.override])
+        PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
+    except (ConfigError, DatasetError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def run_method(args: argparse.Namespace, method: str, profile: bool) -> dict:

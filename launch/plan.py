@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (math.isfinite(value) and value > 0):
             parser.error(f"{flag} must be a finite number > 0, got {value:g}")
     for flag, value in {"--users": args.users, "--items": args.items}.items():
-        if value < 1:
-            parser.error(f"{flag} counts rows: at least 1, got {value:g}")
+        if value < 1 or value != int(value) or value >= 2**63:  # 100.7 rows was planned as 100; 1e30 overflowed torch
+            parser.error(f"{flag} counts rows: a whole number from 1 to 2^63 - 1, got {value:g}")
     if args.llm_dim < 0 or not (math.isfinite(args.ddr_gb) and args.ddr_gb >= 0):
         parser.error("--llm-dim and --ddr-gb must be >= 0")
 

@@ -30,7 +30,9 @@ def test_scale_that_cannot_fit_says_by_how_much(capsys):
     (["--nodes", "0"], "--nodes must be a finite number > 0, got 0"),
     (["--users", "-5"], "--users must be a finite number > 0, got -5"),
     (["--users", "inf"], "--users must be a finite number > 0, got inf"),
-    (["--items", "0.5"], "--items counts rows: at least 1, got 0.5"),
+    (["--items", "0.5"], "--items counts rows: a whole number from 1 to 2^63 - 1, got 0.5"),
+    (["--users", "100.7"], "--users counts rows: a whole number from 1 to 2^63 - 1, got 100.7"),
+    (["--users", "1e30"], "--users counts rows: a whole number from 1 to 2^63 - 1, got 1e+30"),
     (["--llm-dim", "-1"], "--llm-dim and --ddr-gb must be >= 0"),
 ])
 def test_nonsense_sizes_are_refused(capsys, flags, message):
