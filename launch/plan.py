@@ -21,11 +21,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch import nn
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 
-from darec_dist.models.tables import RowModule, TableModule, llm_table_configs, optimizer_state_planned, trainable_table_configs
+from darec_dist.models.tables import (
+    RowModule,
+    SparseConfig,
+    TableModule,
+    llm_table_configs,
+    optimizer_state_planned,
+    trainable_table_configs,
+)
 
 GIB = 1024**3
 # Optimizer state of a table: (a multiple of its weights, bytes per row). Adagrad keeps one value per
@@ -91,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=float, required=True)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--llm-dim", type=int, default=0, help="width of the frozen LLM tables (0: none)")
-    parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default="fp16")
+    parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default="fp16",
+                        help="the trainer's sparse.llm_dtype (its default is fp32; fp16 halves the largest tables at scale)")
+    parser.add_argument("--llm-sharding", choices=["row_wise", "table_wise", "column_wise", "auto"], default=SparseConfig.llm_sharding,
+                        help="the trainer's sparse.llm_sharding, which fixes the LLM tables' sharding (auto: the planner's choice)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="rowwise_adagrad")
     parser.add_argument("--batch-size", type=int, default=4096, help="local batch per device")
     args = parser.parse_args(argv)
@@ -130,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         world_size=world, local_world_size=args.gpus_per_node, compute_device="cuda",
         hbm_cap=int(args.hbm_gb * GIB), ddr_cap=int(args.ddr_gb * GIB),
     )
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size)
+    # The trainer shards the frozen LLM tables as sparse.llm_sharding says, not as a planner would.
+    fixed = {} if args.llm_sharding == "auto" or args.llm_dim == 0 else {
+        table: ParameterConstraints(sharding_types=[args.llm_sharding]) for table in ("user_llm", "item_llm")}
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size, constraints=fixed)
     try:
         with optimizer_state_planned(module.trainable, args.optimizer):
             plan = planner.plan(module, [TableModule.sharder(), RowModule.sharder()])

@@ -58,3 +58,12 @@ def test_the_planner_counts_the_optimizer_state(capsys):
     assert main([*scale, "--optimizer", "sgd"]) == 0
     high = float(re.search(r"HBM per device .*max ([\d.]+) GiB of 80 GiB", capsys.readouterr().out).group(1))
     assert high <= 80
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "column_wise"])
+def test_the_llm_tables_are_planned_as_the_trainer_shards_them(capsys, sharding):
+    """sparse.llm_sharding fixes the trainer's LLM tables' sharding: the planner may not choose another."""
+    scale = ["--nodes", "2", "--gpus-per-node", "4", "--hbm-gb", "16", "--users", "1e7", "--items", "1e6", "--dim", "64", "--llm-dim", "128"]
+    assert main([*scale, "--llm-sharding", sharding]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"user_llm +[\d,]+ +128 {sharding} ", out) and re.search(rf"item_llm +[\d,]+ +128 {sharding} ", out), out
