@@ -46,9 +46,10 @@ def fresh_state(world_size: int, identity: dict, settings: dict) -> dict:
     }
 
 
-def resume_settings(cfg: TrainConfig, tables: dict) -> dict:
+def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int) -> dict:
     """What a checkpoint records so that a resume can be checked against it (check_resumable):
     tables: the trainable tables' optimizer and sharding (the shape of their optimizer state);
+    zero_stage: the DeepSpeed ZeRO stage of the dense part (0 without one), whose layout its optimizer state has;
     seed: its batches and random streams came from it;
     selection: the settings by which validations are computed and the best epoch chosen (the saved best, scored
     by other metrics, users or none at all, would be compared with what it cannot be);
@@ -56,7 +57,7 @@ def resume_settings(cfg: TrainConfig, tables: dict) -> dict:
     drawing its negatives from the generator that also shuffles (0 workers read like 1)."""
     stream = {key: getattr(cfg.loader, key) for key in ("batch_size", "shuffle_buffer", "num_negatives", "reject_train_positives")}
     return {
-        "tables": tables, "seed": cfg.seed,
+        "tables": tables, "zero_stage": zero_stage, "seed": cfg.seed,
         "selection": {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")},
         "stream": {**stream, "num_workers": max(1, cfg.loader.num_workers)},
     }
@@ -134,8 +135,9 @@ def as_override(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def check_resumable(source: Path, world_size: int, zero_stage: int, settings: dict) -> None:
-    """A checkpoint resumes with its seed, model-selection settings and table optimizer (settings: resume_settings),
+def check_resumable(source: Path, world_size: int, settings: dict) -> None:
+    """A checkpoint resumes with its seed, model-selection settings, table optimizer and ZeRO stage (settings:
+    resume_settings),
     inside an epoch only with its stream settings, and at another world size only at an epoch's end and without
     state partitioned by world size.
 
@@ -156,6 +158,13 @@ def check_resumable(source: Path, world_size: int, zero_stage: int, settings: di
         raise ConfigError(
             f"{source}: its best epoch was chosen with other evaluation settings; resume it with "
             + " ".join(f"{key}={as_override(value)}" for key, value in changed.items()) + " (or start another run_dir)"
+        )
+    zero_stage = saved.get("zero_stage", settings["zero_stage"])  # likewise
+    if zero_stage != settings["zero_stage"]:
+        # DeepSpeed saves each stage's optimizer state in its own layout: another stage finds no file, or None, to load.
+        raise ConfigError(
+            f"{source}: its dense optimizer state was saved by DeepSpeed's ZeRO stage {zero_stage}; resume it with that "
+            f"stage (dense.deepspeed_config=configs/deepspeed/zero{zero_stage}.json) or start another run_dir"
         )
     if saved_tables["optimizer"] != tables["optimizer"]:
         raise ConfigError(
@@ -314,10 +323,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if source is not None:
             checkpoint.check_identity(source, identity)
         trainer = Trainer(cfg, env, dataset)
-        settings = resume_settings(cfg, table_layout(cfg, trainer))
+        zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
+        settings = resume_settings(cfg, table_layout(cfg, trainer), zero_stage)
         if source is not None:
-            zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
-            check_resumable(source, env.world_size, zero_stage, settings)
+            check_resumable(source, env.world_size, settings)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}

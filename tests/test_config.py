@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -58,8 +59,23 @@ def test_literal_and_validation_errors(tmp_path):
         load_config(PrepareConfig, None, ["malformed.max_fraction=2"])
     with pytest.raises(ConfigError, match="sparse.llm_sharding: the frozen LLM tables are sharded"):
         load_config(TrainConfig, None, ["data.path=x", "sparse.llm_sharding=data_parallel"])
-    with pytest.raises(ConfigError, match="align.darec.neighbourhood_temperature must be > 0"):
+    with pytest.raises(ConfigError, match="align.darec.neighbourhood_temperature and cluster_temperature must be > 0"):
         load_config(TrainConfig, None, ["data.path=x", "align.darec.neighbourhood_temperature=0"])
+
+
+@pytest.mark.parametrize("override, message", [
+    # Each ran: a temperature of 0 ended in "training diverged: loss nan"; a negative weight trained against alignment;
+    # a width not a multiple of 4 failed in TorchRec's sharder after setup.
+    ("align.con.temperature=0", "align.con.temperature must be > 0 and align.con.weight >= 0"),
+    ("align.con.weight=-5", "align.con.temperature must be > 0 and align.con.weight >= 0"),
+    ("align.gen.temperature=0", "align.gen.temperature must be > 0 and align.gen.weight >= 0"),
+    ("align.darec.cluster_temperature=0", "align.darec.neighbourhood_temperature and cluster_temperature must be > 0"),
+    ("align.darec.structure_weight=-1", "align.darec.structure_weight, regulariser_weight and separation_weight must be >= 0"),
+    ("model.dim=30", "model.dim must be a multiple of 4 (FBGEMM's embedding kernels need it), got 30"),
+])
+def test_settings_that_train_nonsense_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TrainConfig, None, ["data.path=x", override])
 
 
 def test_missing_file_is_named(tmp_path):

@@ -26,9 +26,9 @@ SELECTION = {"monitor": "recall@20", "ks": [5, 10, 20], "validate": True, "max_u
 STREAM = {"batch_size": 2048, "shuffle_buffer": 65536, "num_negatives": 1, "reject_train_positives": True, "num_workers": 1}
 
 
-def settings(tables, seed=1, selection=SELECTION, stream=STREAM):
+def settings(tables, seed=1, selection=SELECTION, stream=STREAM, zero_stage=0):
     """launch/train.py's resume_settings, spelled out."""
-    return {"tables": tables, "seed": seed, "selection": selection, "stream": stream}
+    return {"tables": tables, "zero_stage": zero_stage, "seed": seed, "selection": selection, "stream": stream}
 
 
 def torchrun(dataset, run_dir, *extra):
@@ -132,12 +132,20 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
     ]
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     for step_in_epoch, world_size, zero_stage, refusal in cases:
-        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam}))
+        state = {"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam, "zero_stage": zero_stage}
+        (path / checkpoint.STATE).write_text(json.dumps(state))
         if refusal:
             with pytest.raises(ConfigError, match=refusal):
-                check_resumable(path, world_size, zero_stage, settings(adam))
+                check_resumable(path, world_size, settings(adam, zero_stage=zero_stage))
         else:
-            check_resumable(path, world_size, zero_stage, settings(adam))
+            check_resumable(path, world_size, settings(adam, zero_stage=zero_stage))
+    # Another stage at any world size: DeepSpeed finds no state file (stage 0 after 2) or None to load (2 after 0).
+    for saved, now in ((0, 2), (2, 0)):
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam,
+                                                        "zero_stage": saved}))
+        with pytest.raises(ConfigError, match=rf"saved by DeepSpeed's ZeRO stage {saved}; resume it with that stage "
+                                              rf"\(dense.deepspeed_config=configs/deepspeed/zero{saved}.json\)"):
+            check_resumable(path, 2, settings(adam, zero_stage=now))
 
 
 def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_its_steps(tmp_path):
@@ -152,16 +160,16 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
     for step_in_epoch in (0, 20):
         (path / checkpoint.STATE).write_text(json.dumps({"epoch": 0, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam,
                                                           "stream": STREAM}))
-        check_resumable(path, 2, 0, settings(adam))
+        check_resumable(path, 2, settings(adam))
         if step_in_epoch == 0:  # at an epoch's end the next epoch starts its stream afresh
-            check_resumable(path, 2, 0, settings(adam, stream=other))
+            check_resumable(path, 2, settings(adam, stream=other))
             continue
         with pytest.raises(ConfigError, match=re.escape("inside epoch 0 (step 20), whose position counts batches of its loader; "
                                                         "resume it with loader.batch_size=2048 loader.shuffle_buffer=65536, or")):
-            check_resumable(path, 2, 0, settings(adam, stream=other))
+            check_resumable(path, 2, settings(adam, stream=other))
         # The negatives come from the shuffle's generator: another count or rejection replays other batches.
         with pytest.raises(ConfigError, match=re.escape("resume it with loader.reject_train_positives=true, or")):
-            check_resumable(path, 2, 0, settings(adam, stream={**STREAM, "reject_train_positives": False}))
+            check_resumable(path, 2, settings(adam, stream={**STREAM, "reject_train_positives": False}))
 
 
 def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
@@ -175,11 +183,11 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "seed": 1,
                                                       "selection": SELECTION}))
-    check_resumable(path, 2, 0, settings(adam, selection=dict(SELECTION)))
+    check_resumable(path, 2, settings(adam, selection=dict(SELECTION)))
     for key, value, shown in [("monitor", "ndcg@10", "eval.monitor=recall@20"), ("ks", [10, 50], "eval.ks=[5,10,20]"),
                               ("validate", False, "eval.validate=true"), ("max_users", 500, "eval.max_users=null")]:
         with pytest.raises(ConfigError, match=re.escape(f"chosen with other evaluation settings; resume it with {shown} (or")):
-            check_resumable(path, 2, 0, settings(adam, selection={**SELECTION, key: value}))
+            check_resumable(path, 2, settings(adam, selection={**SELECTION, key: value}))
 
 
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
@@ -190,16 +198,16 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     (path / checkpoint.COMPLETE).write_text("")
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
-    check_resumable(path, 2, 0, settings(column_wise))
+    check_resumable(path, 2, settings(column_wise))
     with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
-        check_resumable(path, 2, 0, settings({**column_wise, "optimizer": "adagrad"}))
+        check_resumable(path, 2, settings({**column_wise, "optimizer": "adagrad"}))
     with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
-        check_resumable(path, 1, 0, settings(column_wise))  # another world size: another number of column shards
+        check_resumable(path, 1, settings(column_wise))  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
-        check_resumable(path, 2, 0, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
+        check_resumable(path, 2, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise, "seed": 7}))
     with pytest.raises(ConfigError, match="written by a run with seed=7; resume it with that seed"):
-        check_resumable(path, 2, 0, settings(column_wise))
+        check_resumable(path, 2, settings(column_wise))
 
 
 def test_a_resume_continues_its_own_run_only(tmp_path):

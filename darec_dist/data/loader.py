@@ -145,6 +145,10 @@ def epoch_batches(
         num_workers=cfg.num_workers,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         persistent_workers=False,
+        # Its base seed from its own generator, not the global one: an epoch resumed mid-way would otherwise draw it
+        # after the checkpoint's RNG state was restored, and the model's own draws (RLMRec-Gen's masks) would shift.
+        # (The batches' randomness is the rank's numpy generator above.)
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
     )
     for step, batch in enumerate(loader):
         if step >= steps:

@@ -26,6 +26,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim < 1 or self.reg < 0:
             raise ValueError("model.dim must be >= 1 and model.reg >= 0")
+        if self.dim % 4:  # or TorchRec's sharder fails at setup on the fused kernels, after every rank has started
+            raise ValueError(f"model.dim must be a multiple of 4 (FBGEMM's embedding kernels need it), got {self.dim}")
 
 
 def propagation_rows(cfg: ModelConfig, dataset: PreparedDataset) -> CSR | None:

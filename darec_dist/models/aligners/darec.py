@@ -102,8 +102,11 @@ class DaRecConfig:
             raise ValueError("align.darec.sample_size and align.darec.uniformity_sample must be >= 2, align.darec.clusters >= 1")
         if self.clusters > self.sample_size:
             raise ValueError(f"align.darec.clusters ({self.clusters}) must be at most align.darec.sample_size ({self.sample_size})")
-        if self.neighbourhood_temperature <= 0:
-            raise ValueError(f"align.darec.neighbourhood_temperature must be > 0, got {self.neighbourhood_temperature}")
+        if self.neighbourhood_temperature <= 0 or self.cluster_temperature <= 0:
+            raise ValueError(f"align.darec.neighbourhood_temperature and cluster_temperature must be > 0, got "
+                             f"{self.neighbourhood_temperature} and {self.cluster_temperature}")
+        if min(self.structure_weight, self.regulariser_weight, self.separation_weight) < 0:  # a negative weight pushes apart
+            raise ValueError("align.darec.structure_weight, regulariser_weight and separation_weight must be >= 0")
         if self.global_pairs == "same_kind" and self.global_form != "similarity":
             raise ValueError("align.darec.global_pairs=same_kind needs align.darec.global_form=similarity")
         if not 0.0 <= self.centre_momentum < 1.0:

@@ -23,6 +23,11 @@ class ConConfig:
     weight: float = 0.01
     temperature: float = 0.2
 
+    def __post_init__(self) -> None:
+        # A temperature of 0 divides by zero (a NaN loss reported as divergence); a negative weight pushes apart.
+        if not (self.temperature > 0 and self.weight >= 0):
+            raise ValueError(f"align.con.temperature must be > 0 and align.con.weight >= 0, got {self.temperature} and {self.weight}")
+
 
 class RLMRecCon(Aligner):
     def __init__(self, cfg: ConConfig, collab_dim: int, llm_dim: int):

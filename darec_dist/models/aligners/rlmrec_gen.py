@@ -31,6 +31,8 @@ class GenConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ValueError(f"align.gen.mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        if not (self.temperature > 0 and self.weight >= 0):
+            raise ValueError(f"align.gen.temperature must be > 0 and align.gen.weight >= 0, got {self.temperature} and {self.weight}")
 
 
 class RLMRecGen(Aligner):
