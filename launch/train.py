@@ -137,9 +137,8 @@ def as_override(value) -> str:
 
 def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     """A checkpoint resumes with its seed, model-selection settings, table optimizer and ZeRO stage (settings:
-    resume_settings),
-    inside an epoch only with its stream settings, and at another world size only at an epoch's end and without
-    state partitioned by world size.
+    resume_settings), inside an epoch only with its stream settings, and at another world size only at an epoch's
+    end and without state partitioned by world size.
 
     Inside an epoch its step count is a position in each rank's stream of shards, which another world size, batch
     size or reader layout counts differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
@@ -159,7 +158,7 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             f"{source}: its best epoch was chosen with other evaluation settings; resume it with "
             + " ".join(f"{key}={as_override(value)}" for key, value in changed.items()) + " (or start another run_dir)"
         )
-    zero_stage = saved.get("zero_stage", settings["zero_stage"])  # likewise
+    zero_stage = saved.get("zero_stage", settings["zero_stage"])  # checkpoints from before this key: assume the same
     if zero_stage != settings["zero_stage"]:
         # DeepSpeed saves each stage's optimizer state in its own layout: another stage finds no file, or None, to load.
         raise ConfigError(

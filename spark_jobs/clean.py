@@ -15,18 +15,22 @@ def _split_priority() -> F.Column:
     return F.when(F.col("split") == "train", 0).when(F.col("split") == "val", 1).when(F.col("split") == "test", 2).otherwise(3)
 
 
-def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog) -> DataFrame:
+def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog, has_split: bool = False) -> DataFrame:
+    """has_split: the source's own split, whose held-out pairs that are also train pairs are counted as dropped (two
+    more passes over the rows, so only there)."""
     df = interactions
+    report = cfg.dedupe and has_split
     if cfg.rating_threshold is not None:
         if df.where(F.col("rating").isNotNull()).limit(1).count() == 0:
             raise PrepareError("clean.rating_threshold is set but the source has no rating column")
         df = df.where(F.col("rating") >= cfg.rating_threshold)
-    if cfg.dedupe:
+    if report:
         before = _rows_by_split(df)
+    if cfg.dedupe:
         first = Window.partitionBy("user", "item").orderBy(_split_priority(), F.col("timestamp").asc_nulls_last(), F.col("rating").desc_nulls_last())
         df = df.withColumn("_n", F.row_number().over(first)).where(F.col("_n") == 1).drop("_n")
     df = df.localCheckpoint()
-    if cfg.dedupe:
+    if report:
         _report_repeats(before, _rows_by_split(df), log)
     if cfg.k_core > 0:
         df = k_core(df, cfg.k_core, cfg.k_core_max_rounds, log)
@@ -37,15 +41,15 @@ def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog) -> DataFrame
     return df
 
 
-def _rows_by_split(df: DataFrame) -> dict[str | None, int]:
+def _rows_by_split(df: DataFrame) -> dict[str, int]:
     return {r["split"]: r["count"] for r in df.groupBy("split").count().collect()}
 
 
-def _report_repeats(before: dict[str | None, int], after: dict[str | None, int], log: StageLog) -> None:
+def _report_repeats(before: dict[str, int], after: dict[str, int], log: StageLog) -> None:
     """A pre-split source's validation or test pair that is also a train pair leaves its split: say how many."""
-    dropped = {split: n - after.get(split, 0) for split, n in sorted(before.items(), key=lambda kv: str(kv[0])) if n > after.get(split, 0)}
+    dropped = {split: n - after.get(split, 0) for split, n in sorted(before.items()) if n > after.get(split, 0)}
     if dropped:
-        listing = ", ".join(f"{n} {split or 'unsplit'}" for split, n in dropped.items())
+        listing = ", ".join(f"{n} {split}" for split, n in dropped.items())
         log.log(f"de-duplication dropped {sum(dropped.values())} repeated (user, item) interactions ({listing}); each pair "
                 "is kept once, in train where a copy is there, else in validation, else in test")
 

@@ -151,7 +151,7 @@ def _build(spark: SparkSession, cfg: PrepareConfig, root: Path, log: StageLog) -
         _check_embedding_source(raw, cfg)
 
     with log.stage("clean"):
-        cleaned = clean(raw.interactions, cfg.clean, log)
+        cleaned = clean(raw.interactions, cfg.clean, log, raw.has_split)
 
     with log.stage("ids"):
         users = build_id_map(cleaned, "user", raw.numeric_ids, parts).persist(StorageLevel.MEMORY_AND_DISK)
