@@ -271,6 +271,11 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
     return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
 
 
+def patience_spent(state: dict, cfg: TrainConfig) -> bool:
+    """Early stopping's rule: enough evaluations without a better score, and at least train.min_epochs run."""
+    return state["bad_evals"] >= cfg.train.patience and state["epoch"] >= cfg.train.min_epochs
+
+
 class Diverged(RuntimeError):
     """The loss stopped being a finite number."""
 
@@ -333,12 +338,19 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if source is not None:
             # Keys checked above (equal where saved), written on: a checkpoint from before a key gains it.
             state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, **settings}
+            stopped_before = state.get("stopped")
+            if stopped_before:  # judged again by this config: a larger train.patience or min_epochs trains on
+                state["stopped"] = patience_spent(state, cfg)
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
                 # Epochs after the checkpoint were run (and logged) by the attempt that died: they are run again.
                 report.keep_metrics_before(run_dir, state["epoch"])
                 if state.get("stopped"):
                     print(f"the run stopped early at epoch {state['epoch'] - 1}: testing its best model", flush=True)
+                elif stopped_before:
+                    print(f"the run stopped early at epoch {state['epoch'] - 1} after {state['bad_evals']} evaluations without a "
+                          f"better {cfg.eval.monitor}: training on under train.patience={cfg.train.patience}, "
+                          f"train.min_epochs={cfg.train.min_epochs}", flush=True)
         elif env.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -377,7 +389,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                     checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
                 else:
                     state["bad_evals"] += 1
-                    stop = state["bad_evals"] >= cfg.train.patience and state["epoch"] >= cfg.train.min_epochs
+                    stop = patience_spent(state, cfg)
                     state["stopped"] = stop  # saved below: a restart after an early stop tests, not trains on
             if stop or (epoch + 1) % cfg.checkpoint.every_epochs == 0 or state["epoch"] == cfg.train.epochs:
                 checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)

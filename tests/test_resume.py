@@ -295,6 +295,10 @@ def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(sm
     assert (tmp_path / "metrics.jsonl").read_text() == records
     rerun = json.loads((tmp_path / "results.json").read_text())
     assert (rerun["best_epoch"], rerun["epochs_run"], rerun["test"]) == (results["best_epoch"], results["epochs_run"], results["test"])
+    # A larger patience is this config's choice: the run trains on from where it stopped.
+    longer = subprocess.run([*command, "train.patience=3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert longer.returncode == 0 and "training on under train.patience=3" in longer.stdout, longer.stdout[-2000:] + longer.stderr[-2000:]
+    assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] > results["epochs_run"]
 
 
 def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(tmp_path):
