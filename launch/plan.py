@@ -1,6 +1,6 @@
 """Sharding plan for a hypothetical cluster: which device holds which table shard, and memory per device.
 
-    python launch/plan.py --nodes 8 --gpus-per-node 8 --hbm-gb 80 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096
+    python launch/plan.py --nodes 8 --gpus-per-node 8 --hbm-gb 80 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096 --llm-dtype fp16
 
 Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen) with the
 trainer's own table modules on the meta device, asks TorchRec's EmbeddingShardingPlanner for a
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=float, required=True)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--llm-dim", type=int, default=0, help="width of the frozen LLM tables (0: none)")
-    parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default="fp16",
-                        help="the trainer's sparse.llm_dtype (its default is fp32; fp16 halves the largest tables at scale)")
+    parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default=SparseConfig.llm_dtype,
+                        help="the trainer's sparse.llm_dtype (fp16 halves the largest tables at scale)")
     parser.add_argument("--llm-sharding", choices=["row_wise", "table_wise", "column_wise", "auto"], default=SparseConfig.llm_sharding,
                         help="the trainer's sparse.llm_sharding, which fixes the LLM tables' sharding (auto: the planner's choice)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="rowwise_adagrad")
@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         ranks = sharding.ranks or []
         shown = f"{len(ranks)} ({ranks[0]}..{ranks[-1]})" if len(ranks) > 4 else str(ranks)
         print(f"{name:<10} {rows:>15,} {cols:>6} {sharding.sharding_type:<18} {sharding.compute_kernel:<22} {shown}")
+    offloaded = sorted(name for name, sharding in table_plans(plan) if sharding.compute_kernel in HOST_KERNELS)
+    if offloaded:  # printed, not refused: --ddr-gb asks what host memory would buy
+        print(f"note: {', '.join(offloaded)} under a UVM kernel: the trainer does not run those yet (it keeps every "
+              "table on the device, fused kernel); this plan is a projection")
     totals = per_device_bytes(plan, widths, args.optimizer, llm_bytes)
     print()
     over = []

@@ -15,15 +15,24 @@ def test_plan_for_a_cluster_that_fits(capsys):
     # The devices hold every table once: their mean times 8 is the tables' total, and none exceeds its 16 GiB.
     low, mean, high = map(float, re.search(r"HBM per device .*: min ([\d.]+) GiB, mean ([\d.]+) GiB, max ([\d.]+) GiB of 16 GiB", out).groups())
     total = (table_bytes(10**7, 64, 4, OPTIMIZER_STATE["rowwise_adagrad"]) + table_bytes(10**6, 64, 4, OPTIMIZER_STATE["rowwise_adagrad"])
-             + table_bytes(10**7, 128, 2, NO_STATE) + table_bytes(10**6, 128, 2, NO_STATE)) / 2**30
+             + table_bytes(10**7, 128, 4, NO_STATE) + table_bytes(10**6, 128, 4, NO_STATE)) / 2**30  # fp32: the trainer's default
     assert low <= mean <= high <= 16 and mean * 8 == pytest.approx(total, abs=8 * 0.005)
 
 
 def test_scale_that_cannot_fit_says_by_how_much(capsys):
-    code = main(["--nodes", "8", "--gpus-per-node", "8", "--hbm-gb", "80", "--users", "1e9", "--items", "1e8", "--dim", "128", "--llm-dim", "4096"])
+    code = main(["--nodes", "8", "--gpus-per-node", "8", "--hbm-gb", "80", "--users", "1e9", "--items", "1e8", "--dim", "128", "--llm-dim", "4096",
+                 "--llm-dtype", "fp16"])
     assert code == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "short by 3,801.0 GiB" in err
+
+
+def test_a_plan_with_tables_under_uvm_says_the_trainer_does_not_run_it(capsys):
+    code = main(["--nodes", "16", "--gpus-per-node", "8", "--hbm-gb", "80", "--ddr-gb", "256", "--users", "1e9", "--items", "1e8",
+                 "--dim", "128", "--llm-dim", "4096", "--llm-dtype", "fp16"])
+    out = capsys.readouterr().out
+    assert code == 0 and re.search(r"user_llm .* fused_uvm_caching", out)
+    assert "note: user_llm under a UVM kernel: the trainer does not run those yet" in out
 
 
 @pytest.mark.parametrize("flags, message", [
