@@ -38,7 +38,7 @@ from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_row
 from spark_jobs.ids import apply_id_maps, build_id_map
 from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
 from spark_jobs.readers.formats import check_source_paths, read_source
-from spark_jobs.session import StageLog, start_session
+from spark_jobs.session import StageLog, effective_master, start_session
 from spark_jobs.split import split_interactions
 from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
 
@@ -94,10 +94,11 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         replace_dir(staging, output)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if "stopped SparkContext" in str(err) and cfg.spark.master and cfg.spark.master.startswith("spark://"):
+        master = effective_master(cfg.spark)
+        if "stopped SparkContext" in str(err) and master and master.startswith("spark://"):
             # Spark gives up on a master it cannot reach after a minute of retries, and the next call reports only that
             # the context stopped; the cause is far above in its log.
-            raise PrepareError(f"spark.master={cfg.spark.master}: the Spark context stopped, most likely because the master "
+            raise PrepareError(f"spark.master={master}: the Spark context stopped, most likely because the master "
                                "cannot be reached (Spark's log above says 'All masters are unresponsive'); check the URL "
                                "and that the master runs") from None
         raise

@@ -19,6 +19,16 @@ def launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def effective_master(cfg: SparkConfig) -> str | None:
+    """The master URL the session is (or was to be) started with: spark-submit's under it, else the config's."""
+    if not launched_by_spark_submit():
+        return cfg.master
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # the gateway spark-submit started, whose JVM holds --master
+    return SparkConf().get("spark.master", None)
+
+
 def start_session(cfg: SparkConfig) -> SparkSession:
     # Workers must run this interpreter, or they miss pandas/torch ("No module named ...").
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
