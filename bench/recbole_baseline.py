@@ -41,17 +41,15 @@ Setup (once; the pins are what recbole 1.2.1 needs, see docs/training.md)::
     /work/recbole-venv/bin/pip install torch==2.13.0 recbole==1.2.1
     /work/recbole-venv/bin/pip install numpy==1.26.4 scipy==1.12.0 pandas==2.1.4 "setuptools<81"
 
-Runs recorded in docs/training.md (RecBole's LightGCN defaults: d=64, lr 1e-3,
-reg 1e-5, batch 2048, one uniform negative; n_layers 2 and 3; stopping_step 10 and 20)::
+The runs recorded in docs/training.md (RecBole's LightGCN defaults: d=64, lr 1e-3, reg 1e-5, batch 2048,
+one uniform negative; 2 layers, stopping_step 20, seeds 2020 1 2 3 4) come from the loop there::
 
-    cd /work/main
-    for L in 2 3; do for S in 10 20; do
-      /work/recbole-venv/bin/python -W ignore bench/recbole_baseline.py \\
-          --data data/ml-100k --workdir /tmp/recbole-ml100k \\
-          --out /tmp/recbole-ml100k/lightgcn_d64_l${L}_stop${S}.json \\
-          --embedding-size 64 --n-layers $L --learning-rate 1e-3 --reg-weight 1e-5 \\
-          --train-batch-size 2048 --epochs 300 --stopping-step $S --seed 2020 --threads 1
-    done; done
+    for s in 2020 1 2 3 4; do
+      /work/recbole-venv/bin/python -W ignore bench/recbole_baseline.py --data data/ml-100k \\
+          --workdir /tmp/recbole-ml100k --out /tmp/recbole-ml100k/lightgcn_l2_seed$s.json \\
+          --embedding-size 64 --n-layers 2 --learning-rate 1e-3 --reg-weight 1e-5 \\
+          --train-batch-size 2048 --epochs 400 --stopping-step 20 --seed $s --threads 1
+    done
 """
 
 from __future__ import annotations
