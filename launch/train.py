@@ -305,6 +305,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "backbone": cfg.model.backbone,
         "align": cfg.align.method,
         "dataset": str(trainer.dataset.root),
+        "dataset_fingerprint": trainer.dataset.fingerprint,  # an experiment reuses the run only for this dataset
         "embedding_model": trainer.dataset.manifest["embedding"]["model"],
         "sharding_plan": {t: list(p[:2]) for tables in (trainer.tables, trainer.llm) if tables is not None for t, p in tables.plan.items()},
     }
