@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,13 @@ if __package__ in (None, ""):
 import torch
 from tqdm import tqdm
 
-from darec_dist.config import ConfigError, load_config
+from darec_dist.config import ConfigError, differences, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch
 from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.train import checkpoint, memory, report
-from darec_dist.train.config import TrainConfig, resolve_path
+from darec_dist.train.config import TrainConfig, resolve_path, what_a_run_computes
 from darec_dist.train.evaluate import evaluate, gathered_blocks
 from darec_dist.train.lock import exclusive_run_dir
 from darec_dist.train.metrics import metric_names
@@ -54,13 +55,24 @@ def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int) -> dict:
     selection: the settings by which validations are computed and the best epoch chosen (the saved best, scored
     by other metrics, users or none at all, would be compared with what it cannot be);
     stream: what a position inside an epoch counts in: batches of this size, from these readers and buffers, each
-    drawing its negatives from the generator that also shuffles (0 workers read like 1)."""
+    drawing its negatives from the generator that also shuffles (0 workers read like 1);
+    config: everything the run computes with (what_a_run_computes), of which a resume may change only
+    RESUME_MAY_CHANGE."""
     stream = {key: getattr(cfg.loader, key) for key in ("batch_size", "shuffle_buffer", "num_negatives", "reject_train_positives")}
     return {
         "tables": tables, "zero_stage": zero_stage, "seed": cfg.seed,
         "selection": {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")},
         "stream": {**stream, "num_workers": max(1, cfg.loader.num_workers)},
+        "config": what_a_run_computes(to_dict(cfg)),
     }
+
+
+# What a resume may change (as differences() spells keys): how long the run goes on, where its data lies, how its
+# work is laid out, what it writes; not what it learns, or one run would hold epochs of two configs under the
+# last one's name (config.yaml, and an experiment's reuse of the run, read that name).
+RESUME_MAY_CHANGE = ("train.epochs:", "train.patience:", "train.min_epochs:", "loader.num_workers:", "data.", "device:",
+                     "sparse.sharding:", "sparse.llm_sharding:", "eval.user_chunk:", "eval.node_chunk:", "eval.item_block:",
+                     "output.")
 
 
 def table_layout(cfg: TrainConfig, trainer: Trainer) -> dict:
@@ -117,8 +129,15 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
         if not source.is_dir():
             raise ConfigError(f"--resume {resume}: no such checkpoint directory (--resume takes auto or a checkpoint directory)")
         checkpoint.check_complete(source)  # before whose run it is: a run_dir given here is no checkpoint
-    if source is not None:
         check_own_checkpoint(source, run_dir)
+        # A roll-back: the newer checkpoints would be taken for its own later steps (by --resume auto, by pruning).
+        newer = [p for p in checkpoint.newer_than(run_dir, checkpoint.loop_state(source)["global_step"])
+                 if (p / checkpoint.COMPLETE).exists() and checkpoint.damage(p) is None]
+        if newer:
+            raise ConfigError(f"--resume {resume}: the run has newer checkpoints ({', '.join(p.name for p in newer[-3:])}), "
+                              "which a resume from this one would be mixed with; delete them to roll the run back to it, "
+                              "or continue the newest with --resume auto")
+    if source is not None:
         report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
         if checkpoint.loop_state(source).get("best") is not None:  # the model the run tests at its end
             try:
@@ -184,6 +203,17 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             "of its loader; resume it with " + " ".join(f"loader.{key}={as_override(value)}" for key, value in changed.items())
             + ", or from a checkpoint taken at an epoch's end"
         )
+    saved_config = saved.get("config")  # checkpoints from before this key: the checks above only
+    if saved_config is not None and "config" in settings:
+        changed = [d for d in differences(saved_config, settings["config"]) if not d.startswith(RESUME_MAY_CHANGE)]
+        if changed:
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise ConfigError(
+                f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
+                f"(checkpoint -> now): {'; '.join(changed[:6])}{more}; resume with the run's settings (its config.yaml), or "
+                "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
+                "loader.num_workers, data.*, device, the sharding, eval's chunk sizes, checkpoint.* and output.*"
+            )
     if written_by == world_size:
         return
     if saved["step_in_epoch"]:
@@ -271,6 +301,20 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
     return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
 
 
+def check_best_reachable(run_dir: Path, epochs: int, best_epoch: int | None = None) -> None:
+    """The best model on disk must come from an epoch the run trains: after a resume from an older checkpoint it
+    may be a later epoch's, which the run writes again only if it gets that far (same settings, same model)."""
+    if best_epoch is None:
+        best = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST
+        if not (best / checkpoint.STATE).is_file():
+            return
+        best_epoch = checkpoint.loop_state(best)["best"]["epoch"]
+    if best_epoch >= epochs:
+        raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed, and this "
+                          f"run ends after {epochs} epochs; resume with train.epochs greater than {best_epoch}, or test "
+                          "that model as it is (launch/evaluate.py RUN_DIR)")
+
+
 def patience_spent(state: dict, cfg: TrainConfig) -> bool:
     """Early stopping's rule: enough evaluations without a better score, and at least train.min_epochs run."""
     return state["bad_evals"] >= cfg.train.patience and state["epoch"] >= cfg.train.min_epochs
@@ -288,9 +332,10 @@ def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, 
 
 
 def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, state: dict) -> dict:
-    # The epoch and validation scores are the best checkpoint's own: a run resumed from an older checkpoint (the newer
-    # ones damaged) may not have met that model again, and its loop state names an earlier best that is gone.
+    # The epoch and validation scores are the best checkpoint's own: after a resume from an older checkpoint (the newer
+    # ones damaged) its loop state may name an earlier best, which the later one replaced.
     best = checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)["best"]  # no optimizer state
+    check_best_reachable(run_dir, state["epoch"], best["epoch"])
     trainer.set_train(False)
     test = evaluate(trainer, "test", env.world_size, env.rank)
     results = {
@@ -332,6 +377,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         settings = resume_settings(cfg, table_layout(cfg, trainer), zero_stage)
         if source is not None:
             check_resumable(source, env.world_size, settings)
+            check_best_reachable(run_dir, cfg.train.epochs)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
@@ -346,6 +392,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
                 # Epochs after the checkpoint were run (and logged) by the attempt that died: they are run again.
                 report.keep_metrics_before(run_dir, state["epoch"])
+                if state["epoch"] < cfg.train.epochs and not state.get("stopped"):
+                    report.drop_results(run_dir)
+                for stale in checkpoint.newer_than(run_dir, state["global_step"]):  # damaged or incomplete: written again
+                    print(f"removing {stale}: newer than the checkpoint resumed, and damaged or incomplete", flush=True)
+                    shutil.rmtree(stale, ignore_errors=True)
                 if state.get("stopped"):
                     print(f"the run stopped early at epoch {state['epoch'] - 1}: testing its best model", flush=True)
                 elif stopped_before:

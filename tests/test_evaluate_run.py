@@ -113,6 +113,7 @@ def test_a_checkpoint_is_evaluated_with_its_own_run(tmp_path):
             path = tmp_path / run / checkpoint.CHECKPOINTS / name
             path.mkdir(parents=True)
             (path / checkpoint.STATE).write_text("{}")
+            (path / checkpoint.FILES).write_text("{}")
             (path / checkpoint.COMPLETE).write_text("")
     own = tmp_path / "a" / checkpoint.CHECKPOINTS
     assert checkpoint_path(tmp_path / "a", "best") == own / checkpoint.BEST

@@ -111,6 +111,7 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
     root = tmp_path / checkpoint.CHECKPOINTS
     (root / checkpoint.step_name(4)).mkdir(parents=True)
     (root / checkpoint.step_name(4) / checkpoint.STATE).write_text("{}")
+    (root / checkpoint.step_name(4) / checkpoint.FILES).write_text("{}")
     (root / checkpoint.step_name(4) / checkpoint.COMPLETE).write_text("")
     (root / checkpoint.step_name(9)).mkdir()  # written, never marked complete
     (root / f".tmp-{checkpoint.step_name(12)}").mkdir()
@@ -124,6 +125,7 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
+    (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     cases = [  # step_in_epoch, world size now, ZeRO stage, refusal
         (5, 2, 1, None), (0, 1, 0, None),
@@ -154,6 +156,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
 
     path = tmp_path / checkpoint.step_name(20)
     path.mkdir()
+    (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     other = {**STREAM, "batch_size": 512, "shuffle_buffer": 0}
@@ -179,6 +182,7 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
+    (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "seed": 1,
@@ -190,11 +194,39 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
             check_resumable(path, 2, settings(adam, selection={**SELECTION, key: value}))
 
 
+def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tmp_path):
+    """A resume with another learning rate trained on (or, on a finished run, did nothing) and rewrote config.yaml
+    with it: the run's epochs came from two configs, or none from the one it named."""
+    from darec_dist.config import load_config, to_dict
+    from darec_dist.train.config import TrainConfig, what_a_run_computes
+    from launch.train import check_resumable
+
+    def config(*overrides):
+        return what_a_run_computes(to_dict(load_config(TrainConfig, "configs/train/default.yaml", ["data.path=d", *overrides])))
+
+    path = tmp_path / checkpoint.step_name(7)
+    path.mkdir()
+    (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
+    (path / checkpoint.COMPLETE).write_text("")
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam,
+                                                      "config": config()}))
+    for allowed in (["train.epochs=500", "train.patience=50", "train.min_epochs=9"], ["loader.num_workers=4", "device=cpu"],
+                    ["data.path=elsewhere", "data.verify_checksums=false", "output.plot=false", "eval.item_block=512"],
+                    ["sparse.sharding=table_wise", "checkpoint.keep=9", "train.progress_bar=false", "run_dir=r"]):
+        check_resumable(path, 2, {**settings(adam), "config": config(*allowed)})
+    for changed, shown in ((["sparse.lr=0.5"], "sparse.lr: 0.001 -> 0.5"), (["loader.batch_size=512"], "loader.batch_size: 4096 -> 512"),
+                           (["dense.lr=0.1", "train.eval_every=2"], "dense.lr: None -> 0.1; train.eval_every: 1 -> 2")):
+        with pytest.raises(ConfigError, match=re.escape(f"trained with other settings (checkpoint -> now): {shown}; resume with")):
+            check_resumable(path, 2, {**settings(adam), "config": config(*changed)})
+
+
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
     from launch.train import check_resumable
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
+    (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
@@ -276,10 +308,17 @@ def test_results_name_the_epoch_and_scores_of_the_model_they_test(small_dataset,
     assert results["best_epoch"] == 1  # the case: the newest checkpoint's epoch is the best one
     newest = checkpoint.latest(tmp_path)
     (newest / checkpoint.STATE).unlink()  # damaged: the resume starts from the end of epoch 0, whose best was epoch 0
-    again = subprocess.run([*command, "train.epochs=1", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    # Ended before epoch 1, it would test epoch 1's model, which it never trained (QA: "best epoch 7, 6 epochs run").
+    shorter = subprocess.run([*command, "train.epochs=1", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert shorter.returncode == 2 and "its best model is epoch 1's, from beyond the checkpoint resumed" in shorter.stderr, shorter.stderr[-2000:]
+    again = subprocess.run([*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     rerun = json.loads((tmp_path / "results.json").read_text())
     assert (rerun["best_epoch"], rerun["val"], rerun["test"]) == (results["best_epoch"], results["val"], results["test"])
+    # A roll-back by path beside newer checkpoints would be mixed with them (pruning, --resume auto): refused.
+    oldest = checkpoint.step_checkpoints(tmp_path)[0]
+    back = subprocess.run([*command, "--resume", str(oldest)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert back.returncode == 2 and "the run has newer checkpoints (step-" in back.stderr, back.stderr[-2000:]
 
 
 def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(small_dataset, tmp_path):
@@ -296,8 +335,15 @@ def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(sm
     rerun = json.loads((tmp_path / "results.json").read_text())
     assert (rerun["best_epoch"], rerun["epochs_run"], rerun["test"]) == (results["best_epoch"], results["epochs_run"], results["test"])
     # A larger patience is this config's choice: the run trains on from where it stopped.
-    longer = subprocess.run([*command, "train.patience=3"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert longer.returncode == 0 and "training on under train.patience=3" in longer.stdout, longer.stdout[-2000:] + longer.stderr[-2000:]
+    # Its results go while it trains on: killed before it writes new ones, it is no finished run of this config.
+    longer = subprocess.Popen([*command, "train.patience=3"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in longer.stdout:
+        seen.append(line)
+        if "training on under train.patience=3" in line:
+            assert not (tmp_path / "results.json").exists() and not (tmp_path / "export").exists()
+            break
+    assert longer.wait(timeout=600) == 0 and seen and "training on" in seen[-1], "".join(seen)[-2000:] + longer.stdout.read()[-2000:]
     assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] > results["epochs_run"]
 
 
@@ -313,6 +359,7 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
+    (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0}))
     checkpoint.check_identity(path, identity("model.backbone=lightgcn"))  # written before checkpoints recorded it
@@ -357,7 +404,7 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
         path = tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
         (path / "tables").mkdir(parents=True)
         (path / "tables" / "__0_0.distcp").write_bytes(b"x" * 100)
-        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0}))
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "global_step": step}))
         (path / checkpoint.FILES).write_text(json.dumps({"tables/__0_0.distcp": 100, checkpoint.STATE: (path / checkpoint.STATE).stat().st_size}))
         (path / checkpoint.COMPLETE).write_text("")
         return path
@@ -372,7 +419,9 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
     (older / checkpoint.FILES).write_text("[]")
     with pytest.raises(ConfigError, match=r"files.json is unreadable"):
         checkpoint.check_complete(older)
-    (older / checkpoint.FILES).unlink()  # as written before checkpoints listed their files: state.json still checked
+    (older / checkpoint.FILES).unlink()  # a missing list hid every other damage (a truncated shard loaded: EOFError)
+    with pytest.raises(ConfigError, match=r"files.json is missing"):
+        checkpoint.check_complete(older)
     (older / checkpoint.STATE).unlink()
     with pytest.raises(ConfigError, match=r"state.json is missing"):
         checkpoint.check_complete(older)
@@ -389,7 +438,8 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
     with pytest.raises(ConfigError, match=f"{tmp_path}: not a complete checkpoint"):  # the run_dir, not one of its checkpoints
         resume_source(tmp_path, str(tmp_path))
     # A checkpoint whose run has a best model resumes only where that model can be read.
-    (older / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "best": {"epoch": 0, "metrics": {}}}))
+    (older / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "global_step": 4, "best": {"epoch": 0, "metrics": {}}}))
+    (older / checkpoint.FILES).write_text(json.dumps({"tables/__0_0.distcp": 100}))
     with pytest.raises(ConfigError, match=r"the run's best model, which it tests when done, cannot be read: .*best: no such checkpoint"):
         resume_source(tmp_path, str(older))
 

@@ -121,6 +121,11 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name)) if root.is_dir() else []
 
 
+def newer_than(run_dir: str | Path, global_step: int) -> list[Path]:
+    """A run's step checkpoints written after global_step, complete or not, oldest first."""
+    return [p for p in step_checkpoints(run_dir) if int(_STEP_NAME.match(p.name)[1]) > global_step]
+
+
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete and undamaged step checkpoint of a run, or None."""
     done = [p for p in step_checkpoints(run_dir) if (p / COMPLETE).exists()]
@@ -134,13 +139,12 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def damage(path: Path) -> str | None:
-    """What is missing from the checkpoint or differs from the file list it was written with (None: nothing; a
-    checkpoint written before the list is checked for its state.json only)."""
-    if not (path / STATE).is_file():  # every checkpoint has one, those from before the file list too
+    """What is missing from the checkpoint or differs from the file list it was written with (None: nothing)."""
+    if not (path / STATE).is_file():
         return f"{STATE} is missing"
     listing = path / FILES
-    if not listing.exists():  # written before checkpoints listed their files
-        return None
+    if not listing.exists():  # without it nothing else could be checked
+        return f"{FILES} is missing"
     try:
         sizes = json.loads(listing.read_text())
     except ValueError:

@@ -115,6 +115,16 @@ class TrainConfig:
             raise ValueError("run_dir: required (the directory the run writes its checkpoints and results to)")
 
 
+def what_a_run_computes(settings: dict) -> dict:
+    """A resolved config (to_dict) less where a run writes, how often it checkpoints and how it reports progress;
+    loader.num_workers 0 (batches built in the rank's own process) reads the shards as one worker does."""
+    kept = {key: value for key, value in settings.items() if key not in ("run_dir", "checkpoint")}
+    kept["train"] = {key: value for key, value in settings["train"].items() if key not in ("progress_bar", "log_every")}
+    kept["loader"] = {**settings["loader"], "num_workers": max(1, settings["loader"]["num_workers"])}
+    kept["data"] = {key: value for key, value in settings["data"].items() if key != "verify_checksums"}
+    return kept
+
+
 def resolve_path(path: str) -> Path:
     """A path as given, else relative to the repository (so configs work from any directory)."""
     candidate = Path(path).expanduser()

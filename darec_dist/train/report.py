@@ -75,6 +75,14 @@ def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
     return table
 
 
+def drop_results(run_dir: Path) -> None:
+    """Remove a finished run's results and export before it trains on: a resume killed before its own would leave
+    them beside newer checkpoints and metrics, and be taken for a finished run of what it had become."""
+    for name in ("results.json", "results.md"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "export", ignore_errors=True)
+
+
 def plot_curves(run_dir: Path, monitor: str) -> None:
     import matplotlib
 
