@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -478,8 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         if first_to_report(str(err)):  # every rank meets a bad config or dataset alike: printed once, not per rank
             print(f"error: {err}", file=sys.stderr)
         return 2
-    except Diverged as err:
+    except (Diverged, checkpoint.CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk or a run_dir made read-only: the file and the reason, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err} (rank {os.environ.get('RANK', 0)})", file=sys.stderr)
         return 1
     return 0
 

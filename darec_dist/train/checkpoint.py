@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, to_dict
 from darec_dist.distributed import collectives
-from darec_dist.files import exclusive_lock, reading_lock, replace_dir
+from darec_dist.files import exclusive_lock, reading_lock, replace_dir, restore_interrupted_swap
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -59,6 +60,10 @@ def _table_state(trainer, optimizer: CombinedOptimizer) -> dict:
     return state
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint's files could not be written (a full disk, a read-only run_dir)."""
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -83,10 +88,20 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    dcp.save(_table_state(trainer, _table_optimizer(trainer)), checkpoint_id=str(staging / "tables"))
-    if trainer.engine is not None:
-        trainer.engine.save_checkpoint(str(staging / "dense"), tag="engine", save_latest=False)
-    torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
+    try:
+        dcp.save(_table_state(trainer, _table_optimizer(trainer)), checkpoint_id=str(staging / "tables"))
+        if trainer.engine is not None:
+            trainer.engine.save_checkpoint(str(staging / "dense"), tag="engine", save_latest=False)
+        torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
+    # torch's writers report a full disk as a RuntimeError of the zip format, wrapped by DCP in a BaseException.
+    except (OSError, RuntimeError, CheckpointException) as err:
+        free = shutil.disk_usage(root).free / 2**20
+        if rank == 0:  # the space its parts hold, which the next attempt needs
+            shutil.rmtree(staging, ignore_errors=True)
+        cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
+        raise CheckpointWriteError(f"{staging}: writing the checkpoint failed ({cause[0].strip()}); {free:,.0f} MiB free "
+                                   "there. The run's last complete checkpoint is kept: free space, then resume with "
+                                   "--resume auto") from err
     _barrier()
     if rank == 0:
         (staging / STATE).write_text(json.dumps({**state, "table_optimizer_step": trainer.tables.optimizer_step}, indent=2))
@@ -190,6 +205,8 @@ def check_identity(path: str | Path, current: dict) -> None:
 
 
 def check_complete(path: Path) -> None:
+    if not path.is_dir():
+        restore_interrupted_swap(path)  # a job killed while swapping in a new best
     if not path.is_dir():
         raise ConfigError(f"{path}: no such checkpoint directory")
     if not (path / COMPLETE).exists():

@@ -46,7 +46,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("epoch"), int):
             records.append(record)
         elif position < len(lines) - 1:
-            raise ConfigError(f"{path}:{number}: not a JSON record with an epoch; the file is damaged")
+            raise ConfigError(f"{path}:{number}: not a JSON record with an epoch; the file is damaged: repair or delete "
+                              "that line (the run's curves then lack it), and run again")
     return records
 
 
