@@ -4,7 +4,8 @@
 
 An experiment file names a training config, the variants (each a list of
 overrides: methods, ablations, or one value of a swept key) and the seeds. Every
-run goes to <out_dir>/<variant>/seed-<s>; a run whose results.json exists is not
+run goes to <out_dir>/<variant>/seed-<s> ('/' in a name becomes '_'; names that would share a directory are
+refused, as are repeated seeds or sweep values); a run whose results.json exists is not
 run again, so an interrupted experiment continues where it stopped. The summary
 (table.md, summary.json, and for sweeps a plot) reports test metrics as mean and
 standard deviation over seeds; each run chose its best epoch on validation only.
@@ -65,6 +66,33 @@ class ExperimentConfig:
             raise ValueError(f"seeds: {repeated} given more than once in {self.seeds}; each seed is one run, give distinct seeds")
         if self.sweep.key and not self.sweep.values:
             raise ValueError(f"sweep.values: give at least one value of {self.sweep.key}")
+        # A repeated value names the same variant (one run directory): it was run once and plotted twice.
+        repeated = sorted({value for value in self.sweep.values if self.sweep.values.count(value) > 1})
+        if self.sweep.key and repeated:
+            raise ValueError(f"sweep.values: {', '.join(map(_fmt, repeated))} given more than once in "
+                             f"[{', '.join(map(_fmt, self.sweep.values))}]; each value is one variant, give distinct values")
+        if not self.sweep.key:  # (variants are ignored under a sweep)
+            check_variant_dirs(self.variants, self.out_dir)
+
+
+def variant_dir(name: str) -> str:
+    """The directory of a variant's runs under out_dir: a '/' in its name would nest directories."""
+    return name.replace("/", "_")
+
+
+def check_variant_dirs(variants: dict[str, list[str]], out_dir: str) -> None:
+    """Each variant its own directory under out_dir: a variant sharing one would reuse the other's finished runs
+    as its own (the runner skips a run whose results.json exists)."""
+    owner: dict[str, str] = {}
+    for name in variants:
+        directory = variant_dir(name)
+        if directory in ("", ".", ".."):
+            raise ValueError(f"variants: {name!r} names no directory of its own under out_dir {out_dir} (its runs would "
+                             "go to out_dir itself or above it); rename it")
+        if directory in owner:
+            raise ValueError(f"variants: {owner[directory]!r} and {name!r} both run in {out_dir}/{directory}/seed-N "
+                             "('/' in a name becomes '_'), so one would reuse the other's runs; rename one of them")
+        owner[directory] = name
 
 
 def variants_of(cfg: ExperimentConfig) -> dict[str, list[str]]:
@@ -249,7 +277,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         out = REPO_ROOT / out
     variants = variants_of(cfg)
     # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
-    grid = [(name, overrides, seed, out / name.replace("/", "_") / f"seed-{seed}")
+    grid = [(name, overrides, seed, out / variant_dir(name) / f"seed-{seed}")
             for seed in cfg.seeds for name, overrides in variants.items()]
     # Every run is checked before the first one trains: a typo in a later variant, or a damaged later run, would
     # stop the experiment only when its turn came, hours in.

@@ -121,6 +121,23 @@ def test_repeated_seeds_are_refused_at_load(capsys):
     assert "seeds: [1] given more than once in [1, 2, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # 'lr/hi' ran in lr_hi/seed-N, the directory of variant 'lr_hi', which then reused its finished runs as its own.
+    (["variants={lr/hi: [sparse.lr=0.01], lr_hi: [sparse.lr=0.001]}"],
+     "variants: 'lr/hi' and 'lr_hi' both run in runs/quickstart/lr_hi/seed-N ('/' in a name becomes '_')"),
+    (["variants={base: [align.method=none], ..: [align.method=darec]}"], "variants: '..' names no directory of its own"),
+    # A repeated value was one run (one variant) plotted twice.
+    (["sweep.key=train.epochs", "sweep.values=[0.001,1e-5,0.001]"], "sweep.values: 0.001 given more than once in [0.001, 1e-05, 0.001]"),
+], ids=["colliding-variants", "dot-dot-variant", "repeated-sweep-value"])
+def test_variants_sharing_a_run_directory_are_refused_at_load(capsys, overrides, message):
+    from launch.experiment import main
+
+    # (no dataset: without the check, the first run would fail on it rather than train)
+    assert main(["configs/experiments/quickstart.yaml", *overrides, "overrides=[data.path=/no/dataset]"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "/no/dataset" not in err, err
+
+
 def test_a_typo_in_a_later_variant_fails_before_the_first_run(small_dataset, tmp_path):
     cfg = ExperimentConfig(
         overrides=[f"data.path={small_dataset[0]}", "device=cpu", "loader.batch_size=64"],
