@@ -170,10 +170,27 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
                               f"settings (ran -> asked now): {'; '.join(changed[:6])}; delete that run or give the "
                               "experiment another out_dir")
         if finished:
-            return read_results(run_dir)
+            record = read_results(run_dir)
+            check_trained_on(cfg, run_dir, record, asked_cfg)
+            return record
     # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
     return None
+
+
+def check_trained_on(cfg: ExperimentConfig, run_dir: Path, record: dict, asked_cfg: TrainConfig) -> None:
+    """A finished run counts only on the dataset it trained on: one re-prepared in place (the same data.path, so the
+    same config) has another split, graph or embeddings, and the run's numbers are not its. A results.json written
+    before it recorded the fingerprint is compared by config only."""
+    trained_on = record.get("dataset_fingerprint")
+    if trained_on is None:
+        return
+    # (training=False: a finished run is not fed again, so only the dataset itself is checked, not this world size)
+    dataset = open_dataset(asked_cfg, cfg.nproc, verify_checksums=False, training=False)
+    if trained_on != dataset.fingerprint:
+        raise ConfigError(f"{run_dir}: finished on a dataset with fingerprint {trained_on} ({run_dir / 'results.json'}), "
+                          f"but {dataset.root} now has fingerprint {dataset.fingerprint} (re-prepared since?), so its "
+                          "results are not this dataset's; delete that run or give the experiment another out_dir")
 
 
 def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict:
@@ -195,6 +212,13 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
 def summarise(runs: dict[str, list[dict]]) -> dict:
     summary = {}
     for name, records in runs.items():
+        # One variant's seeds share a data.path: other models there mean runs from before a re-prepare in place
+        # (results.json without a fingerprint), and a mean over them compares nothing.
+        models = [r.get("embedding_model") for r in records]
+        if len(set(models)) > 1:
+            counts = ", ".join(f"{model!r} ({models.count(model)} of {len(models)} runs)" for model in dict.fromkeys(models))
+            raise ConfigError(f"variant {name}: its runs' results.json name different embedding models: {counts}; delete "
+                              "the runs of the dataset it no longer is and run the experiment again")
         reported = [m for m in records[0]["test"] if "@" in m]  # eval.ks' metrics in results.json's order (not "users")
         test = np.array([[r["test"][m] for m in reported] for r in records])
         summary[name] = {
@@ -236,9 +260,16 @@ def markdown(cfg: ExperimentConfig, summary: dict) -> str:
             if name != baseline:
                 gains = [f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" if m in s["test_mean"] and m in ref else "-" for m in reported]
                 lines.append(f"| {name} | " + " | ".join(gains) + " |")
-    model = first["embedding_model"]
+    # Variants may train on different datasets (data.path among their overrides): each model is named with its variants.
+    variants_of_model: dict[str, list[str]] = {}
+    for name, s in summary.items():
+        variants_of_model.setdefault(s["embedding_model"], []).append(name)
+    if len(variants_of_model) == 1:
+        models = str(next(iter(variants_of_model)))
+    else:
+        models = "; ".join(f"{model} ({', '.join(names)})" for model, names in variants_of_model.items())
     wall = sum(s["wall_seconds"] for s in summary.values())
-    lines += ["", f"LLM embeddings: {model}. Total wall time of the runs (the trainers' own, without process start-up): {wall / 60:.1f} min."]
+    lines += ["", f"LLM embeddings: {models}. Total wall time of the runs (the trainers' own, without process start-up): {wall / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 

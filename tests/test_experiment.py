@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from darec_dist.config import ConfigError, load_config, to_dict
-from darec_dist.data.dataset import DatasetError
+from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.train.config import REPO_ROOT, TrainConfig
-from launch.experiment import ExperimentConfig, markdown, run_experiment, summarise
+from launch.experiment import ExperimentConfig, check_run, markdown, run_experiment, summarise
 
 
 def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
@@ -41,6 +42,8 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     assert "chosen on validation ndcg@10" in table and "@20" not in table
     first = json.loads((tmp_path / "exp" / "base" / "seed-1" / "results.json").read_text())
     assert first["align"] == "none" and 0 < first["test"]["recall@10"] <= 1 and first["monitor"] == "ndcg@10"
+    # The trainer records the dataset it trained on (a finished run is reused only on that one).
+    assert first["dataset_fingerprint"] == PreparedDataset.open(root).fingerprint
     stamp = (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime
     run_experiment(cfg)  # everything is done: nothing is trained again
     assert (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp
@@ -149,6 +152,18 @@ def test_a_typo_in_a_later_variant_fails_before_the_first_run(small_dataset, tmp
     assert not (tmp_path / "exp").exists()  # no run was started
 
 
+def write_finished_run(cfg, variant, seed, results):
+    """A finished run of `variant` with exactly the settings `cfg` asks, as launch/train.py leaves it (config.yaml,
+    results.json: the text `results`), without training it."""
+    run_dir = Path(cfg.out_dir) / variant / f"seed-{seed}"
+    run_dir.mkdir(parents=True)
+    settings = [*cfg.overrides, *cfg.variants[variant], f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
+    ran = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(ran), sort_keys=False))
+    (run_dir / "results.json").write_text(results)
+    return run_dir
+
+
 @pytest.mark.parametrize("damaged, message", [
     ('{"test": {"recall@20": 0.1', "not valid JSON"),  # truncated
     ("{}", r"missing key\(s\) \['test', 'val', 'best_epoch', 'seconds_per_epoch'\]"),
@@ -159,16 +174,46 @@ def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(small_dat
                            variants={"fresh": ["align.method=rlmrec-con"], "base": ["align.method=none"]},
                            seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
     # A finished run of exactly these settings, as launch/train.py leaves it, but for its results.json.
-    run_dir = tmp_path / "exp" / "base" / "seed-1"
-    run_dir.mkdir(parents=True)
-    settings = [*cfg.overrides, "align.method=none", "seed=1", f"run_dir={run_dir}", "train.progress_bar=false"]
-    ran = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(ran), sort_keys=False))
-    (run_dir / "results.json").write_text(damaged)
+    run_dir = write_finished_run(cfg, "base", seed=1, results=damaged)
     with pytest.raises(ConfigError, match=f"variant base, seed 1: {re.escape(str(run_dir / 'results.json'))}: {message}.*; "
                                           f"delete {re.escape(str(run_dir))} to run it again"):
         run_experiment(cfg)
     assert not (tmp_path / "exp" / "fresh").exists()
+
+
+def test_a_finished_run_counts_only_on_the_dataset_it_trained_on(small_dataset, tmp_path):
+    """A dataset re-prepared in place (same data.path, so the same config) has another fingerprint: a run finished on
+    the old one was reused, its numbers tabulated as this dataset's."""
+    cfg = ExperimentConfig(overrides=[f"data.path={small_dataset[0]}", "device=cpu", "loader.batch_size=64"],
+                           variants={"fresh": ["align.method=rlmrec-con"], "base": ["align.method=none"]},
+                           seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
+    now = PreparedDataset.open(small_dataset[0]).fingerprint
+    record = {"test": {"recall@20": 0.1}, "val": {"recall@20": 0.1}, "best_epoch": 1, "seconds_per_epoch": 1.0,
+              "embedding_model": "id-hash"}
+    run_dir = write_finished_run(cfg, "base", seed=1, results=json.dumps({**record, "dataset_fingerprint": "0" * 16}))
+    with pytest.raises(ConfigError, match=f"variant base, seed 1: {re.escape(str(run_dir))}: finished on a dataset with "
+                                          f"fingerprint {'0' * 16} .*but {re.escape(str(small_dataset[0]))} now has "
+                                          f"fingerprint {now} .*delete that run or give the experiment another out_dir"):
+        run_experiment(cfg)
+    assert not (tmp_path / "exp" / "fresh").exists()  # refused before the first run trained
+    # On the dataset it trained on it counts; one written before results.json recorded the fingerprint, as before.
+    for results in ({**record, "dataset_fingerprint": now}, record):
+        (run_dir / "results.json").write_text(json.dumps(results))
+        assert check_run(cfg, run_dir, cfg.variants["base"], 1) == results
+
+
+def test_the_table_names_every_embedding_model_of_its_runs():
+    """The footer named the first variant's model only; variants may train on different datasets (data.path)."""
+    def record(model):
+        return {"best_epoch": 4, "monitor": "recall@20", "val": {"recall@20": 0.2}, "test": {"recall@20": 0.2},
+                "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": model}
+
+    table = markdown(ExperimentConfig(seeds=[1]), summarise({"base": [record("m1")], "darec": [record("m2")], "con": [record("m1")]}))
+    assert "LLM embeddings: m1 (base, con); m2 (darec)." in table
+    assert "LLM embeddings: m1." in markdown(ExperimentConfig(seeds=[1]), summarise({"base": [record("m1")], "darec": [record("m1")]}))
+    # One variant's seeds on different embeddings (runs from before a re-prepare in place): no mean over them.
+    with pytest.raises(ConfigError, match=r"variant base: its runs' results.json name different embedding models: 'm1' \(1 of 2 runs\), 'm2' \(1 of 2 runs\)"):
+        summarise({"base": [record("m1"), record("m2")]})
 
 
 def test_an_interrupted_run_whose_checkpoints_are_all_damaged_is_named_to_delete(tmp_path):
