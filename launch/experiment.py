@@ -14,6 +14,7 @@ standard deviation over seeds; each run chose its best epoch on validation only.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,34 @@ def variants_of(cfg: ExperimentConfig) -> dict[str, list[str]]:
 
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
+
+
+class Terminated(Exception):
+    """SIGTERM reached the runner (timeout, systemd, Slurm's scancel): stop as on Ctrl-C."""
+
+
+def raise_terminated(signum, frame) -> None:
+    # Once: a second SIGTERM while the job stops would abandon it half-stopped (SIGKILL follows from whoever sent it).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+# How long a job is given to stop on the Ctrl-C that reached it too, before it is sent SIGTERM (a SIGINT sent to the
+# runner alone did not reach it).
+CTRL_C_GRACE_S = 60.0
+
+
+def stop_job(job: subprocess.Popen, forward: bool) -> None:
+    """Stop a torchrun job and wait for it: its workers left running would keep writing into the run that a rerun
+    resumes (and hold the GPUs). torchrun stops its workers on SIGTERM; Ctrl-C in a terminal reaches it directly."""
+    if not forward:
+        try:
+            job.wait(timeout=CTRL_C_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    job.terminate()
+    job.wait()
 
 
 class RunFailed(RuntimeError):
@@ -202,9 +231,14 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
         str(REPO_ROOT / "launch" / "train.py"), cfg.train_config, *settings, "--resume", "auto",
     ]
     with open(run_dir / "log.txt", "a") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    if done.returncode != 0:
-        raise RunFailed(f"run failed ({done.returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
+        job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            returncode = job.wait()
+        except (KeyboardInterrupt, Terminated) as stop:
+            stop_job(job, forward=isinstance(stop, Terminated))
+            raise
+    if returncode != 0:
+        raise RunFailed(f"run failed ({returncode}): {' '.join(command)}; see {run_dir / 'log.txt'}")
     # Its wall_seconds is the trainer's, which also counts the time before a resume.
     return read_results(run_dir)
 
@@ -343,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    # SIGTERM would end this process at once and leave its torchrun job (launcher and workers) running.
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         cfg = load_config(ExperimentConfig, argv[0], argv[1:])
         run_experiment(cfg)
@@ -352,11 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # Ctrl-C reaches torchrun too, so the run stopped as asked: not a failure, and nothing is lost.
+    except (KeyboardInterrupt, Terminated) as stop:
+        # The job was stopped and waited for (run_one), so the run stopped as asked: not a failure, and nothing is lost.
         print("interrupted: finished runs are kept, and the same command continues (the interrupted run resumes "
               "from its last checkpoint)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as the shell reports it
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # (main is also called in-process, by tests)
     return 0
 
 

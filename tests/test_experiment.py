@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from darec_dist.config import ConfigError, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.train import checkpoint
 from darec_dist.train.config import REPO_ROOT, TrainConfig
 from launch.experiment import ExperimentConfig, check_run, markdown, run_experiment, summarise
 
@@ -85,6 +87,40 @@ def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_data
     _, stderr = runner.communicate(timeout=300)
     assert runner.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "error:" not in stderr
+
+
+def test_sigterm_stops_the_torchrun_job_and_a_rerun_resumes_it(small_dataset, tmp_path):
+    """SIGTERM (timeout, systemd, Slurm's scancel) reaches the runner alone: it ended the runner and left its torchrun
+    launcher and workers training on. It must stop them, wait, and exit as on Ctrl-C; the same command resumes."""
+    root, _ = small_dataset
+    experiment = tmp_path / "exp.yaml"
+    run_dir = tmp_path / "exp" / "base" / "seed-1"
+    experiment.write_text(
+        "train_config: configs/train/default.yaml\n"
+        f"overrides: [data.path={root}, device=cpu, model.dim=8, loader.batch_size=64, train.epochs=12, train.patience=20, "
+        "model.backbone=mf, output.plot=false, output.export_embeddings=false]\n"
+        f"variants: {{base: [align.method=none]}}\nseeds: [1]\nnproc: 2\nout_dir: {tmp_path / 'exp'}\n"
+    )
+    command = [sys.executable, "launch/experiment.py", str(experiment)]
+    runner = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while checkpoint.latest(run_dir) is None:  # training has started, and a rerun has a checkpoint to resume
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+        time.sleep(0.1)
+    # The torchrun launcher, its workers (and theirs), with their command lines.
+    job = {p: " ".join(p.cmdline()) for p in psutil.Process(runner.pid).children(recursive=True)}
+    assert sum("launch/train.py" in line for line in job.values()) >= 3, list(job.values())
+    runner.send_signal(signal.SIGTERM)  # to the runner alone, as scancel or timeout send it
+    _, stderr = runner.communicate(timeout=90)
+    survivors = [p for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for process in survivors:  # (not left training after a failure here)
+        process.kill()
+    assert not survivors, [job[p] for p in survivors]
+    assert runner.returncode == 143 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert not (run_dir / "results.json").exists()
+    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in (run_dir / "log.txt").read_text() and (run_dir / "results.json").exists()
 
 
 def test_a_bad_dataset_fails_before_torchrun_starts(small_dataset, tmp_path):
