@@ -260,7 +260,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             # (results.json files written before the key existed come from runs monitored on recall@20)
             "monitor": records[0].get("monitor", "recall@20" if records[0]["val"] else None),
             "test_mean": dict(zip(reported, test.mean(0).tolist())),
-            "test_std": dict(zip(reported, test.std(0, ddof=1).tolist() if len(records) > 1 else [0.0] * len(reported))),
+            # One seed has no spread: null, not a std of 0 (which reads as seeds that agreed).
+            "test_std": dict(zip(reported, test.std(0, ddof=1).tolist() if len(records) > 1 else [None] * len(reported))),
             # Empty without validation (eval.validate=false).
             "val_mean": {m: float(np.mean([r["val"][m] for r in records])) for m in records[0]["val"]},
             "best_epochs": [r["best_epoch"] for r in records],
@@ -275,16 +276,18 @@ def markdown(cfg: ExperimentConfig, summary: dict) -> str:
     first = next(iter(summary.values()))
     reported, monitor = list(first["test_mean"]), first["monitor"]
     chosen = f"best epoch chosen on validation {monitor}" if monitor else "the final epoch's model (no validation)"
-    lines = [f"# {cfg.name}", "", f"Test metrics, mean ± std over seeds {cfg.seeds}; {chosen}.", ""]
+    over = f"mean ± std over seeds {cfg.seeds}" if len(cfg.seeds) > 1 else f"one seed ({cfg.seeds[0]}), so no std"
+    lines = [f"# {cfg.name}", "", f"Test metrics, {over}; {chosen}.", ""]
     # The monitored validation metric is the column to choose settings by; test is reported, never chosen on.
     lines.append(f"| variant | val {monitor or '-'} | " + " | ".join(reported) + " | s/epoch |")
     lines.append("|---" * (len(reported) + 3) + "|")
     for name, s in summary.items():
-        cells = [f"{s['test_mean'][m]:.4f} ± {s['test_std'][m]:.4f}" if m in s["test_mean"] else "-" for m in reported]
+        cells = ["-" if m not in s["test_mean"] else f"{s['test_mean'][m]:.4f}" if s["test_std"][m] is None
+                 else f"{s['test_mean'][m]:.4f} ± {s['test_std'][m]:.4f}" for m in reported]
         val = f"{s['val_mean'][monitor]:.4f}" if monitor in s["val_mean"] else "-"
         lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {s['seconds_per_epoch']:.2f} |")
     for baseline in cfg.baselines:
-        if baseline not in summary:
+        if baseline not in summary or len(summary) == 1:  # (no other variant to gain over it)
             continue
         lines += ["", f"Relative gain over {baseline} (mean test metric):", ""]
         lines.append("| variant | " + " | ".join(reported) + " |")
@@ -326,7 +329,7 @@ def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
     for ax, metric in zip(axes[0], metrics):
         means = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_mean"][metric] for v in values]
         stds = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_std"][metric] for v in values]
-        ax.errorbar(values, means, yerr=stds, marker="o", capsize=3)
+        ax.errorbar(values, means, yerr=None if None in stds else stds, marker="o", capsize=3)  # (None: one seed)
         ax.set(xlabel=cfg.sweep.key, ylabel=f"test {metric}", title=metric)
         if min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")

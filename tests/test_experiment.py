@@ -275,6 +275,25 @@ def test_runs_without_validation_are_tabulated_by_their_final_epoch():
     assert "| darec | +20.00% | +20.00% |" in table
 
 
+def test_one_seed_reports_no_std_and_no_empty_gain_table(tmp_path):
+    """One seed printed "± 0.0000" and stored a std of 0.0 (seeds that agreed), and a baseline alone printed a gain
+    table with no rows."""
+    from launch.experiment import SweepConfig, plot_sweep
+
+    record = {"best_epoch": 4, "monitor": "recall@20", "val": {"recall@20": 0.2}, "test": {"recall@20": 0.25, "ndcg@20": 0.125},
+              "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": "m1"}
+    summary = summarise({"base": [record]})
+    assert summary["base"]["test_std"] == {"recall@20": None, "ndcg@20": None}
+    assert json.loads(json.dumps(summary))["base"]["test_std"]["recall@20"] is None  # null in summary.json
+    table = markdown(ExperimentConfig(seeds=[7], baselines=["base"]), summary)
+    assert "Test metrics, one seed (7), so no std;" in table and "| base | 0.2000 | 0.2500 | 0.1250 | 1.00 |" in table
+    assert "±" not in table and "Relative gain" not in table
+    # A one-seed sweep is plotted without error bars.
+    cfg = ExperimentConfig(seeds=[7], sweep=SweepConfig(key="align.darec.clusters", values=[4, 8]))
+    plot_sweep(cfg, summarise({"align.darec.clusters=4": [record], "align.darec.clusters=8": [record]}), tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
 def test_a_sweep_is_plotted_with_the_metrics_its_runs_computed(tmp_path):
     """A sweep whose runs computed other cut-offs than 20 (eval.ks) is plotted at its largest one."""
     from PIL import Image
