@@ -1,7 +1,7 @@
 """Top-K items for users from a run's exported vectors: retrieval without the trainer, tables or processes.
 
     python launch/recommend.py RUN_DIR --users 196 186 --k 10          # original user ids, printed
-    python launch/recommend.py RUN_DIR --k 20 --out recs.parquet       # every user, written as Parquet
+    python launch/recommend.py RUN_DIR --k 20 --out recs.parquet       # every user, written as Parquet (.csv: CSV)
 
 Scores are user vector . item vector over RUN_DIR/export (the vectors the run ranked by when it
 tested its best model); items in the user's train split are left out unless --keep-seen, as in
@@ -122,6 +122,7 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
     if raw_users is None:
         users = np.arange(len(user_raw), dtype=np.int64)
     else:
+        raw_users = list(dict.fromkeys(raw_users))  # an id given again is listed once (its list was repeated)
         position = pd.Series(np.arange(len(user_raw)), index=user_raw)
         unknown = [u for u in raw_users if u not in position.index]
         if unknown:
@@ -160,14 +161,22 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
     })
 
 
+# --out's formats, by the file's suffix.
+WRITERS = {
+    ".parquet": lambda table, path: table.to_parquet(path, index=False),
+    ".csv": lambda table, path: table.to_csv(path, index=False),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run directory written by launch/train.py")
-    parser.add_argument("--users", nargs="+", help="original user ids (default: every user)")
+    parser.add_argument("--users", nargs="+", help="original user ids (default: every user); an id given again is "
+                        "listed once, where it was first given")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--keep-seen", action="store_true", help="do not leave out the user's train items")
     parser.add_argument("--data", help="the prepared dataset, if it moved since the run (default: the run's data.path)")
-    parser.add_argument("--out", type=Path, help="write Parquet here instead of printing")
+    parser.add_argument("--out", type=Path, help="write the table here instead of printing: FILE.parquet or FILE.csv")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.k < 1:
         parser.error(f"--k must be >= 1, got {args.k}")
@@ -176,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data is read only to leave the users' train items out, which --keep-seen keeps; give one of them")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out} is a directory; give a file name such as {args.out / 'recs.parquet'}")
+    # The suffix names the format: recs.csv written as Parquet was unreadable to whoever opened it as CSV.
+    if args.out is not None and args.out.suffix.lower() not in WRITERS:
+        parser.error(f"--out {args.out}: expected a file ending in {' or '.join(WRITERS)} (the suffix names the format)")
     try:
         table = recommend(args.run_dir, args.users, args.k, args.keep_seen, args.data)
     except (ConfigError, DatasetError) as err:
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(args.out) as staging:
-                table.to_parquet(staging, index=False)
+                WRITERS[args.out.suffix.lower()](table, staging)
         except OSError as err:
             print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
             return 2

@@ -35,6 +35,29 @@ def test_a_sound_export_ranks_every_item(tmp_path, capsys):
     assert printed.count("user1") == 3
 
 
+def test_a_repeated_user_is_listed_once_in_the_order_first_given(tmp_path, capsys):
+    """--users user2 user1 user2 printed user2's list twice."""
+    write_export(tmp_path)
+    assert main([str(tmp_path), "--keep-seen", "--k", "2", "--users", "user2", "user1", "user2"]) == 0
+    users = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert users == ["user2", "user2", "user1", "user1"]
+
+
+def test_out_writes_the_format_its_suffix_names(tmp_path, capsys):
+    """--out recs.csv wrote Parquet under a .csv name; another suffix is refused before anything is computed."""
+    write_export(tmp_path)
+    expected = recommend(tmp_path, None, k=3, keep_seen=True)
+    assert main([str(tmp_path), "--keep-seen", "--k", "3", "--out", str(tmp_path / "recs.csv")]) == 0
+    written = pd.read_csv(tmp_path / "recs.csv", dtype={"user": str, "item": str})  # fails on Parquet bytes
+    pd.testing.assert_frame_equal(written, expected, check_dtype=False)
+    assert main([str(tmp_path), "--keep-seen", "--k", "3", "--out", str(tmp_path / "recs.parquet")]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "recs.parquet"), expected)
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path), "--keep-seen", "--out", str(tmp_path / "recs.txt")])
+    assert stopped.value.code == 2 and not (tmp_path / "recs.txt").exists()
+    assert f"--out {tmp_path / 'recs.txt'}: expected a file ending in .parquet or .csv" in capsys.readouterr().err
+
+
 def truncate(path):
     path.write_bytes(path.read_bytes()[:60])
 
