@@ -30,7 +30,7 @@ from darec_dist.config import ConfigError, differences, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train import checkpoint
-from darec_dist.train.config import REPO_ROOT, TrainConfig
+from darec_dist.train.config import REPO_ROOT, TrainConfig, what_a_run_computes
 from launch.train import open_dataset
 
 @dataclass
@@ -138,17 +138,6 @@ def stop_job(job: subprocess.Popen, forward: bool) -> None:
 
 class RunFailed(RuntimeError):
     """A training run of the experiment exited with an error (its log names it)."""
-
-
-def what_a_run_computes(settings: dict) -> dict:
-    """A resolved config less where a run writes, how often it checkpoints and how it reports progress (what it
-    outputs is compared); loader.num_workers 0 (batches built in the rank's own process) reads the shards as one
-    worker does. Epoch times of a reused run come from its own settings."""
-    kept = {key: value for key, value in settings.items() if key not in ("run_dir", "checkpoint")}
-    kept["train"] = {key: value for key, value in settings["train"].items() if key not in ("progress_bar", "log_every")}
-    kept["loader"] = {**settings["loader"], "num_workers": max(1, settings["loader"]["num_workers"])}
-    kept["data"] = {key: value for key, value in settings["data"].items() if key != "verify_checksums"}
-    return kept
 
 
 # What summarise reads of every run's results.json.
