@@ -96,23 +96,11 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
     raise FileNotFoundError(f"{path}: replaced or removed while waiting to read it, {attempts} times")
 
 
-def restore_interrupted_swap(final: Path) -> None:
-    """Put back the directory a replace_dir killed between its two renames had moved aside (`final` then is missing,
-    the one it replaced lies hidden beside it): what pointed to `final` was written for that one. Several processes
-    may call it at once."""
-    for old in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
-        if final.exists():
-            return
-        try:
-            os.replace(old, final)
-        except OSError:  # another process restored it first
-            continue
-
-
 def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0) -> None:
     """Swap a finished directory into place, once its readers (reading_lock) are done or after `reader_wait`
     seconds. The one it replaces is removed only after the swap; one left by a process killed between the two
-    renames (a hidden `.<name>.old-*`) is removed by the next swap."""
+    renames (a hidden `.<name>.old-*`) is put back by a resume (checkpoint.restore_interrupted_swap), or else
+    removed by the next swap."""
     retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     if final.exists():
         # A stuck reader (a paused launch/evaluate.py) must not stall a training job past its collectives' timeout.

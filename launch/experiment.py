@@ -30,7 +30,7 @@ from darec_dist.config import ConfigError, differences, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train import checkpoint
-from darec_dist.train.config import REPO_ROOT, TrainConfig, what_a_run_computes
+from darec_dist.train.config import REPO_ROOT, TrainConfig, resolve_path, what_a_run_computes
 from launch.train import open_dataset
 
 @dataclass
@@ -108,7 +108,7 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-class Terminated(Exception):
+class Terminated(BaseException):  # (like KeyboardInterrupt: no `except Exception` swallows it)
     """SIGTERM reached the runner (timeout, systemd, Slurm's scancel): stop as on Ctrl-C."""
 
 
@@ -202,6 +202,10 @@ def check_trained_on(cfg: ExperimentConfig, run_dir: Path, record: dict, asked_c
     before it recorded the fingerprint is compared by config only."""
     trained_on = record.get("dataset_fingerprint")
     if trained_on is None:
+        return
+    if not resolve_path(asked_cfg.data.path).is_dir():  # moved or deleted since: the finished runs still tabulate
+        print(f"warning: {run_dir}: its dataset {asked_cfg.data.path} is gone, so which one it trained on is not checked",
+              file=sys.stderr)
         return
     # (training=False: a finished run is not fed again, so only the dataset itself is checked, not this world size)
     dataset = open_dataset(asked_cfg, cfg.nproc, verify_checksums=False, training=False)

@@ -137,7 +137,8 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
         if newer:
             raise ConfigError(f"--resume {resume}: the run has newer checkpoints ({', '.join(p.name for p in newer[-3:])}), "
                               "which a resume from this one would be mixed with; delete them to roll the run back to it, "
-                              "or continue the newest with --resume auto")
+                              "or continue the newest with --resume auto (also the one to give torchrun --max-restarts, "
+                              "whose restarts repeat the command after the job has written newer checkpoints)")
     if source is not None:
         report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
         if checkpoint.loop_state(source).get("best") is not None:  # the model the run tests at its end
@@ -155,10 +156,20 @@ def as_override(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
+def with_defaults(saved: dict, current: dict) -> dict:
+    """`saved`, with the keys it lacks taken from `current` (nested)."""
+    filled = {key: with_defaults(saved[key], value) if isinstance(value, dict) and isinstance(saved.get(key), dict)
+              else saved.get(key, value) for key, value in current.items()}
+    return filled | {key: value for key, value in saved.items() if key not in current}
+
+
 def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     """A checkpoint resumes with its seed, model-selection settings, table optimizer and ZeRO stage (settings:
     resume_settings), inside an epoch only with its stream settings, and at another world size only at an epoch's
     end and without state partitioned by world size.
+
+    Beyond those (named first, with the settings to resume with), any change of what the run learns with is
+    refused: `config` is compared but for RESUME_MAY_CHANGE.
 
     Inside an epoch its step count is a position in each rank's stream of shards, which another world size, batch
     size or reader layout counts differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
@@ -206,7 +217,9 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
         )
     saved_config = saved.get("config")  # checkpoints from before this key: the checks above only
     if saved_config is not None and "config" in settings:
-        changed = [d for d in differences(saved_config, settings["config"]) if not d.startswith(RESUME_MAY_CHANGE)]
+        # A key added to the config since the checkpoint was written is not a change of this run's.
+        changed = [d for d in differences(with_defaults(saved_config, settings["config"]), settings["config"])
+                   if not d.startswith(RESUME_MAY_CHANGE)]
         if changed:
             more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
             raise ConfigError(
@@ -302,14 +315,13 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
     return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
 
 
-def check_best_reachable(run_dir: Path, epochs: int, best_epoch: int | None = None) -> None:
+def check_best_reachable(run_dir: Path, epochs: int) -> None:
     """The best model on disk must come from an epoch the run trains: after a resume from an older checkpoint it
-    may be a later epoch's, which the run writes again only if it gets that far (same settings, same model)."""
-    if best_epoch is None:
-        best = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST
-        if not (best / checkpoint.STATE).is_file():
-            return
-        best_epoch = checkpoint.loop_state(best)["best"]["epoch"]
+    may be a later epoch's, which the run writes again (same settings, same model) only if it gets that far."""
+    best = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST
+    if not (best / checkpoint.STATE).is_file():
+        return
+    best_epoch = checkpoint.loop_state(best)["best"]["epoch"]
     if best_epoch >= epochs:
         raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed, and this "
                           f"run ends after {epochs} epochs; resume with train.epochs greater than {best_epoch}, or test "
@@ -336,7 +348,6 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
     # The epoch and validation scores are the best checkpoint's own: after a resume from an older checkpoint (the newer
     # ones damaged) its loop state may name an earlier best, which the later one replaced.
     best = checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)["best"]  # no optimizer state
-    check_best_reachable(run_dir, state["epoch"], best["epoch"])
     trainer.set_train(False)
     test = evaluate(trainer, "test", env.world_size, env.rank)
     results = {
@@ -370,6 +381,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env.world_size)
         identity = checkpoint.identity(cfg, dataset)
+        if resume is not None:
+            if env.is_main:  # a job killed while swapping in a new best left the old one aside: put back first
+                checkpoint.restore_interrupted_swap(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+            if env.world_size > 1:
+                torch.distributed.barrier()
         source = resume_source(run_dir, resume)
         if source is not None:
             checkpoint.check_identity(source, identity)
@@ -400,7 +416,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                     shutil.rmtree(stale, ignore_errors=True)
                 if state.get("stopped"):
                     print(f"the run stopped early at epoch {state['epoch'] - 1}: testing its best model", flush=True)
-                elif stopped_before:
+                elif stopped_before and state["epoch"] < cfg.train.epochs:
                     print(f"the run stopped early at epoch {state['epoch'] - 1} after {state['bad_evals']} evaluations without a "
                           f"better {cfg.eval.monitor}: training on under train.patience={cfg.train.patience}, "
                           f"train.min_epochs={cfg.train.min_epochs}", flush=True)

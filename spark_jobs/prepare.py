@@ -94,8 +94,8 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         replace_dir(staging, output)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        master = effective_master(cfg.spark)
-        if "stopped SparkContext" in str(err) and master and master.startswith("spark://"):
+        master = effective_master(cfg.spark) if "stopped SparkContext" in str(err) else None
+        if master and master.startswith("spark://"):
             # Spark gives up on a master it cannot reach after a minute of retries, and the next call reports only that
             # the context stopped; the cause is far above in its log.
             raise PrepareError(f"spark.master={master}: the Spark context stopped, most likely because the master "

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from darec_dist.files import atomic_path, exclusive_lock, reading_lock, replace_dir, restore_interrupted_swap, write_text_atomic
+from darec_dist.files import atomic_path, exclusive_lock, reading_lock, replace_dir, write_text_atomic
 
 
 @pytest.fixture
@@ -52,23 +52,6 @@ def test_a_directory_swap_replaces_the_old_one_and_removes_one_left_by_a_killed_
     replace_dir(staging, final)
     assert (final / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export2.old-cafecafe", "export"]
-
-
-def test_a_swap_killed_between_its_renames_is_undone_where_the_directory_is_next_looked_for(tmp_path):
-    """The run's best model was gone ('cannot be read ... run again in another run_dir') though a copy lay beside it."""
-    from darec_dist.train import checkpoint
-
-    best = tmp_path / checkpoint.CHECKPOINTS / checkpoint.BEST
-    moved = best.parent / f".{checkpoint.BEST}.old-1a2b3c4d"  # what replace_dir's first rename leaves
-    moved.mkdir(parents=True)
-    for name, text in ((checkpoint.STATE, "{}"), (checkpoint.FILES, "{}"), (checkpoint.COMPLETE, "")):
-        (moved / name).write_text(text)
-    (best.parent / f".tmp-{checkpoint.BEST}").mkdir()  # the new one, never swapped in
-    checkpoint.check_complete(best)
-    assert best.is_dir() and not moved.exists() and (best / checkpoint.STATE).read_text() == "{}"
-    moved.mkdir()
-    restore_interrupted_swap(best)  # with the directory in place, a stray copy is left to the next swap
-    assert moved.is_dir() and best.is_dir()
 
 
 def test_a_directory_being_read_is_swapped_only_after_its_reader_is_done(tmp_path, refused_swaps):

@@ -215,6 +215,12 @@ def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tm
                     ["data.path=elsewhere", "data.verify_checksums=false", "output.plot=false", "eval.item_block=512"],
                     ["sparse.sharding=table_wise", "checkpoint.keep=9", "train.progress_bar=false", "run_dir=r"]):
         check_resumable(path, 2, {**settings(adam), "config": config(*allowed)})
+    saved = config()
+    del saved["sparse"]["lr"]  # a key the config gained after the checkpoint was written: no change of this run's
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "config": saved}))
+    check_resumable(path, 2, {**settings(adam), "config": config("sparse.lr=0.5")})
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam,
+                                                      "config": config()}))
     for changed, shown in ((["sparse.lr=0.5"], "sparse.lr: 0.001 -> 0.5"), (["loader.batch_size=512"], "loader.batch_size: 4096 -> 512"),
                            (["dense.lr=0.1", "train.eval_every=2"], "dense.lr: None -> 0.1; train.eval_every: 1 -> 2")):
         with pytest.raises(ConfigError, match=re.escape(f"trained with other settings (checkpoint -> now): {shown}; resume with")):
@@ -475,6 +481,28 @@ def test_the_fused_optimizers_step_count_survives_evaluation_and_resume(small_da
     from tests.dist_helpers import run_distributed
 
     run_distributed(_count_optimizer_steps, 1, small_dataset[0], tmp_path)
+
+
+def test_a_best_model_left_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """The run could not resume ('the run's best model ... cannot be read') though its copy lay beside it."""
+    best = tmp_path / checkpoint.CHECKPOINTS / checkpoint.BEST
+
+    def aside(name, files):
+        path = best.parent / name
+        path.mkdir(parents=True)
+        for file, text in files.items():
+            (path / file).write_text(text)
+        return path
+
+    listed = {checkpoint.STATE: "{}", checkpoint.FILES: "{}", checkpoint.COMPLETE: ""}
+    moved = aside(f".{checkpoint.BEST}.old-1a2b3c4d", listed)  # what replace_dir's first rename leaves
+    half_removed = aside(f".{checkpoint.BEST}.old-5e6f7a8b", {checkpoint.COMPLETE: ""})  # newer, but damaged
+    aside(f".tmp-{checkpoint.BEST}", listed)  # the new one, never swapped in
+    checkpoint.restore_interrupted_swap(best)
+    assert best.is_dir() and not moved.exists() and half_removed.is_dir()
+    checkpoint.check_complete(best)
+    checkpoint.restore_interrupted_swap(best)  # in place: nothing moves
+    assert half_removed.is_dir()
 
 
 def test_a_checkpoint_being_read_is_not_pruned(tmp_path):

@@ -9,7 +9,9 @@ later (a file deleted or truncated) is refused by name, and skipped by `latest()
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import random
 import re
 import shutil
@@ -25,7 +27,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, to_dict
 from darec_dist.distributed import collectives
-from darec_dist.files import exclusive_lock, reading_lock, replace_dir, restore_interrupted_swap
+from darec_dist.files import exclusive_lock, reading_lock, replace_dir
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -64,6 +66,10 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint's files could not be written (a full disk, a read-only run_dir)."""
 
 
+# What a failed write says inside torch's and DCP's errors (the zip writer's own for a full disk).
+WRITE_FAILURES = ("No space left", "Read-only file system", "Permission denied", "Disk quota", "inline_container")
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -93,8 +99,11 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
         if trainer.engine is not None:
             trainer.engine.save_checkpoint(str(staging / "dense"), tag="engine", save_latest=False)
         torch.save(_rng_state(), staging / f"rng-rank{rank}.pt")
-    # torch's writers report a full disk as a RuntimeError of the zip format, wrapped by DCP in a BaseException.
+    # torch's writers report a full disk as a RuntimeError of the zip format, wrapped by DCP in a BaseException;
+    # anything else (a peer lost in a collective, a bug) keeps its own error and traceback.
     except (OSError, RuntimeError, CheckpointException) as err:
+        if isinstance(err, dist.DistError) or not (isinstance(err, OSError) or any(w in str(err) for w in WRITE_FAILURES)):
+            raise
         free = shutil.disk_usage(root).free / 2**20
         if rank == 0:  # the space its parts hold, which the next attempt needs
             shutil.rmtree(staging, ignore_errors=True)
@@ -136,6 +145,19 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name)) if root.is_dir() else []
 
 
+def restore_interrupted_swap(final: Path) -> None:
+    """Put back the checkpoint a job killed between replace_dir's two renames had moved aside (`final` is then
+    missing, the one it replaced lies hidden beside it): what the run's step checkpoints say of `final` was written
+    for that one. Call it where no job writes (a resume, holding the run_dir's lock), from one process."""
+    if final.exists():
+        return
+    moved = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in moved:  # newest first; one half-removed by a killed clean-up is damaged
+        if (old / COMPLETE).exists() and damage(old) is None:
+            os.replace(old, final)
+            return
+
+
 def newer_than(run_dir: str | Path, global_step: int) -> list[Path]:
     """A run's step checkpoints written after global_step, complete or not, oldest first."""
     return [p for p in step_checkpoints(run_dir) if int(_STEP_NAME.match(p.name)[1]) > global_step]
@@ -159,7 +181,7 @@ def damage(path: Path) -> str | None:
         return f"{STATE} is missing"
     listing = path / FILES
     if not listing.exists():  # without it nothing else could be checked
-        return f"{FILES} is missing"
+        return f"{FILES} is missing (damaged, or written by darec-dist before 2026-12-05)"
     try:
         sizes = json.loads(listing.read_text())
     except ValueError:
@@ -205,8 +227,6 @@ def check_identity(path: str | Path, current: dict) -> None:
 
 
 def check_complete(path: Path) -> None:
-    if not path.is_dir():
-        restore_interrupted_swap(path)  # a job killed while swapping in a new best
     if not path.is_dir():
         raise ConfigError(f"{path}: no such checkpoint directory")
     if not (path / COMPLETE).exists():
