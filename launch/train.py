@@ -315,17 +315,17 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
     return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
 
 
-def check_best_reachable(run_dir: Path, epochs: int) -> None:
+def check_best_reachable(run_dir: Path, source: Path, epochs: int) -> None:
     """The best model on disk must come from an epoch the run trains: after a resume from an older checkpoint it
     may be a later epoch's, which the run writes again (same settings, same model) only if it gets that far."""
     best = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST
     if not (best / checkpoint.STATE).is_file():
         return
-    best_epoch = checkpoint.loop_state(best)["best"]["epoch"]
-    if best_epoch >= epochs:
-        raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed, and this "
-                          f"run ends after {epochs} epochs; resume with train.epochs greater than {best_epoch}, or test "
-                          "that model as it is (launch/evaluate.py RUN_DIR)")
+    best_epoch, resumed_at = checkpoint.loop_state(best)["best"]["epoch"], checkpoint.loop_state(source)["epoch"]
+    if best_epoch >= resumed_at and best_epoch >= epochs:
+        raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed (epoch "
+                          f"{resumed_at}), and this run ends after {epochs} epochs; resume with train.epochs greater than "
+                          f"{best_epoch}, or test that model as it is (launch/evaluate.py RUN_DIR)")
 
 
 def patience_spent(state: dict, cfg: TrainConfig) -> bool:
@@ -394,7 +394,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         settings = resume_settings(cfg, table_layout(cfg, trainer), zero_stage)
         if source is not None:
             check_resumable(source, env.world_size, settings)
-            check_best_reachable(run_dir, cfg.train.epochs)
+            check_best_reachable(run_dir, source, cfg.train.epochs)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             report.write_config(run_dir, cfg)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}

@@ -321,6 +321,10 @@ def test_results_name_the_epoch_and_scores_of_the_model_they_test(small_dataset,
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     rerun = json.loads((tmp_path / "results.json").read_text())
     assert (rerun["best_epoch"], rerun["val"], rerun["test"]) == (results["best_epoch"], results["val"], results["test"])
+    # A finished run tests its best again under a smaller train.epochs: that model is no later than its checkpoint.
+    retest = subprocess.run([*command, "train.epochs=1", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert retest.returncode == 0, retest.stdout[-2000:] + retest.stderr[-2000:]
+    assert json.loads((tmp_path / "results.json").read_text())["test"] == results["test"]
     # A roll-back by path beside newer checkpoints would be mixed with them (pruning, --resume auto): refused.
     oldest = checkpoint.step_checkpoints(tmp_path)[0]
     back = subprocess.run([*command, "--resume", str(oldest)], cwd=REPO, capture_output=True, text=True, timeout=600)
