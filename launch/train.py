@@ -128,15 +128,18 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
     else:
         source = Path(resume)
         if not source.is_dir():
-            raise ConfigError(f"--resume {resume}: no such checkpoint directory (--resume takes auto or a checkpoint directory)")
+            # A restart repeating `--resume PATH` after the job's own pruning (checkpoint.keep) removed PATH lands here.
+            raise ConfigError(f"--resume {resume}: no such checkpoint directory (--resume takes auto or a checkpoint directory; "
+                              "one pruned by its run, checkpoint.keep, is gone: continue the run with --resume auto)")
         checkpoint.check_complete(source)  # before whose run it is: a run_dir given here is no checkpoint
         check_own_checkpoint(source, run_dir)
         # A roll-back: the newer checkpoints would be taken for its own later steps (by --resume auto, by pruning).
         newer = [p for p in checkpoint.newer_than(run_dir, checkpoint.loop_state(source)["global_step"])
                  if (p / checkpoint.COMPLETE).exists() and checkpoint.damage(p) is None]
         if newer:
-            raise ConfigError(f"--resume {resume}: the run has newer checkpoints ({', '.join(p.name for p in newer[-3:])}), "
-                              "which a resume from this one would be mixed with; delete them to roll the run back to it, "
+            shown = ", ".join(p.name for p in newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+            raise ConfigError(f"--resume {resume}: the run has {len(newer)} newer checkpoint(s) ({shown}), which a resume "
+                              "from this one would be mixed with; delete every step checkpoint after it to roll the run back, "
                               "or continue the newest with --resume auto (also the one to give torchrun --max-restarts, "
                               "whose restarts repeat the command after the job has written newer checkpoints)")
     if source is not None:

@@ -328,7 +328,7 @@ def test_results_name_the_epoch_and_scores_of_the_model_they_test(small_dataset,
     # A roll-back by path beside newer checkpoints would be mixed with them (pruning, --resume auto): refused.
     oldest = checkpoint.step_checkpoints(tmp_path)[0]
     back = subprocess.run([*command, "--resume", str(oldest)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert back.returncode == 2 and "the run has newer checkpoints (step-" in back.stderr, back.stderr[-2000:]
+    assert back.returncode == 2 and "the run has 1 newer checkpoint(s) (step-" in back.stderr, back.stderr[-2000:]
 
 
 def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(small_dataset, tmp_path):
