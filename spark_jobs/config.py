@@ -10,6 +10,7 @@ from typing import Literal
 SourceFormat = Literal["movielens-100k", "rlmrec", "recbole", "csv", "lightgcn", "synthetic"]
 PRE_SPLIT_FORMATS = ("rlmrec", "lightgcn")  # their files are the split
 UNTIMED_FORMATS = ("rlmrec", "lightgcn")  # interaction matrices and item lists hold no times
+TIMED_SPLITS = ("temporal", "leave-one-out")  # they order each user's interactions by time
 
 
 @dataclass
@@ -277,7 +278,7 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         # Refused now what would fail after the read, clean and id stages.
-        timed = self.split.method in ("temporal", "leave-one-out")
+        timed = self.split.method in TIMED_SPLITS
         if timed and self.source.format in UNTIMED_FORMATS:
             raise ValueError(f"split.method={self.split.method} orders each user's interactions by time, and "
                              f"source.format={self.source.format} has no timestamps; use split.method=ratio or source")
@@ -286,7 +287,7 @@ class PrepareConfig:
                              "split.method=ratio, temporal or leave-one-out")
         # A csv source reads only the columns it names.
         if self.source.format == "csv":
-            if self.split.method in ("temporal", "leave-one-out") and self.source.columns.timestamp is None:
+            if timed and self.source.columns.timestamp is None:
                 raise ValueError(f"split.method={self.split.method} orders each user's interactions by time: name the "
                                  "timestamp column, source.columns.timestamp=COLUMN")
             if self.clean.rating_threshold is not None and self.source.columns.rating is None:

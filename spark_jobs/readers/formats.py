@@ -18,7 +18,7 @@ from pyspark.sql import types as T
 
 from darec_dist.data import layout
 from darec_dist.files import replace_dir
-from spark_jobs.config import PrepareConfig
+from spark_jobs.config import TIMED_SPLITS, PrepareConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, numbered_lines, split_fields
 from spark_jobs.readers.safe_pickle import load_matrix
@@ -162,7 +162,7 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
         "rating": "rating" if "rating" in names else None,
         "timestamp": "timestamp" if "timestamp" in names else None,
     }
-    if cfg.split.method in ("temporal", "leave-one-out") and columns["timestamp"] is None:  # known now, not after the read
+    if cfg.split.method in TIMED_SPLITS and columns["timestamp"] is None:  # known now, not after the read
         raise PrepareError(f"{inter_path}: split.method={cfg.split.method} orders each user's interactions by time, and its "
                            f"header {names} has no timestamp field")
     rows = read_delimited_interactions(spark, inter_path, "\t", True, columns, header_parser=atomic_header_name)
