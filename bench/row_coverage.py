@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
+from bench.cli import at_least
 from bench.full_graph_lightgcn import normalised_graph
 from darec_dist.data.dataset import PreparedDataset
 
@@ -26,7 +27,7 @@ from darec_dist.data.dataset import PreparedDataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--sample", type=int, default=200)
+    parser.add_argument("--sample", type=at_least(1), default=200)
     args = parser.parse_args()
     dataset = PreparedDataset.open(args.data, verify_checksums=False)
     # The exact rows to compare with are the dataset's own: another layer count measures other rows.

@@ -99,7 +99,7 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
 def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0) -> None:
     """Swap a finished directory into place, once its readers (reading_lock) are done or after `reader_wait`
     seconds. The one it replaces is removed only after the swap; one left by a process killed between the two
-    renames (a hidden `.<name>.old-*`) is put back by a resume (checkpoint.restore_interrupted_swap), or else
+    renames (a hidden `.<name>.old-*`) is put back by a resume (checkpoint.recover_interrupted_writes), or else
     removed by the next swap."""
     retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     if final.exists():

@@ -199,16 +199,21 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
 def check_trained_on(cfg: ExperimentConfig, run_dir: Path, record: dict, asked_cfg: TrainConfig) -> None:
     """A finished run counts only on the dataset it trained on: one re-prepared in place (the same data.path, so the
     same config) has another split, graph or embeddings, and the run's numbers are not its. A results.json written
-    before it recorded the fingerprint is compared by config only."""
+    before it recorded the fingerprint is compared by its embedding model only."""
     trained_on = record.get("dataset_fingerprint")
-    if trained_on is None:
-        return
     if not resolve_path(asked_cfg.data.path).is_dir():  # moved or deleted since: the finished runs still tabulate
         print(f"warning: {run_dir}: its dataset {asked_cfg.data.path} is gone, so which one it trained on is not checked",
               file=sys.stderr)
         return
     # (training=False: a finished run is not fed again, so only the dataset itself is checked, not this world size)
     dataset = open_dataset(asked_cfg, cfg.nproc, verify_checksums=False, training=False)
+    if trained_on is None:
+        model = dataset.manifest["embedding"]["model"]
+        if record.get("embedding_model", model) != model:
+            raise ConfigError(f"{run_dir}: finished with LLM embeddings of {record['embedding_model']!r} "
+                              f"({run_dir / 'results.json'}), but {dataset.root} now holds {model!r} (re-prepared since?); "
+                              "delete that run or give the experiment another out_dir")
+        return
     if trained_on != dataset.fingerprint:
         raise ConfigError(f"{run_dir}: finished on a dataset with fingerprint {trained_on} ({run_dir / 'results.json'}), "
                           f"but {dataset.root} now has fingerprint {dataset.fingerprint} (re-prepared since?), so its "

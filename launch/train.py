@@ -386,7 +386,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         identity = checkpoint.identity(cfg, dataset)
         if resume is not None:
             if env.is_main:  # a job killed while swapping in a new best left the old one aside: put back first
-                checkpoint.restore_interrupted_swap(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+                checkpoint.recover_interrupted_writes(run_dir)
             if env.world_size > 1:
                 torch.distributed.barrier()
         source = resume_source(run_dir, resume)

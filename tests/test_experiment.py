@@ -232,10 +232,17 @@ def test_a_finished_run_counts_only_on_the_dataset_it_trained_on(small_dataset, 
                                           f"fingerprint {now} .*delete that run or give the experiment another out_dir"):
         run_experiment(cfg)
     assert not (tmp_path / "exp" / "fresh").exists()  # refused before the first run trained
-    # On the dataset it trained on it counts; one written before results.json recorded the fingerprint, as before.
+    # On the dataset it trained on it counts; one written before results.json recorded the fingerprint, by its model.
+    record["embedding_model"] = PreparedDataset.open(small_dataset[0]).manifest["embedding"]["model"]
     for results in ({**record, "dataset_fingerprint": now}, record):
         (run_dir / "results.json").write_text(json.dumps(results))
         assert check_run(cfg, run_dir, cfg.variants["base"], 1) == results
+    # Such a run on other embeddings was refused only at the summary, after the other runs had trained.
+    (run_dir / "results.json").write_text(json.dumps({**record, "embedding_model": "another-encoder"}))
+    with pytest.raises(ConfigError, match=f"variant base, seed 1: {re.escape(str(run_dir))}: finished with LLM embeddings "
+                                          f"of 'another-encoder' .*now holds '{re.escape(record['embedding_model'])}'"):
+        run_experiment(cfg)
+    assert not (tmp_path / "exp" / "fresh").exists()
 
 
 def test_the_table_names_every_embedding_model_of_its_runs():

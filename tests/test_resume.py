@@ -334,7 +334,8 @@ def test_results_name_the_epoch_and_scores_of_the_model_they_test(small_dataset,
 def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(small_dataset, tmp_path):
     root, _ = small_dataset
     command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
-               *SETTINGS, "model.backbone=mf", "train.epochs=40", "train.patience=1", "sparse.lr=0.5", "--resume", "auto"]
+               *SETTINGS, "model.backbone=mf", "train.epochs=40", "train.patience=1", "sparse.lr=0.5", "output.plot=true",
+               "--resume", "auto"]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0 and "early stop" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -351,10 +352,11 @@ def test_a_run_that_stopped_early_is_tested_not_trained_on_when_started_again(sm
     for line in longer.stdout:
         seen.append(line)
         if "training on under train.patience=3" in line:
-            assert not (tmp_path / "results.json").exists() and not (tmp_path / "export").exists()
+            assert not any((tmp_path / name).exists() for name in ("results.json", "results.md", "curves.png", "export"))
             break
     assert longer.wait(timeout=600) == 0 and seen and "training on" in seen[-1], "".join(seen)[-2000:] + longer.stdout.read()[-2000:]
     assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] > results["epochs_run"]
+    assert (tmp_path / "curves.png").exists()
 
 
 def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(tmp_path):
@@ -488,11 +490,13 @@ def test_the_fused_optimizers_step_count_survives_evaluation_and_resume(small_da
 
 
 def test_a_best_model_left_aside_by_a_killed_swap_is_put_back(tmp_path):
-    """The run could not resume ('the run's best model ... cannot be read') though its copy lay beside it."""
-    best = tmp_path / checkpoint.CHECKPOINTS / checkpoint.BEST
+    """The run could not resume ('the run's best model ... cannot be read') though its copy lay beside it; the
+    staging directory of the best never swapped in stayed until the next better model."""
+    root = tmp_path / checkpoint.CHECKPOINTS
+    best = root / checkpoint.BEST
 
     def aside(name, files):
-        path = best.parent / name
+        path = root / name
         path.mkdir(parents=True)
         for file, text in files.items():
             (path / file).write_text(text)
@@ -501,12 +505,14 @@ def test_a_best_model_left_aside_by_a_killed_swap_is_put_back(tmp_path):
     listed = {checkpoint.STATE: "{}", checkpoint.FILES: "{}", checkpoint.COMPLETE: ""}
     moved = aside(f".{checkpoint.BEST}.old-1a2b3c4d", listed)  # what replace_dir's first rename leaves
     half_removed = aside(f".{checkpoint.BEST}.old-5e6f7a8b", {checkpoint.COMPLETE: ""})  # newer, but damaged
-    aside(f".tmp-{checkpoint.BEST}", listed)  # the new one, never swapped in
-    checkpoint.restore_interrupted_swap(best)
-    assert best.is_dir() and not moved.exists() and half_removed.is_dir()
+    staging = aside(f".tmp-{checkpoint.BEST}", listed)  # the new one, never swapped in
+    checkpoint.recover_interrupted_writes(tmp_path)
+    assert best.is_dir() and not moved.exists()
     checkpoint.check_complete(best)
-    checkpoint.restore_interrupted_swap(best)  # in place: nothing moves
-    assert half_removed.is_dir()
+    assert not half_removed.exists() and not staging.exists()
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint.BEST]
+    checkpoint.recover_interrupted_writes(tmp_path)  # in place: nothing moves
+    assert best.is_dir()
 
 
 def test_a_checkpoint_being_read_is_not_pruned(tmp_path):

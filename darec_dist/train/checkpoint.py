@@ -104,9 +104,9 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     except (OSError, RuntimeError, CheckpointException) as err:
         if isinstance(err, dist.DistError) or not (isinstance(err, OSError) or any(w in str(err) for w in WRITE_FAILURES)):
             raise
-        free = shutil.disk_usage(root).free / 2**20
         if rank == 0:  # the space its parts hold, which the next attempt needs
             shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**20
         cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
         raise CheckpointWriteError(f"{staging}: writing the checkpoint failed ({cause[0].strip()}); {free:,.0f} MiB free "
                                    "there. The run's last complete checkpoint is kept: free space, then resume with "
@@ -145,17 +145,21 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if _STEP_NAME.match(p.name)) if root.is_dir() else []
 
 
-def restore_interrupted_swap(final: Path) -> None:
-    """Put back the checkpoint a job killed between replace_dir's two renames had moved aside (`final` is then
-    missing, the one it replaced lies hidden beside it): what the run's step checkpoints say of `final` was written
-    for that one. Call it where no job writes (a resume, holding the run_dir's lock), from one process."""
-    if final.exists():
-        return
-    moved = sorted(final.parent.glob(f".{glob.escape(final.name)}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in moved:  # newest first; one half-removed by a killed clean-up is damaged
-        if (old / COMPLETE).exists() and damage(old) is None:
-            os.replace(old, final)
-            return
+def recover_interrupted_writes(run_dir: str | Path) -> None:
+    """Undo what a job killed while writing checkpoints left behind. The best model that a kill between replace_dir's
+    two renames moved aside (`best` is then missing, the one it replaced lies hidden beside it) is put back: what the
+    run's step checkpoints say of `best` was written for that one. Then the staging directories and retired copies
+    go (the space they hold). Call it where no job writes (a resume, holding the run_dir's lock), from one process."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / BEST
+    if not final.exists():
+        moved = sorted(root.glob(f".{BEST}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in moved:  # newest first; one half-removed by a killed clean-up is damaged
+            if (old / COMPLETE).exists() and damage(old) is None:
+                os.replace(old, final)
+                break
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".*.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def newer_than(run_dir: str | Path, global_step: int) -> list[Path]:

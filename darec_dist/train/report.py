@@ -77,9 +77,9 @@ def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
 
 
 def drop_results(run_dir: Path) -> None:
-    """Remove a finished run's results and export before it trains on: a resume killed before its own would leave
+    """Remove a finished run's results, curves and export before it trains on: a resume killed before its own would leave
     them beside newer checkpoints and metrics, and be taken for a finished run of what it had become."""
-    for name in ("results.json", "results.md"):
+    for name in ("results.json", "results.md", "curves.png"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "export", ignore_errors=True)
 
