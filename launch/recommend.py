@@ -5,7 +5,8 @@
 
 Scores are user vector . item vector over RUN_DIR/export (the vectors the run ranked by when it
 tested its best model); items in the user's train split are left out unless --keep-seen, as in
-evaluation, so these lists are the ones the run's test metrics were computed from.
+evaluation, so these lists are the ones the run's test metrics were computed from (for every user, or for the
+sample eval.max_users drew).
 """
 
 from __future__ import annotations
@@ -151,14 +152,25 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
                                "give --data the dataset the run trained on")
         seen = dataset.interactions("train")
     items, scores = top_items(users, user_vectors, item_vectors, k, seen)
-    # Fewer than k unseen items leave -inf scores at the end of a row: those are not recommendations.
+    table, unserved = recommendation_table(user_raw.to_numpy()[users], item_raw.to_numpy(), items, scores)
+    if len(unserved):  # absent from the table, which would not say why
+        more = f" and {len(unserved) - 10} more" if len(unserved) > 10 else ""
+        print(f"note: nothing to recommend to user(s) {', '.join(map(str, unserved[:10]))}{more}: every item is among "
+              "their train items (--keep-seen ranks those too)", file=sys.stderr)
+    return table
+
+
+def recommendation_table(users: np.ndarray, item_raw: np.ndarray, items: np.ndarray, scores: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """The (user, rank, item, score) rows of top_items' lists for `users` (original ids), and the users whose list is
+    empty. Fewer than k unseen items leave -inf scores at the end of a row: those are not recommendations."""
     valid = np.isfinite(scores)
-    return pd.DataFrame({
-        "user": np.repeat(user_raw.to_numpy()[users], items.shape[1])[valid.ravel()],
+    table = pd.DataFrame({
+        "user": np.repeat(users, items.shape[1])[valid.ravel()],
         "rank": np.tile(np.arange(1, items.shape[1] + 1), len(users))[valid.ravel()],
-        "item": item_raw.to_numpy()[items[valid]],
+        "item": item_raw[items[valid]],
         "score": scores[valid],
     })
+    return table, users[~valid.any(axis=1)]
 
 
 # --out's formats, by the file's suffix.

@@ -33,7 +33,7 @@ from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path, what_a_run_computes
-from darec_dist.train.evaluate import evaluate, gathered_blocks
+from darec_dist.train.evaluate import evaluate, evaluated_users, gathered_blocks
 from darec_dist.train.lock import exclusive_run_dir
 from darec_dist.train.metrics import metric_names
 from darec_dist.train.trainer import Trainer
@@ -353,6 +353,7 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
     best = checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)["best"]  # no optimizer state
     trainer.set_train(False)
     test = evaluate(trainer, "test", env.world_size, env.rank)
+    sampled = evaluated_users(trainer.dataset.num_users, cfg.eval.max_users)
     results = {
         "best_epoch": best["epoch"],
         "monitor": cfg.eval.monitor if cfg.eval.validate else None,
@@ -362,6 +363,8 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "seconds_per_epoch": seconds_per_epoch(state, env.world_size),
         "steps_per_epoch": epoch_steps(trainer, cfg, env, 0),
         "world_size": env.world_size,
+        # Validation and test covered this seeded sample of users only (eval.max_users; null: every user).
+        "sampled_users": len(sampled) if len(sampled) < trainer.dataset.num_users else None,
         "backbone": cfg.model.backbone,
         "align": cfg.align.method,
         "dataset": str(trainer.dataset.root),

@@ -10,9 +10,9 @@ import pytest
 
 from darec_dist.config import ConfigError
 from darec_dist.data import layout
-from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.data.dataset import CSR, DatasetError, PreparedDataset
 from darec_dist.train import checkpoint
-from launch.recommend import main, recommend
+from launch.recommend import main, recommend, recommendation_table, top_items
 
 USERS, ITEMS, DIM = 4, 6, 3
 
@@ -41,6 +41,18 @@ def test_a_repeated_user_is_listed_once_in_the_order_first_given(tmp_path, capsy
     assert main([str(tmp_path), "--keep-seen", "--k", "2", "--users", "user2", "user1", "user2"]) == 0
     users = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert users == ["user2", "user2", "user1", "user1"]
+
+
+def test_users_without_an_unseen_item_are_named_not_silently_absent():
+    """A user with every item in train got no row: alone, a bare empty table; among others, silently missing."""
+    rng = np.random.default_rng(1)
+    users, item_vectors = rng.normal(size=(3, DIM)).astype(np.float32), rng.normal(size=(ITEMS, DIM)).astype(np.float32)
+    seen = CSR(indptr=np.array([0, ITEMS, ITEMS + 2, ITEMS + 2]), indices=np.array([*range(ITEMS), 0, 5]))
+    items, scores = top_items(np.arange(3), users, item_vectors, ITEMS, seen)
+    table, unserved = recommendation_table(np.array(["a", "b", "c"]), np.array([f"item{i}" for i in range(ITEMS)]), items, scores)
+    assert list(unserved) == ["a"]
+    assert table.groupby("user").size().to_dict() == {"b": ITEMS - 2, "c": ITEMS}
+    assert not set(table[table.user == "b"].item) & {"item0", "item5"}
 
 
 def test_out_writes_the_format_its_suffix_names(tmp_path, capsys):

@@ -62,7 +62,8 @@ class EvalConfig:
     # false: no validation (for a refit on all of train, e.g. a dataset prepared with split.val_from_train=0):
     # exactly train.epochs epochs, then the final model is tested; take the epoch count from a validated run.
     validate: bool = True
-    # Evaluate a fixed, seeded sample of this many users (null: all users); for very large user sets.
+    # Validate and test on a fixed, seeded sample of this many users (null: all users); for very large user sets.
+    # results.json's sampled_users and results.md say so; export/ and launch/recommend.py still cover every user.
     max_users: int | None = None
     user_chunk: int = 1024
     node_chunk: int = 8192

@@ -65,7 +65,9 @@ def markdown_table(results: dict, ks: list[int]) -> str:
     chosen = "best epoch" if results.get("val") else "final epoch (no validation)"
     timed = results.get("seconds_per_epoch")
     pace = f"{timed:.2f} s/epoch" if timed is not None else "no epoch run at this world size"
-    header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {pace}\n\n"
+    sampled = results.get("sampled_users")
+    scope = f"; validation and test over a seeded sample of {sampled} users (eval.max_users)" if sampled else ""
+    header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {pace}{scope}\n\n"
     return header + metrics_table({split: results.get(split) for split in ("val", "test")}, ks)
 
 
