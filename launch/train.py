@@ -85,8 +85,7 @@ def seconds_per_epoch(state: dict, world_size: int) -> float | None:
     """Mean time of the epochs run at this world size (a run resumed at another size ran some at that one);
     None when there are none."""
     seconds = state["epoch_seconds"]
-    sizes = state.get("epoch_world_sizes", [])
-    sizes = [world_size] * (len(seconds) - len(sizes)) + sizes  # checkpoints from before sizes were kept
+    sizes = state["epoch_world_sizes"]
     timed = [s for s, size in zip(seconds, sizes) if size == world_size]
     return sum(timed) / len(timed) if timed else None
 
@@ -180,19 +179,22 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     on column-wise tables (each column shard keeps its own per-row state).
     """
     saved = checkpoint.loop_state(source)
+    missing = sorted({*fresh_state(world_size, {}, settings), checkpoint.TABLE_STEPS} - set(saved))
+    if missing:
+        raise ConfigError(f"{source}: written by an earlier darec-dist (its {checkpoint.STATE} lacks {', '.join(missing)}), "
+                          "so a resume cannot be checked against it; start another run_dir (launch/evaluate.py reads its weights)")
     tables, seed, selection = settings["tables"], settings["seed"], settings["selection"]
-    written_by = saved.get("world_size", world_size)  # checkpoints from before this key: assume the same
-    saved_tables = saved.get("tables", tables)  # likewise
-    if saved.get("seed", seed) != seed:
+    written_by, saved_tables = saved["world_size"], saved["tables"]
+    if saved["seed"] != seed:
         # Its batches and random streams came from that seed: another would make a run that no seed reproduces.
         raise ConfigError(f"{source}: written by a run with seed={saved['seed']}; resume it with that seed (or start another run_dir)")
-    changed = {f"eval.{key}": value for key, value in saved.get("selection", selection).items() if selection[key] != value}
+    changed = {f"eval.{key}": value for key, value in saved["selection"].items() if selection[key] != value}
     if changed:
         raise ConfigError(
             f"{source}: its best epoch was chosen with other evaluation settings; resume it with "
             + " ".join(f"{key}={as_override(value)}" for key, value in changed.items()) + " (or start another run_dir)"
         )
-    zero_stage = saved.get("zero_stage", settings["zero_stage"])  # checkpoints from before this key: assume the same
+    zero_stage = saved["zero_stage"]
     if zero_stage != settings["zero_stage"]:
         # DeepSpeed saves each stage's optimizer state in its own layout: another stage finds no file, or None, to load.
         raise ConfigError(
@@ -211,17 +213,16 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
             "resume with those"
         )
-    changed = {key: value for key, value in saved.get("stream", settings["stream"]).items() if settings["stream"][key] != value}
+    changed = {key: value for key, value in saved["stream"].items() if settings["stream"][key] != value}
     if saved["step_in_epoch"] and changed:
         raise ConfigError(
             f"{source}: written inside epoch {saved['epoch']} (step {saved['step_in_epoch']}), whose position counts batches "
             "of its loader; resume it with " + " ".join(f"loader.{key}={as_override(value)}" for key, value in changed.items())
             + ", or from a checkpoint taken at an epoch's end"
         )
-    saved_config = saved.get("config")  # checkpoints from before this key: the checks above only
-    if saved_config is not None and "config" in settings:
+    if "config" in settings:  # (always, but in tests of the other checks)
         # A key added to the config since the checkpoint was written is not a change of this run's.
-        changed = [d for d in differences(with_defaults(saved_config, settings["config"]), settings["config"])
+        changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
                    if not d.startswith(RESUME_MAY_CHANGE)]
         if changed:
             more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -406,21 +407,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
         state = fresh_state(env.world_size, identity, settings)
         if source is not None:
-            # Keys checked above (equal where saved), written on: a checkpoint from before a key gains it.
+            # What was checked above (equal, or a change a resume may make) is written on as it is now.
             state = checkpoint.load(trainer, source) | {"world_size": env.world_size, "identity": identity, **settings}
-            stopped_before = state.get("stopped")
+            stopped_before = state["stopped"]
             if stopped_before:  # judged again by this config: a larger train.patience or min_epochs trains on
                 state["stopped"] = patience_spent(state, cfg)
             if env.is_main:
                 print(f"resumed from {source} at epoch {state['epoch']}, step {state['step_in_epoch']}", flush=True)
                 # Epochs after the checkpoint were run (and logged) by the attempt that died: they are run again.
                 report.keep_metrics_before(run_dir, state["epoch"])
-                if state["epoch"] < cfg.train.epochs and not state.get("stopped"):
+                if state["epoch"] < cfg.train.epochs and not state["stopped"]:
                     report.drop_results(run_dir)
                 for stale in checkpoint.newer_than(run_dir, state["global_step"]):  # damaged or incomplete: written again
                     print(f"removing {stale}: newer than the checkpoint resumed, and damaged or incomplete", flush=True)
                     shutil.rmtree(stale, ignore_errors=True)
-                if state.get("stopped"):
+                if state["stopped"]:
                     print(f"the run stopped early at epoch {state['epoch'] - 1}: testing its best model", flush=True)
                 elif stopped_before and state["epoch"] < cfg.train.epochs:
                     print(f"the run stopped early at epoch {state['epoch'] - 1} after {state['bad_evals']} evaluations without a "
@@ -429,13 +430,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         elif env.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
-        earlier = state.get("wall_seconds", 0.0)  # checkpoints written before this key have none
+        earlier = state["wall_seconds"]
 
-        while state["epoch"] < cfg.train.epochs and not state.get("stopped"):
+        while state["epoch"] < cfg.train.epochs and not state["stopped"]:
             started = time.perf_counter()
             losses = train_epoch(trainer, cfg, env, state, run_dir)
             state["epoch_seconds"].append(time.perf_counter() - started)
-            state.setdefault("epoch_world_sizes", []).append(env.world_size)
+            state["epoch_world_sizes"].append(env.world_size)
             epoch = state["epoch"]
             if "tables" not in memory_mib:  # fixed once the first step has created every optimizer's state
                 tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB

@@ -31,6 +31,13 @@ def settings(tables, seed=1, selection=SELECTION, stream=STREAM, zero_stage=0):
     return {"tables": tables, "zero_stage": zero_stage, "seed": seed, "selection": selection, "stream": stream}
 
 
+def saved_state(tables, **changes):
+    """A checkpoint's loop state as launch/train.py writes it, by 2 processes under settings(tables), with `changes`."""
+    from launch.train import fresh_state
+
+    return {**fresh_state(2, {}, settings(tables)), checkpoint.TABLE_STEPS: 0, **changes}
+
+
 def torchrun(dataset, run_dir, *extra):
     # One restart: the resumed attempt must come up at once (each attempt has its own store prefix).
     command = [
@@ -134,7 +141,7 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
     ]
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     for step_in_epoch, world_size, zero_stage, refusal in cases:
-        state = {"epoch": 3, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam, "zero_stage": zero_stage}
+        state = saved_state(adam, epoch=3, step_in_epoch=step_in_epoch, zero_stage=zero_stage)
         (path / checkpoint.STATE).write_text(json.dumps(state))
         if refusal:
             with pytest.raises(ConfigError, match=refusal):
@@ -143,8 +150,7 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
             check_resumable(path, world_size, settings(adam, zero_stage=zero_stage))
     # Another stage at any world size: DeepSpeed finds no state file (stage 0 after 2) or None to load (2 after 0).
     for saved, now in ((0, 2), (2, 0)):
-        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam,
-                                                        "zero_stage": saved}))
+        (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, zero_stage=saved)))
         with pytest.raises(ConfigError, match=rf"saved by DeepSpeed's ZeRO stage {saved}; resume it with that stage "
                                               rf"\(dense.deepspeed_config=configs/deepspeed/zero{saved}.json\)"):
             check_resumable(path, 2, settings(adam, zero_stage=now))
@@ -161,8 +167,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     other = {**STREAM, "batch_size": 512, "shuffle_buffer": 0}
     for step_in_epoch in (0, 20):
-        (path / checkpoint.STATE).write_text(json.dumps({"epoch": 0, "step_in_epoch": step_in_epoch, "world_size": 2, "tables": adam,
-                                                          "stream": STREAM}))
+        (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, step_in_epoch=step_in_epoch)))
         check_resumable(path, 2, settings(adam))
         if step_in_epoch == 0:  # at an epoch's end the next epoch starts its stream afresh
             check_resumable(path, 2, settings(adam, stream=other))
@@ -185,8 +190,7 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "seed": 1,
-                                                      "selection": SELECTION}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
     check_resumable(path, 2, settings(adam, selection=dict(SELECTION)))
     for key, value, shown in [("monitor", "ndcg@10", "eval.monitor=recall@20"), ("ks", [10, 50], "eval.ks=[5,10,20]"),
                               ("validate", False, "eval.validate=true"), ("max_users", 500, "eval.max_users=null")]:
@@ -209,18 +213,16 @@ def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tm
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam,
-                                                      "config": config()}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=config())))
     for allowed in (["train.epochs=500", "train.patience=50", "train.min_epochs=9"], ["loader.num_workers=4", "device=cpu"],
                     ["data.path=elsewhere", "data.verify_checksums=false", "output.plot=false", "eval.item_block=512"],
                     ["sparse.sharding=table_wise", "checkpoint.keep=9", "train.progress_bar=false", "run_dir=r"]):
         check_resumable(path, 2, {**settings(adam), "config": config(*allowed)})
     saved = config()
     del saved["sparse"]["lr"]  # a key the config gained after the checkpoint was written: no change of this run's
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam, "config": saved}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=saved)))
     check_resumable(path, 2, {**settings(adam), "config": config("sparse.lr=0.5")})
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 3, "step_in_epoch": 0, "world_size": 2, "tables": adam,
-                                                      "config": config()}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=config())))
     for changed, shown in ((["sparse.lr=0.5"], "sparse.lr: 0.001 -> 0.5"), (["loader.batch_size=512"], "loader.batch_size: 4096 -> 512"),
                            (["dense.lr=0.1", "train.eval_every=2"], "dense.lr: None -> 0.1; train.eval_every: 1 -> 2")):
         with pytest.raises(ConfigError, match=re.escape(f"trained with other settings (checkpoint -> now): {shown}; resume with")):
@@ -235,7 +237,7 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1)))
     check_resumable(path, 2, settings(column_wise))
     with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
         check_resumable(path, 2, settings({**column_wise, "optimizer": "adagrad"}))
@@ -243,7 +245,7 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
         check_resumable(path, 1, settings(column_wise))  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
         check_resumable(path, 2, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "world_size": 2, "tables": column_wise, "seed": 7}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1, seed=7)))
     with pytest.raises(ConfigError, match="written by a run with seed=7; resume it with that seed"):
         check_resumable(path, 2, settings(column_wise))
 
@@ -373,8 +375,6 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
     path.mkdir()
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0}))
-    checkpoint.check_identity(path, identity("model.backbone=lightgcn"))  # written before checkpoints recorded it
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": identity()}))
     checkpoint.check_identity(path, identity("train.epochs=9", "sparse.lr=0.5"))  # the loop may change, not the model
     refusals = [
@@ -387,12 +387,6 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
     for current, refusal in refusals:
         with pytest.raises(ConfigError, match=refusal):
             checkpoint.check_identity(path, current)
-    shape_only = identity()
-    del shape_only["dataset"]["fingerprint"]  # written before identities held it: the shape is checked
-    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": shape_only}))
-    checkpoint.check_identity(path, identity(fingerprint="b2"))
-    with pytest.raises(ConfigError, match="dataset.users: 943 -> 40"):
-        checkpoint.check_identity(path, identity(users=40, fingerprint="b2"))
 
 
 def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_path):
@@ -530,8 +524,9 @@ def test_a_checkpoint_being_read_is_not_pruned(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(9)]
 
 
-def test_a_checkpoint_from_before_the_selection_key_gains_it_on_resume(small_dataset, tmp_path):
-    """A resume writes the keys it checks on, so a run begun before a key existed is checked from its next checkpoint."""
+def test_a_checkpoint_lacking_a_key_a_resume_checks_is_refused_naming_it(small_dataset, tmp_path):
+    """One written by an earlier darec-dist cannot be checked for a resume: refused naming what it lacks, not
+    resumed on assumed values (which every check used to fill in for itself)."""
     root, _ = small_dataset
     command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
                *SETTINGS, "model.backbone=mf"]
@@ -539,11 +534,11 @@ def test_a_checkpoint_from_before_the_selection_key_gains_it_on_resume(small_dat
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     old = checkpoint.latest(tmp_path)
     state = json.loads((old / checkpoint.STATE).read_text())
-    del state["selection"]  # as a checkpoint written before the key
+    del state["selection"], state[checkpoint.TABLE_STEPS]
     (old / checkpoint.STATE).write_text(json.dumps(state))
     sizes = json.loads((old / checkpoint.FILES).read_text())
     (old / checkpoint.FILES).write_text(json.dumps({**sizes, checkpoint.STATE: (old / checkpoint.STATE).stat().st_size}))
     again = subprocess.run([*command, "train.epochs=2", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and f"resumed from {old}" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
-    newest = checkpoint.latest(tmp_path)
-    assert newest != old and checkpoint.loop_state(newest)["selection"] == SELECTION
+    assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (f"{old}: written by an earlier darec-dist (its state.json lacks selection, {checkpoint.TABLE_STEPS}), so a "
+            "resume cannot be checked against it; start another run_dir") in again.stderr, again.stderr[-2000:]

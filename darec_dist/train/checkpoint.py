@@ -9,7 +9,6 @@ later (a file deleted or truncated) is refused by name, and skipped by `latest()
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -33,6 +32,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 STATE = "state.json"
 FILES = "files.json"
+TABLE_STEPS = "table_optimizer_step"  # the fused optimizer's step count, kept beside the loop state
 BEST = "best"
 _STEP_NAME = re.compile(r"^step-(\d+)$")
 
@@ -113,7 +113,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
                                    "--resume auto") from err
     _barrier()
     if rank == 0:
-        (staging / STATE).write_text(json.dumps({**state, "table_optimizer_step": trainer.tables.optimizer_step}, indent=2))
+        (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: trainer.tables.optimizer_step}, indent=2))
         sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
         (staging / FILES).write_text(json.dumps(sizes, indent=1))
         (staging / COMPLETE).write_text("")
@@ -217,11 +217,7 @@ def identity(cfg, dataset) -> dict:
 
 def check_identity(path: str | Path, current: dict) -> None:
     """Refuse a checkpoint written for another model config or dataset, naming the keys that differ."""
-    saved = loop_state(path).get("identity")
-    if saved is None:  # written before checkpoints recorded it
-        return
-    if "fingerprint" not in saved["dataset"]:  # written before the identity held it: the shape only
-        current = {**current, "dataset": {k: v for k, v in current["dataset"].items() if k != "fingerprint"}}
+    saved = loop_state(path)["identity"]
     differ = differences(saved, current)
     if differ:
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
@@ -285,8 +281,7 @@ def load(trainer, path: str | Path) -> dict:
     if "table_optim" in state:
         optimizer.load_state_dict(state["table_optim"])
     saved = loop_state(path)
-    if "table_optimizer_step" in saved:  # checkpoints from before it was kept: the count restarts
-        trainer.tables.set_optimizer_step(saved["table_optimizer_step"])
+    trainer.tables.set_optimizer_step(saved[TABLE_STEPS])
     if trainer.engine is not None:
         loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine")
         if loaded is None:
