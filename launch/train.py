@@ -220,18 +220,17 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             "of its loader; resume it with " + " ".join(f"loader.{key}={as_override(value)}" for key, value in changed.items())
             + ", or from a checkpoint taken at an epoch's end"
         )
-    if "config" in settings:  # (always, but in tests of the other checks)
-        # A key added to the config since the checkpoint was written is not a change of this run's.
-        changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
-                   if not d.startswith(RESUME_MAY_CHANGE)]
-        if changed:
-            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
-            raise ConfigError(
-                f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
-                f"(checkpoint -> now): {'; '.join(changed[:6])}{more}; resume with the run's settings (its config.yaml), or "
-                "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
-                "loader.num_workers, data.*, device, the sharding, eval's chunk sizes, checkpoint.* and output.*"
-            )
+    # A key added to the config since the checkpoint was written is not a change of this run's.
+    changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
+               if not d.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise ConfigError(
+            f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
+            f"(checkpoint -> now): {'; '.join(changed[:6])}{more}; resume with the run's settings (its config.yaml), or "
+            "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
+            "loader.num_workers, data.*, device, the sharding, eval's chunk sizes, checkpoint.* and output.*"
+        )
     if written_by == world_size:
         return
     if saved["step_in_epoch"]:

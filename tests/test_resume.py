@@ -26,9 +26,18 @@ SELECTION = {"monitor": "recall@20", "ks": [5, 10, 20], "validate": True, "max_u
 STREAM = {"batch_size": 2048, "shuffle_buffer": 65536, "num_negatives": 1, "reject_train_positives": True, "num_workers": 1}
 
 
-def settings(tables, seed=1, selection=SELECTION, stream=STREAM, zero_stage=0):
+def run_config(*overrides):
+    """What a run of the default config with these overrides computes (resume_settings' "config")."""
+    from darec_dist.config import load_config, to_dict
+    from darec_dist.train.config import TrainConfig, what_a_run_computes
+
+    return what_a_run_computes(to_dict(load_config(TrainConfig, "configs/train/default.yaml", ["data.path=d", *overrides])))
+
+
+def settings(tables, seed=1, selection=SELECTION, stream=STREAM, zero_stage=0, config=None):
     """launch/train.py's resume_settings, spelled out."""
-    return {"tables": tables, "zero_stage": zero_stage, "seed": seed, "selection": selection, "stream": stream}
+    return {"tables": tables, "zero_stage": zero_stage, "seed": seed, "selection": selection, "stream": stream,
+            "config": run_config() if config is None else config}
 
 
 def saved_state(tables, **changes):
@@ -201,32 +210,27 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
 def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tmp_path):
     """A resume with another learning rate trained on (or, on a finished run, did nothing) and rewrote config.yaml
     with it: the run's epochs came from two configs, or none from the one it named."""
-    from darec_dist.config import load_config, to_dict
-    from darec_dist.train.config import TrainConfig, what_a_run_computes
     from launch.train import check_resumable
-
-    def config(*overrides):
-        return what_a_run_computes(to_dict(load_config(TrainConfig, "configs/train/default.yaml", ["data.path=d", *overrides])))
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
-    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=config())))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
     for allowed in (["train.epochs=500", "train.patience=50", "train.min_epochs=9"], ["loader.num_workers=4", "device=cpu"],
                     ["data.path=elsewhere", "data.verify_checksums=false", "output.plot=false", "eval.item_block=512"],
                     ["sparse.sharding=table_wise", "checkpoint.keep=9", "train.progress_bar=false", "run_dir=r"]):
-        check_resumable(path, 2, {**settings(adam), "config": config(*allowed)})
-    saved = config()
+        check_resumable(path, 2, settings(adam, config=run_config(*allowed)))
+    saved = run_config()
     del saved["sparse"]["lr"]  # a key the config gained after the checkpoint was written: no change of this run's
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=saved)))
-    check_resumable(path, 2, {**settings(adam), "config": config("sparse.lr=0.5")})
-    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=config())))
+    check_resumable(path, 2, settings(adam, config=run_config("sparse.lr=0.5")))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
     for changed, shown in ((["sparse.lr=0.5"], "sparse.lr: 0.001 -> 0.5"), (["loader.batch_size=512"], "loader.batch_size: 4096 -> 512"),
                            (["dense.lr=0.1", "train.eval_every=2"], "dense.lr: None -> 0.1; train.eval_every: 1 -> 2")):
         with pytest.raises(ConfigError, match=re.escape(f"trained with other settings (checkpoint -> now): {shown}; resume with")):
-            check_resumable(path, 2, {**settings(adam), "config": config(*changed)})
+            check_resumable(path, 2, settings(adam, config=run_config(*changed)))
 
 
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
