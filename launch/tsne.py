@@ -55,14 +55,20 @@ def representations(
                 "l_sp": darec.llm_specific(llm),
                 "l_sh": darec.llm_shared(llm),
             }
-            # Mean entropy of the shared parts' soft assignments to the centres; log K: every node is
-            # assigned uniformly, and the local term holds without aligning anything.
-            entropy = {}
-            for name in ("c_sh", "l_sh"):
-                q = soft_assignments(parts[name], darec.centres, darec.cfg.cluster_temperature)
-                entropy[name] = -(q * q.clamp_min(1e-12).log()).sum(-1).mean().item()
-            entropy["uniform"] = float(np.log(darec.cfg.clusters))
-        return {name: z.numpy() for name, z in parts.items()}, entropy
+        return {name: z.numpy() for name, z in parts.items()}, assignment_entropy(darec, parts)
+
+
+@torch.no_grad()
+def assignment_entropy(darec, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean entropy of the shared parts' soft assignments to their centres, and log K ("uniform"): at log K every
+    node is assigned uniformly, and the local term holds without aligning anything. Matched centres are per side."""
+    centres = {"c_sh": darec.collab_centres if darec.cfg.centres == "matched" else darec.centres, "l_sh": darec.centres}
+    entropy = {}
+    for name in ("c_sh", "l_sh"):
+        q = soft_assignments(parts[name], centres[name], darec.cfg.cluster_temperature)
+        entropy[name] = -(q * q.clamp_min(1e-12).log()).sum(-1).mean().item()
+    entropy["uniform"] = float(np.log(darec.cfg.clusters))
+    return entropy
 
 
 def image_formats() -> list[str]:
@@ -123,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out) as tmp:
         fig.savefig(tmp, dpi=110)
     print(f"wrote {args.out}")

@@ -579,3 +579,16 @@ def test_a_time_ordered_split_of_a_recbole_file_without_timestamps_is_refused_be
           rf"{re.escape(str(raw / 'x.inter'))}: split.method=temporal orders each user's interactions by time, and its "
           r"header \['user_id', 'item_id'\] has no timestamp field")
     assert "[prepare] read done" not in capsys.readouterr().out
+
+
+def test_rows_dropped_from_a_recbole_item_file_are_counted_in_the_manifest(spark, tmp_path):
+    """Only the .inter file's counts reached manifest.malformed_rows; the .item file's dropped rows were logged only."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "x.inter").write_text("user_id:token\titem_id:token\n" + "".join(f"{u}\t{i}\n" for u in range(8) for i in range(8)))
+    items = "".join(f"{i}\tmovie {i}\n" for i in range(8))
+    (raw / "x.item").write_text("item_id:token\ttitle:token_seq\n" + items + "8\tmovie 8\textra field\n")
+    settings = {"source.format": "recbole", "source.path": str(raw), "malformed.max_fraction": 0.2, "shards.factor": 1}
+    manifest = PreparedDataset.open(prepare(small_config(tmp_path / "out", {}, **settings), spark=spark)).manifest
+    assert manifest["malformed_rows"] == {str(raw / "x.inter"): {"rows": 64, "malformed": 0},
+                                          str(raw / "x.item"): {"rows": 9, "malformed": 1}}

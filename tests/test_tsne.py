@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -52,3 +53,19 @@ def test_a_run_whose_dataset_moved_is_pointed_at_it_with_data_path(small_dataset
     done = tsne(str(run_dir), f"data.path={moved}", "--nodes", "8", "--out", str(picture))
     assert done.returncode == 0 and "c_sh: mean pairwise cosine" in done.stdout, done.stderr[-2000:]
     assert picture.stat().st_size > 0
+
+
+def test_matched_centres_assign_each_side_to_its_own():
+    """c_sh was assigned to the LLM side's centres under align.darec.centres=matched, where each side has its own."""
+    import torch
+
+    from darec_dist.models.aligners.darec import DaRec, DaRecConfig
+    from launch.tsne import assignment_entropy
+
+    darec = DaRec(DaRecConfig(centres="matched", clusters=4, cluster_temperature=0.05), collab_dim=8, llm_dim=16)
+    llm_centres, collab_centres = torch.eye(8)[:4], torch.eye(8)[4:]
+    darec.centres.copy_(llm_centres)
+    darec.collab_centres.copy_(collab_centres)
+    # Each side's rows lie on its own centres: both assignments are sharp (entropy near 0, far below log 4).
+    entropy = assignment_entropy(darec, {"c_sh": collab_centres.repeat(5, 1), "l_sh": llm_centres.repeat(5, 1)})
+    assert entropy["c_sh"] < 0.01 and entropy["l_sh"] < 0.01 and entropy["uniform"] == pytest.approx(np.log(4))

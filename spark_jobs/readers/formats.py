@@ -169,15 +169,16 @@ def _read_atomic(spark: SparkSession, cfg: PrepareConfig, log: StageLog, directo
     interactions, report = drop_malformed(rows, cfg.malformed, inter_path, log)
     if columns["timestamp"]:
         refuse_mixed_timestamp_forms(interactions, inter_path)
-    malformed = {inter_path: report.as_dict()}
+    malformed = {inter_path: report}
     files = [inter_path]
     item_text = user_text = None
     item_path, user_path = directory / f"{stem}.item", directory / f"{stem}.user"
     if item_path.is_file():
-        item_text = read_metadata_table(spark, str(item_path), "item_id", "item", cfg.malformed, log)
+        item_text, malformed[str(item_path)] = read_metadata_table(spark, str(item_path), "item_id", "item", cfg.malformed, log)
         files.append(str(item_path))
     if user_path.is_file():
-        user_text = read_metadata_table(spark, str(user_path), "user_id", "user", cfg.malformed, log).drop("title")
+        user_text, malformed[str(user_path)] = read_metadata_table(spark, str(user_path), "user_id", "user", cfg.malformed, log)
+        user_text = user_text.drop("title")
         files.append(str(user_path))
     numeric = _all_integer(interactions)  # RecBole's ids are tokens: "007" is not "7"
     return RawSource(
@@ -249,7 +250,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
         item_text=item_text,
         user_text=user_text,
         user_text_is_profile=user_text is not None,
-        malformed={files[0]: report.as_dict()},
+        malformed={files[0]: report},
     )
 
 
@@ -363,7 +364,7 @@ def read_lightgcn(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> Raw
             ),
         )
         good, report = drop_malformed(lines, cfg.malformed, path, log)
-        malformed[path] = report.as_dict()
+        malformed[path] = report
         exploded = good.select(
             F.col("fields").getItem(0).alias("user"),
             F.explode(F.slice("fields", 2, 1_000_000_000)).alias("item"),

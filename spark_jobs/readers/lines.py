@@ -7,7 +7,6 @@ inside the block plus the line count of the file's earlier blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -83,20 +82,12 @@ def is_number(column) -> F.Column:
     return column.try_cast("double").isNotNull() & ~F.lower(column).isin("nan", "inf", "-inf", "infinity", "-infinity")
 
 
-@dataclass
-class MalformedReport:
-    total: int
-    malformed: int
-
-    def as_dict(self) -> dict[str, int]:
-        return {"rows": self.total, "malformed": self.malformed}
-
-
-def drop_malformed(rows: DataFrame, cfg: MalformedConfig, what: str, log: StageLog) -> tuple[DataFrame, MalformedReport]:
+def drop_malformed(rows: DataFrame, cfg: MalformedConfig, what: str, log: StageLog) -> tuple[DataFrame, dict[str, int]]:
     """`rows` has file, line, value and `problem` (null when the row is fine).
 
     Fails with the first examples by file and line when the malformed fraction
-    exceeds `malformed.max_fraction`; otherwise drops them and reports the count.
+    exceeds `malformed.max_fraction`; otherwise drops them and reports the counts (the manifest's malformed_rows
+    entry of the file: {"rows": n, "malformed": m}).
     """
     rows = rows.cache()
     counts = rows.agg(F.count(F.lit(1)).alias("total"), F.count("problem").alias("bad")).first()
@@ -118,7 +109,7 @@ def drop_malformed(rows: DataFrame, cfg: MalformedConfig, what: str, log: StageL
                 f"malformed.max_fraction={cfg.max_fraction}); first examples:\n{listing}"
             )
         log.log(f"{what}: dropped {bad} malformed rows of {total} ({fraction:.2%}); first examples:\n{listing}")
-    return rows.where(F.col("problem").isNull()), MalformedReport(total=total, malformed=bad)
+    return rows.where(F.col("problem").isNull()), {"rows": total, "malformed": bad}
 
 
 def first_problem(*checks: tuple[F.Column, str | F.Column]) -> F.Column:

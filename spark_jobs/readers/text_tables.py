@@ -99,8 +99,8 @@ def humanise(field_name: str) -> str:
 
 def read_metadata_table(
     spark: SparkSession, path: str, id_field: str, out_id: str, malformed: MalformedConfig, log: StageLog
-) -> DataFrame:
-    """A RecBole-style `.item` / `.user` atomic file -> (out_id, title, text).
+) -> tuple[DataFrame, dict[str, int]]:
+    """A RecBole-style `.item` / `.user` atomic file -> (out_id, title, text), and its malformed-row counts.
 
     The text lists every field as `name: value`, so any metadata a dataset has
     (title, year, genres, tags, description; age, gender, occupation) reaches the encoder.
@@ -118,7 +118,7 @@ def read_metadata_table(
             (count != len(names), F.format_string(f"expected {len(names)} columns, got %d", count)),
         ),
     )
-    body, _ = drop_malformed(body, malformed, path, log)
+    body, report = drop_malformed(body, malformed, path, log)
     values = {name: F.get(F.col("fields"), i) for i, name in enumerate(names)}
     descriptive = [n for n in names if n != id_field]
     text = F.concat_ws("; ", *[F.when(values[n] != "", F.concat(F.lit(humanise(n) + ": "), values[n])) for n in descriptive])
@@ -132,4 +132,4 @@ def read_metadata_table(
         title = F.concat(values[title_field], F.when(values[year_field] != "", F.concat(F.lit(" ("), values[year_field], F.lit(")"))).otherwise(F.lit("")))
     table = body.select(values[id_field].alias(out_id), title.alias("title"), text.alias("text"))
     fail_on_duplicate_ids(table, out_id, path)
-    return table
+    return table, report
