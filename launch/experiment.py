@@ -141,7 +141,7 @@ class RunFailed(RuntimeError):
 
 
 # What summarise reads of every run's results.json.
-RESULTS_KEYS = ("test", "val", "best_epoch", "seconds_per_epoch")
+RESULTS_KEYS = ("test", "val", "best_epoch", "seconds_per_epoch", "monitor", "wall_seconds", "embedding_model", "dataset_fingerprint")
 
 
 def run_settings(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> list[str]:
@@ -198,22 +198,14 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
 
 def check_trained_on(cfg: ExperimentConfig, run_dir: Path, record: dict, asked_cfg: TrainConfig) -> None:
     """A finished run counts only on the dataset it trained on: one re-prepared in place (the same data.path, so the
-    same config) has another split, graph or embeddings, and the run's numbers are not its. A results.json written
-    before it recorded the fingerprint is compared by its embedding model only."""
-    trained_on = record.get("dataset_fingerprint")
+    same config) has another split, graph or embeddings, and the run's numbers are not its."""
+    trained_on = record["dataset_fingerprint"]
     if not resolve_path(asked_cfg.data.path).is_dir():  # moved or deleted since: the finished runs still tabulate
         print(f"warning: {run_dir}: its dataset {asked_cfg.data.path} is gone, so which one it trained on is not checked",
               file=sys.stderr)
         return
     # (training=False: a finished run is not fed again, so only the dataset itself is checked, not this world size)
     dataset = open_dataset(asked_cfg, cfg.nproc, verify_checksums=False, training=False)
-    if trained_on is None:
-        model = dataset.manifest["embedding"]["model"]
-        if record.get("embedding_model", model) != model:
-            raise ConfigError(f"{run_dir}: finished with LLM embeddings of {record['embedding_model']!r} "
-                              f"({run_dir / 'results.json'}), but {dataset.root} now holds {model!r} (re-prepared since?); "
-                              "delete that run or give the experiment another out_dir")
-        return
     if trained_on != dataset.fingerprint:
         raise ConfigError(f"{run_dir}: finished on a dataset with fingerprint {trained_on} ({run_dir / 'results.json'}), "
                           f"but {dataset.root} now has fingerprint {dataset.fingerprint} (re-prepared since?), so its "
@@ -244,19 +236,18 @@ def run_one(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: in
 def summarise(runs: dict[str, list[dict]]) -> dict:
     summary = {}
     for name, records in runs.items():
-        # One variant's seeds share a data.path: other models there mean runs from before a re-prepare in place
-        # (results.json without a fingerprint), and a mean over them compares nothing.
-        models = [r.get("embedding_model") for r in records]
-        if len(set(models)) > 1:
-            counts = ", ".join(f"{model!r} ({models.count(model)} of {len(models)} runs)" for model in dict.fromkeys(models))
-            raise ConfigError(f"variant {name}: its runs' results.json name different embedding models: {counts}; delete "
+        # One variant's seeds share a data.path: other fingerprints there mean runs from before a re-prepare in place
+        # that check_trained_on could not see (the dataset gone since), and a mean over them compares nothing.
+        prints = [r["dataset_fingerprint"] for r in records]
+        if len(set(prints)) > 1:
+            counts = ", ".join(f"{p!r} ({prints.count(p)} of {len(prints)} runs)" for p in dict.fromkeys(prints))
+            raise ConfigError(f"variant {name}: its runs trained on different datasets (fingerprints {counts}); delete "
                               "the runs of the dataset it no longer is and run the experiment again")
         reported = [m for m in records[0]["test"] if "@" in m]  # eval.ks' metrics in results.json's order (not "users")
         test = np.array([[r["test"][m] for m in reported] for r in records])
         summary[name] = {
             "seeds": len(records),
-            # (results.json files written before the key existed come from runs monitored on recall@20)
-            "monitor": records[0].get("monitor", "recall@20" if records[0]["val"] else None),
+            "monitor": records[0]["monitor"],
             "test_mean": dict(zip(reported, test.mean(0).tolist())),
             # One seed has no spread: null, not a std of 0 (which reads as seeds that agreed).
             "test_std": dict(zip(reported, test.std(0, ddof=1).tolist() if len(records) > 1 else [None] * len(reported))),
@@ -264,8 +255,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "val_mean": {m: float(np.mean([r["val"][m] for r in records])) for m in records[0]["val"]},
             "best_epochs": [r["best_epoch"] for r in records],
             "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in records if r["seconds_per_epoch"] is not None] or [np.nan])),
-            "wall_seconds": float(np.sum([r.get("wall_seconds", 0.0) for r in records])),
-            "embedding_model": records[0].get("embedding_model"),
+            "wall_seconds": float(np.sum([r["wall_seconds"] for r in records])),
+            "embedding_model": records[0]["embedding_model"],
         }
     return summary
 

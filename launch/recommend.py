@@ -27,7 +27,7 @@ from darec_dist.config import ConfigError, read_yaml
 from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.files import atomic_path
-from darec_dist.train import checkpoint, report
+from darec_dist.train import report
 from darec_dist.train.config import resolve_path
 from darec_dist.train.evaluate import MAX_SCORES
 from darec_dist.train.metrics import mask_rows, top_k
@@ -67,23 +67,6 @@ def exported_fingerprint(record: Path) -> str:
         return str(json.loads(record.read_text())["fingerprint"])
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{record}: expected JSON with the dataset's fingerprint ({type(err).__name__}: {err})") from None
-
-
-def checkpoint_fingerprint(run_dir: Path) -> tuple[str | None, Path]:
-    """(fingerprint, where it was read): the dataset the run's best model was trained on, as that checkpoint's identity
-    records it; None where there is no best checkpoint or it was written before identities held a fingerprint."""
-    # Only its loop state is read (not checkpoint.loop_state, which refuses a checkpoint whose weights are damaged:
-    # they are not what is read here).
-    state = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST / checkpoint.STATE
-    if not state.is_file():
-        return None, state
-    try:
-        identity = json.loads(state.read_text()).get("identity")
-        fingerprint = identity["dataset"].get("fingerprint") if identity is not None else None
-    except (ValueError, AttributeError, KeyError, TypeError) as err:
-        raise ConfigError(f"{state}: expected the checkpoint's loop state as JSON, its identity naming the dataset "
-                          f"({type(err).__name__}: {err})") from None
-    return (None if fingerprint is None else str(fingerprint)), state
 
 
 def run_data_path(run_dir: Path) -> str:
@@ -142,11 +125,11 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
                     f"{len(raw)}); give --data the dataset the run trained on"
                 )
         record = run_dir / "export" / report.EXPORT_DATASET
-        if record.exists():
-            trained_on = exported_fingerprint(record)
-        else:  # an export from before the record: the run's best checkpoint may name it; where neither does, ids only
-            trained_on, record = checkpoint_fingerprint(run_dir)
-        if trained_on is not None and trained_on != dataset.fingerprint:
+        if not record.is_file():
+            raise ConfigError(f"{record}: missing, so the dataset whose train items to leave out is unknown (an export "
+                              "written by an earlier darec-dist?); --keep-seen ranks without a dataset")
+        trained_on = exported_fingerprint(record)
+        if trained_on != dataset.fingerprint:
             raise DatasetError(f"{dataset.root}: the same ids, but not the dataset the run trained on (fingerprint "
                                f"{dataset.fingerprint}, the run's {trained_on} in {record}: its split or graph differ); "
                                "give --data the dataset the run trained on")

@@ -202,7 +202,8 @@ def write_finished_run(cfg, variant, seed, results):
 
 @pytest.mark.parametrize("damaged, message", [
     ('{"test": {"recall@20": 0.1', "not valid JSON"),  # truncated
-    ("{}", r"missing key\(s\) \['test', 'val', 'best_epoch', 'seconds_per_epoch'\]"),
+    ("{}", r"missing key\(s\) \['test', 'val', 'best_epoch', 'seconds_per_epoch', 'monitor', 'wall_seconds', "
+           r"'embedding_model', 'dataset_fingerprint'\]"),
 ])
 def test_a_finished_run_with_a_damaged_results_json_is_named_to_delete(small_dataset, tmp_path, damaged, message):
     # "fresh" comes first and could train: the damaged run is named before it does.
@@ -225,37 +226,29 @@ def test_a_finished_run_counts_only_on_the_dataset_it_trained_on(small_dataset, 
                            seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
     now = PreparedDataset.open(small_dataset[0]).fingerprint
     record = {"test": {"recall@20": 0.1}, "val": {"recall@20": 0.1}, "best_epoch": 1, "seconds_per_epoch": 1.0,
-              "embedding_model": "id-hash"}
+              "monitor": "recall@20", "wall_seconds": 5.0, "embedding_model": "id-hash"}
     run_dir = write_finished_run(cfg, "base", seed=1, results=json.dumps({**record, "dataset_fingerprint": "0" * 16}))
     with pytest.raises(ConfigError, match=f"variant base, seed 1: {re.escape(str(run_dir))}: finished on a dataset with "
                                           f"fingerprint {'0' * 16} .*but {re.escape(str(small_dataset[0]))} now has "
                                           f"fingerprint {now} .*delete that run or give the experiment another out_dir"):
         run_experiment(cfg)
     assert not (tmp_path / "exp" / "fresh").exists()  # refused before the first run trained
-    # On the dataset it trained on it counts; one written before results.json recorded the fingerprint, by its model.
-    record["embedding_model"] = PreparedDataset.open(small_dataset[0]).manifest["embedding"]["model"]
-    for results in ({**record, "dataset_fingerprint": now}, record):
-        (run_dir / "results.json").write_text(json.dumps(results))
-        assert check_run(cfg, run_dir, cfg.variants["base"], 1) == results
-    # Such a run on other embeddings was refused only at the summary, after the other runs had trained.
-    (run_dir / "results.json").write_text(json.dumps({**record, "embedding_model": "another-encoder"}))
-    with pytest.raises(ConfigError, match=f"variant base, seed 1: {re.escape(str(run_dir))}: finished with LLM embeddings "
-                                          f"of 'another-encoder' .*now holds '{re.escape(record['embedding_model'])}'"):
-        run_experiment(cfg)
-    assert not (tmp_path / "exp" / "fresh").exists()
+    # On the dataset it trained on it counts.
+    (run_dir / "results.json").write_text(json.dumps({**record, "dataset_fingerprint": now}))
+    assert check_run(cfg, run_dir, cfg.variants["base"], 1) == {**record, "dataset_fingerprint": now}
 
 
 def test_the_table_names_every_embedding_model_of_its_runs():
     """The footer named the first variant's model only; variants may train on different datasets (data.path)."""
     def record(model):
         return {"best_epoch": 4, "monitor": "recall@20", "val": {"recall@20": 0.2}, "test": {"recall@20": 0.2},
-                "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": model}
+                "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": model, "dataset_fingerprint": model}
 
     table = markdown(ExperimentConfig(seeds=[1]), summarise({"base": [record("m1")], "darec": [record("m2")], "con": [record("m1")]}))
     assert "LLM embeddings: m1 (base, con); m2 (darec)." in table
     assert "LLM embeddings: m1." in markdown(ExperimentConfig(seeds=[1]), summarise({"base": [record("m1")], "darec": [record("m1")]}))
-    # One variant's seeds on different embeddings (runs from before a re-prepare in place): no mean over them.
-    with pytest.raises(ConfigError, match=r"variant base: its runs' results.json name different embedding models: 'm1' \(1 of 2 runs\), 'm2' \(1 of 2 runs\)"):
+    # One variant's seeds on different datasets (a re-prepare in place, the dataset gone since): no mean over them.
+    with pytest.raises(ConfigError, match=r"variant base: its runs trained on different datasets \(fingerprints 'm1' \(1 of 2 runs\), 'm2' \(1 of 2 runs\)"):
         summarise({"base": [record("m1"), record("m2")]})
 
 
@@ -273,7 +266,7 @@ def test_an_interrupted_run_whose_checkpoints_are_all_damaged_is_named_to_delete
 def test_runs_without_validation_are_tabulated_by_their_final_epoch():
     def record(value):
         return {"best_epoch": 4, "monitor": None, "val": {}, "test": {"recall@20": value, "ndcg@20": value / 2},
-                "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": "id-hash (csv)"}
+                "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": "id-hash (csv)", "dataset_fingerprint": "f"}
 
     summary = summarise({"base": [record(0.2), record(0.3)], "darec": [record(0.3), record(0.3)]})
     assert summary["base"]["val_mean"] == {} and summary["base"]["test_mean"]["recall@20"] == pytest.approx(0.25)
@@ -288,7 +281,7 @@ def test_one_seed_reports_no_std_and_no_empty_gain_table(tmp_path):
     from launch.experiment import SweepConfig, plot_sweep
 
     record = {"best_epoch": 4, "monitor": "recall@20", "val": {"recall@20": 0.2}, "test": {"recall@20": 0.25, "ndcg@20": 0.125},
-              "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": "m1"}
+              "seconds_per_epoch": 1.0, "wall_seconds": 5.0, "embedding_model": "m1", "dataset_fingerprint": "f"}
     summary = summarise({"base": [record]})
     assert summary["base"]["test_std"] == {"recall@20": None, "ndcg@20": None}
     assert json.loads(json.dumps(summary))["base"]["test_std"]["recall@20"] is None  # null in summary.json

@@ -11,7 +11,6 @@ import pytest
 from darec_dist.config import ConfigError
 from darec_dist.data import layout
 from darec_dist.data.dataset import CSR, DatasetError, PreparedDataset
-from darec_dist.train import checkpoint
 from launch.recommend import main, recommend, recommendation_table, top_items
 
 USERS, ITEMS, DIM = 4, 6, 3
@@ -107,34 +106,24 @@ def test_data_with_keep_seen_is_refused(tmp_path, capsys):
     assert stopped.value.code == 2 and "--data is read only to leave the users' train items out" in capsys.readouterr().err
 
 
-def test_an_export_from_before_its_dataset_record_is_checked_by_the_best_checkpoint(small_dataset, tmp_path, capsys):
-    """Without export/dataset.json, a dataset re-prepared with another split (the same ids) left the wrong train
-    items out unnoticed; the run's best checkpoint records the fingerprint of the dataset it trained on."""
+def test_the_train_items_left_out_are_those_of_the_dataset_the_export_came_from(small_dataset, tmp_path, capsys):
+    """A dataset re-prepared with another split (the same ids) left the wrong train items out unnoticed: the export
+    records the fingerprint of the dataset it came from."""
     dataset = PreparedDataset.open(small_dataset[0])
     export = write_export(tmp_path, dataset.num_users, dataset.num_items)
     for kind in ("user", "item"):  # the dataset's ids, as a run exports them
         shutil.copyfile(dataset.root / layout.id_map(kind), export / f"{kind}_ids.parquet")
     data = str(dataset.root)
-    served = recommend(tmp_path, None, k=3, data=data)  # neither record nor checkpoint: the ids are checked only
-    best = tmp_path / checkpoint.CHECKPOINTS / checkpoint.BEST
-    best.mkdir(parents=True)
-    state = best / checkpoint.STATE
-
-    def record(dataset_identity):
-        state.write_text(json.dumps({"epoch": 2, "identity": {"model": {}, "align": {}, "dataset": dataset_identity}}))
-
-    record({"users": dataset.num_users, "items": dataset.num_items})  # written before identities held a fingerprint
-    assert recommend(tmp_path, None, k=3, data=data).equals(served)
-    record({"users": dataset.num_users, "items": dataset.num_items, "fingerprint": dataset.fingerprint})
-    assert recommend(tmp_path, None, k=3, data=data).equals(served)
-    record({"users": dataset.num_users, "items": dataset.num_items, "fingerprint": "0" * 16})  # trained on another split
-    with pytest.raises(DatasetError, match=f"fingerprint {dataset.fingerprint}, the run's {'0' * 16} in {state}"):
+    with pytest.raises(ConfigError, match=f"{export / 'dataset.json'}: missing, so the dataset whose train items to leave out is unknown"):
+        recommend(tmp_path, None, k=3, data=data)
+    (export / "dataset.json").write_text(json.dumps({"fingerprint": "0" * 16}))  # trained on another split
+    with pytest.raises(DatasetError, match=f"fingerprint {dataset.fingerprint}, the run's {'0' * 16} in {export / 'dataset.json'}"):
         recommend(tmp_path, None, k=3, data=data)
     assert main([str(tmp_path), "--data", data]) == 2
     assert "the same ids, but not the dataset the run trained on" in capsys.readouterr().err
-    (export / "dataset.json").write_text(json.dumps({"fingerprint": dataset.fingerprint}))  # the export's own record first
-    assert recommend(tmp_path, None, k=3, data=data).equals(served)
-    (export / "dataset.json").unlink()
-    state.write_text("{")
-    with pytest.raises(ConfigError, match=f"{state}: expected the checkpoint's loop state as JSON"):
+    (export / "dataset.json").write_text(json.dumps({"fingerprint": dataset.fingerprint}))
+    served = recommend(tmp_path, None, k=3, data=data)
+    assert len(served) == 3 * dataset.num_users
+    (export / "dataset.json").write_text("{")
+    with pytest.raises(ConfigError, match=f"{export / 'dataset.json'}: expected JSON with the dataset's fingerprint"):
         recommend(tmp_path, None, k=3, data=data)
