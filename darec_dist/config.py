@@ -107,6 +107,12 @@ def differences(before: dict, after: dict, prefix: str = "") -> list[str]:
     return found
 
 
+def listed(differ: list[str], most: int = 6) -> str:
+    """The first `most` of differences() joined for a message, and how many more there are."""
+    more = f" (and {len(differ) - most} more)" if len(differ) > most else ""
+    return "; ".join(differ[:most]) + more
+
+
 def _where(source: str, key: str) -> str:
     return f"{source}: key {key!r}" if key else source
 

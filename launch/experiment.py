@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from darec_dist.config import ConfigError, differences, load_config, to_dict
+from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train import checkpoint
@@ -185,7 +185,7 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
         changed = differences(what_a_run_computes(ran), what_a_run_computes(asked))
         if changed:
             raise ConfigError(f"{run_dir}: {'finished' if finished else 'interrupted, and would be resumed,'} with other "
-                              f"settings (ran -> asked now): {'; '.join(changed[:6])}; delete that run or give the "
+                              f"settings (ran -> asked now): {listed(changed)}; delete that run or give the "
                               "experiment another out_dir")
         if finished:
             record = read_results(run_dir)

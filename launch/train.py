@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 import torch
 from tqdm import tqdm
 
-from darec_dist.config import ConfigError, differences, load_config, to_dict
+from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch
 from darec_dist.distributed.collectives import all_reduce_sum
@@ -224,10 +224,9 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
                if not d.startswith(RESUME_MAY_CHANGE)]
     if changed:
-        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
         raise ConfigError(
             f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
-            f"(checkpoint -> now): {'; '.join(changed[:6])}{more}; resume with the run's settings (its config.yaml), or "
+            f"(checkpoint -> now): {listed(changed)}; resume with the run's settings (its config.yaml), or "
             "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
             "loader.num_workers, data.*, device, the sharding, eval's chunk sizes, checkpoint.* and output.*"
         )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.train.trainer import Trainer
-from tests.dist_helpers import cpu_env
+from tests.dist_helpers import cpu_env, full_table
 from tests.train_helpers import global_batch, local_part, train_config
 
 LR, REG, BATCH = 1.0, 0.01, 12
@@ -25,12 +25,12 @@ def run_trainer(rank, world_size, root, out_dir, *overrides):
                        f"loader.batch_size={BATCH}", "loader.num_negatives=1", *overrides)
     trainer = Trainer(cfg, env, dataset)
     dim = cfg.model.dim
-    before = {t: trainer.tables.full_table(t, n, dim) for t, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
+    before = {t: full_table(trainer.tables, t, n, dim) for t, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
     outputs = trainer.node_embeddings(np.arange(dataset.num_nodes, dtype=np.int64), calls=1)
     users, pos, neg = global_batch(dataset.num_users, dataset.num_items, BATCH, seed=9)
     loss = trainer.train_step(trainer.features.build(*local_part(users, pos, neg, rank, world_size)))["total"].clone()
     torch.distributed.all_reduce(loss)  # each rank's loss is its slice's mean: the global batch's is their mean
-    after = {t: trainer.tables.full_table(t, v.shape[0], dim) for t, v in before.items()}
+    after = {t: full_table(trainer.tables, t, v.shape[0], dim) for t, v in before.items()}
     if rank == 0:
         run = {"before": before, "after": after, "outputs": outputs, "loss": loss.item() / world_size, "batch": (users, pos, neg)}
         (out_dir / "run.pkl").write_bytes(pickle.dumps(run))

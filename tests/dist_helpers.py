@@ -13,6 +13,16 @@ import torch.multiprocessing as mp
 from darec_dist.distributed.env import DistEnv, exit_without_finalisation, free_port
 
 
+def full_table(tables, table: str, num_rows: int, dim: int) -> torch.Tensor:
+    """The whole of a sharded table (a ShardedTables') on every rank, summed from each rank's shards."""
+    out = torch.zeros(num_rows, dim)
+    for r0, c0, tensor in tables.local_shards(table):
+        out[r0 : r0 + tensor.shape[0], c0 : c0 + tensor.shape[1]] = tensor.detach()
+    if dist.is_initialized() and tables.plan[table][0] != "data_parallel":
+        dist.all_reduce(out)
+    return out
+
+
 def cpu_env(rank: int, world_size: int) -> DistEnv:
     """The DistEnv `distributed()` would give a CPU worker started by run_distributed (its group is already up)."""
     return DistEnv(rank=rank, world_size=world_size, device=torch.device("cpu"))

@@ -15,7 +15,7 @@ import torch
 
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.train.trainer import Trainer
-from tests.dist_helpers import cpu_env, results_per_world_size
+from tests.dist_helpers import cpu_env, full_table, results_per_world_size
 from tests.train_helpers import global_batch, local_part, train_config
 
 CASES = {
@@ -50,7 +50,7 @@ def one_step(rank, world_size, root, out_dir, cases):
                            f"dense.deepspeed_config={dense_sgd}", *overrides)
         trainer = Trainer(cfg, env, dataset)
         dim = cfg.model.dim
-        tables = lambda: {kind: trainer.tables.full_table(kind, n, dim) for kind, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
+        tables = lambda: {kind: full_table(trainer.tables, kind, n, dim) for kind, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
         dense = lambda: {k: v.detach().clone() for k, v in trainer.dense.named_parameters()}
         initial_tables, initial_dense = tables(), dense()
         users, pos, neg = local_part(*global_batch(dataset.num_users, dataset.num_items, GLOBAL_BATCH, 2, seed=5), rank, world_size)
@@ -65,7 +65,7 @@ def one_step(rank, world_size, root, out_dir, cases):
             "plan": trainer.tables.plan,
         }
         if trainer.llm is not None:
-            results[name]["user_llm"] = trainer.llm.full_table("user_llm", dataset.num_users, dataset.embedding_dim)
+            results[name]["user_llm"] = full_table(trainer.llm, "user_llm", dataset.num_users, dataset.embedding_dim)
             results[name]["llm_dtypes"] = {str(t.dtype) for _, _, t in trainer.llm.local_shards("user_llm")}
     return results
 

@@ -56,7 +56,7 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 @contextmanager
-def distributed(device: str = "auto", timeout_s: int = 1800):
+def distributed(device: str = "auto"):
     """Initialise the default process group from torchrun's environment; always destroy it on the way out.
 
     Without torchrun's variables this is a world of one, still with a (gloo or nccl)
@@ -80,7 +80,8 @@ def distributed(device: str = "auto", timeout_s: int = 1800):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(free_port())
-        timeout = timedelta(seconds=timeout_s)
+        # Collectives wait this long for a slow peer (rank 0 writing a checkpoint or the export) before failing.
+        timeout = timedelta(minutes=30)
         dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
         created = True
     try:

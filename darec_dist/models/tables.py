@@ -36,7 +36,6 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from darec_dist.config import ConfigError
-from darec_dist.distributed.collectives import collective_device
 from darec_dist.distributed.env import DistEnv
 
 Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
@@ -182,15 +181,6 @@ class ShardedTables:
                     end = min(num_rows, start + FILL_CHUNK_ROWS)
                     block = rows(r0 + start, r0 + end)[:, c0 : c0 + num_cols]
                     tensor[start:end].copy_(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
-
-    def full_table(self, table: str, num_rows: int, dim: int) -> torch.Tensor:
-        """The whole table on every rank (tests only: it holds every row in each process)."""
-        out = torch.zeros(num_rows, dim, device=collective_device())
-        for r0, c0, tensor in self.local_shards(table):
-            out[r0 : r0 + tensor.shape[0], c0 : c0 + tensor.shape[1]] = tensor.detach()
-        if dist.is_initialized() and self.plan[table][0] != "data_parallel":
-            dist.all_reduce(out)
-        return out.cpu()
 
 
 def _leaves(tree):

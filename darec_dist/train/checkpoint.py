@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer
 
-from darec_dist.config import ConfigError, differences, to_dict
+from darec_dist.config import ConfigError, differences, listed, to_dict
 from darec_dist.distributed import collectives
 from darec_dist.files import exclusive_lock, reading_lock, replace_dir
 
@@ -220,10 +220,9 @@ def check_identity(path: str | Path, current: dict) -> None:
     saved = loop_state(path)["identity"]
     differ = differences(saved, current)
     if differ:
-        more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
         hint = (" (dataset.fingerprint digests the dataset's checksums: its split, graph, embeddings or shards differ; "
                 "give data.path the dataset this run trained on)") if any(d.startswith("dataset.fingerprint") for d in differ) else ""
-        raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {'; '.join(differ[:6])}{more}{hint}")
+        raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {listed(differ)}{hint}")
 
 
 def check_complete(path: Path) -> None:
@@ -247,6 +246,14 @@ def loop_state(path: str | Path) -> dict:
         raise ConfigError(f"{path / STATE}: unreadable ({err}); the checkpoint is damaged") from None
 
 
+def _load_engine(trainer, path: Path, **options) -> None:
+    """The dense part's DeepSpeed state (none without an aligner)."""
+    if trainer.engine is not None:
+        loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine", **options)
+        if loaded is None:
+            raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+
+
 def load_weights(trainer, path: str | Path) -> dict:
     """Collective: restore only the model (table rows and dense module), for evaluation at any world size.
 
@@ -259,12 +266,7 @@ def load_weights(trainer, path: str | Path) -> dict:
         state = {"tables": trainer.tables.module.state_dict()}
         dcp.load(state, checkpoint_id=str(path / "tables"))
         trainer.tables.module.load_state_dict(state["tables"])
-        if trainer.engine is not None:
-            loaded, _ = trainer.engine.load_checkpoint(
-                str(path / "dense"), tag="engine", load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
-            )
-            if loaded is None:
-                raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+        _load_engine(trainer, path, load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False)
         return loop_state(path)
 
 
@@ -282,10 +284,7 @@ def load(trainer, path: str | Path) -> dict:
         optimizer.load_state_dict(state["table_optim"])
     saved = loop_state(path)
     trainer.tables.set_optimizer_step(saved[TABLE_STEPS])
-    if trainer.engine is not None:
-        loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine")
-        if loaded is None:
-            raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+    _load_engine(trainer, path)
     rank = collectives.rank()
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
