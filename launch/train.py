@@ -12,7 +12,6 @@ early when validation stops improving; finally test the best model once.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -50,22 +49,15 @@ def fresh_state(world_size: int, identity: dict, settings: dict) -> dict:
 
 def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int) -> dict:
     """What a checkpoint records so that a resume can be checked against it (check_resumable):
-    tables: the trainable tables' optimizer and sharding (the shape of their optimizer state);
-    zero_stage: the DeepSpeed ZeRO stage of the dense part (0 without one), whose layout its optimizer state has;
-    seed: its batches and random streams came from it;
-    selection: the settings by which validations are computed and the best epoch chosen (the saved best, scored
-    by other metrics, users or none at all, would be compared with what it cannot be);
-    stream: what a position inside an epoch counts in: batches of this size, from these readers and buffers, each
-    drawing its negatives from the generator that also shuffles (0 workers read like 1);
     config: everything the run computes with (what_a_run_computes), of which a resume may change only
-    RESUME_MAY_CHANGE."""
-    stream = {key: getattr(cfg.loader, key) for key in ("batch_size", "shuffle_buffer", "num_negatives", "reject_train_positives")}
-    return {
-        "tables": tables, "zero_stage": zero_stage, "seed": cfg.seed,
-        "selection": {key: getattr(cfg.eval, key) for key in ("monitor", "ks", "validate", "max_users")},
-        "stream": {**stream, "num_workers": max(1, cfg.loader.num_workers)},
-        "config": what_a_run_computes(to_dict(cfg)),
-    }
+    RESUME_MAY_CHANGE (so not its seed, model selection, loader batches or table optimizer);
+    tables: the trainable tables' optimizer and sharding (the shape of their optimizer state);
+    zero_stage: the DeepSpeed ZeRO stage of the dense part (0 without one), whose layout its optimizer state has
+    (the config names the DeepSpeed JSON, not what it holds);
+    readers: the loader's readers, among which a position inside an epoch splits each rank's shards (0 workers
+    read like 1; loader.num_workers may change at an epoch's end)."""
+    return {"config": what_a_run_computes(to_dict(cfg)), "tables": tables, "zero_stage": zero_stage,
+            "readers": max(1, cfg.loader.num_workers)}
 
 
 # What a resume may change (as differences() spells keys): how long the run goes on, where its data lies, how its
@@ -153,11 +145,6 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
     return source
 
 
-def as_override(value) -> str:
-    """A value as a key=value override takes it on the command line (no spaces)."""
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-
-
 def with_defaults(saved: dict, current: dict) -> dict:
     """`saved`, with the keys it lacks taken from `current` (nested)."""
     filled = {key: with_defaults(saved[key], value) if isinstance(value, dict) and isinstance(saved.get(key), dict)
@@ -166,15 +153,12 @@ def with_defaults(saved: dict, current: dict) -> dict:
 
 
 def check_resumable(source: Path, world_size: int, settings: dict) -> None:
-    """A checkpoint resumes with its seed, model-selection settings, table optimizer and ZeRO stage (settings:
-    resume_settings), inside an epoch only with its stream settings, and at another world size only at an epoch's
-    end and without state partitioned by world size.
+    """A checkpoint resumes only the run it was written by: what that run computes with may change only as
+    RESUME_MAY_CHANGE allows (settings: resume_settings), its ZeRO stage not at all; inside an epoch only with its
+    readers, and at another world size only at an epoch's end and without state partitioned by world size.
 
-    Beyond those (named first, with the settings to resume with), any change of what the run learns with is
-    refused: `config` is compared but for RESUME_MAY_CHANGE.
-
-    Inside an epoch its step count is a position in each rank's stream of shards, which another world size, batch
-    size or reader layout counts differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
+    Inside an epoch its step count is a position in each rank's stream of shards, which another world size or
+    reader count splits differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
     partition the optimizer state by world size and cannot load it at another, and so does row-wise Adagrad
     on column-wise tables (each column shard keeps its own per-row state).
     """
@@ -183,43 +167,6 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     if missing:
         raise ConfigError(f"{source}: written by an earlier darec-dist (its {checkpoint.STATE} lacks {', '.join(missing)}), "
                           "so a resume cannot be checked against it; start another run_dir (launch/evaluate.py reads its weights)")
-    tables, seed, selection = settings["tables"], settings["seed"], settings["selection"]
-    written_by, saved_tables = saved["world_size"], saved["tables"]
-    if saved["seed"] != seed:
-        # Its batches and random streams came from that seed: another would make a run that no seed reproduces.
-        raise ConfigError(f"{source}: written by a run with seed={saved['seed']}; resume it with that seed (or start another run_dir)")
-    changed = {f"eval.{key}": value for key, value in saved["selection"].items() if selection[key] != value}
-    if changed:
-        raise ConfigError(
-            f"{source}: its best epoch was chosen with other evaluation settings; resume it with "
-            + " ".join(f"{key}={as_override(value)}" for key, value in changed.items()) + " (or start another run_dir)"
-        )
-    zero_stage = saved["zero_stage"]
-    if zero_stage != settings["zero_stage"]:
-        # DeepSpeed saves each stage's optimizer state in its own layout: another stage finds no file, or None, to load.
-        raise ConfigError(
-            f"{source}: its dense optimizer state was saved by DeepSpeed's ZeRO stage {zero_stage}; resume it with that "
-            f"stage (dense.deepspeed_config=configs/deepspeed/zero{zero_stage}.json) or start another run_dir"
-        )
-    if saved_tables["optimizer"] != tables["optimizer"]:
-        raise ConfigError(
-            f"{source}: its tables' optimizer state is {saved_tables['optimizer']}'s, not {tables['optimizer']}'s; resume "
-            f"with sparse.optimizer={saved_tables['optimizer']} (launch/evaluate.py reads the weights with any)"
-        )
-    per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind or kind == "grid_shard")
-    if tables["optimizer"] == "rowwise_adagrad" and per_column_shard and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
-        raise ConfigError(
-            f"{source}: its column-wise tables ({', '.join(per_column_shard)}) keep row-wise Adagrad state per column "
-            f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
-            "resume with those"
-        )
-    changed = {key: value for key, value in saved["stream"].items() if settings["stream"][key] != value}
-    if saved["step_in_epoch"] and changed:
-        raise ConfigError(
-            f"{source}: written inside epoch {saved['epoch']} (step {saved['step_in_epoch']}), whose position counts batches "
-            "of its loader; resume it with " + " ".join(f"loader.{key}={as_override(value)}" for key, value in changed.items())
-            + ", or from a checkpoint taken at an epoch's end"
-        )
     # A key added to the config since the checkpoint was written is not a change of this run's.
     changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
                if not d.startswith(RESUME_MAY_CHANGE)]
@@ -229,6 +176,26 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             f"(checkpoint -> now): {listed(changed)}; resume with the run's settings (its config.yaml), or "
             "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
             "loader.num_workers, data.*, device, the sharding, eval's chunk sizes, checkpoint.* and output.*"
+        )
+    written_by, tables, saved_tables, zero_stage = saved["world_size"], settings["tables"], saved["tables"], saved["zero_stage"]
+    if zero_stage != settings["zero_stage"]:
+        # DeepSpeed saves each stage's optimizer state in its own layout: another stage finds no file, or None, to load.
+        raise ConfigError(
+            f"{source}: its dense optimizer state was saved by DeepSpeed's ZeRO stage {zero_stage}; resume it with that "
+            f"stage (dense.deepspeed_config=configs/deepspeed/zero{zero_stage}.json) or start another run_dir"
+        )
+    per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind or kind == "grid_shard")
+    if tables["optimizer"] == "rowwise_adagrad" and per_column_shard and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
+        raise ConfigError(
+            f"{source}: its column-wise tables ({', '.join(per_column_shard)}) keep row-wise Adagrad state per column "
+            f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
+            "resume with those"
+        )
+    if saved["step_in_epoch"] and saved["readers"] != settings["readers"]:
+        raise ConfigError(
+            f"{source}: written inside epoch {saved['epoch']} (step {saved['step_in_epoch']}), whose position counts batches "
+            f"of {saved['readers']} reader(s); resume it with loader.num_workers={saved['readers']}, or from a checkpoint "
+            "taken at an epoch's end"
         )
     if written_by == world_size:
         return

@@ -22,8 +22,6 @@ SETTINGS = [
     "train.progress_bar=false", "train.patience=10", "checkpoint.every_steps=2", "checkpoint.keep=3",
     "output.plot=false", "sparse.optimizer=adam", "sparse.lr=0.01",
 ]
-SELECTION = {"monitor": "recall@20", "ks": [5, 10, 20], "validate": True, "max_users": None}  # eval's defaults
-STREAM = {"batch_size": 2048, "shuffle_buffer": 65536, "num_negatives": 1, "reject_train_positives": True, "num_workers": 1}
 
 
 def run_config(*overrides):
@@ -34,10 +32,10 @@ def run_config(*overrides):
     return what_a_run_computes(to_dict(load_config(TrainConfig, "configs/train/default.yaml", ["data.path=d", *overrides])))
 
 
-def settings(tables, seed=1, selection=SELECTION, stream=STREAM, zero_stage=0, config=None):
-    """launch/train.py's resume_settings, spelled out."""
-    return {"tables": tables, "zero_stage": zero_stage, "seed": seed, "selection": selection, "stream": stream,
-            "config": run_config() if config is None else config}
+def settings(tables, zero_stage=0, readers=1, config=None):
+    """launch/train.py's resume_settings, spelled out (by default, of the default config with the tables' optimizer)."""
+    config = run_config(f"sparse.optimizer={tables['optimizer']}") if config is None else config
+    return {"config": config, "tables": tables, "zero_stage": zero_stage, "readers": readers}
 
 
 def saved_state(tables, **changes):
@@ -104,7 +102,7 @@ def _check_refused_resume_keeps_the_config(dataset, run_dir, options):
     command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}",
                *SETTINGS, *options, "sparse.optimizer=rowwise_adagrad", "--resume", "auto"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0 and "resume with sparse.optimizer=" in done.stderr, done.stderr[-2000:]
+    assert done.returncode != 0 and "-> 'rowwise_adagrad'; resume with the run's settings" in done.stderr, done.stderr[-2000:]
     assert (run_dir / "config.yaml").read_text() == written
 
 
@@ -174,19 +172,20 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
-    other = {**STREAM, "batch_size": 512, "shuffle_buffer": 0}
     for step_in_epoch in (0, 20):
         (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, step_in_epoch=step_in_epoch)))
         check_resumable(path, 2, settings(adam))
-        if step_in_epoch == 0:  # at an epoch's end the next epoch starts its stream afresh
-            check_resumable(path, 2, settings(adam, stream=other))
+        # Other batches are another run, at any step (the negatives come from the shuffle's generator too).
+        for changed, shown in (("loader.batch_size=512", "loader.batch_size: 4096 -> 512"),
+                               ("loader.reject_train_positives=false", "loader.reject_train_positives: True -> False")):
+            with pytest.raises(ConfigError, match=re.escape(f"(checkpoint -> now): {shown}; resume with")):
+                check_resumable(path, 2, settings(adam, config=run_config("sparse.optimizer=adam", changed)))
+        if step_in_epoch == 0:  # at an epoch's end the next epoch splits its shards afresh
+            check_resumable(path, 2, settings(adam, readers=2))
             continue
-        with pytest.raises(ConfigError, match=re.escape("inside epoch 0 (step 20), whose position counts batches of its loader; "
-                                                        "resume it with loader.batch_size=2048 loader.shuffle_buffer=65536, or")):
-            check_resumable(path, 2, settings(adam, stream=other))
-        # The negatives come from the shuffle's generator: another count or rejection replays other batches.
-        with pytest.raises(ConfigError, match=re.escape("resume it with loader.reject_train_positives=true, or")):
-            check_resumable(path, 2, settings(adam, stream={**STREAM, "reject_train_positives": False}))
+        with pytest.raises(ConfigError, match=re.escape("inside epoch 0 (step 20), whose position counts batches of 1 "
+                                                        "reader(s); resume it with loader.num_workers=1, or")):
+            check_resumable(path, 2, settings(adam, readers=2))
 
 
 def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
@@ -200,11 +199,11 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
-    check_resumable(path, 2, settings(adam, selection=dict(SELECTION)))
-    for key, value, shown in [("monitor", "ndcg@10", "eval.monitor=recall@20"), ("ks", [10, 50], "eval.ks=[5,10,20]"),
-                              ("validate", False, "eval.validate=true"), ("max_users", 500, "eval.max_users=null")]:
-        with pytest.raises(ConfigError, match=re.escape(f"chosen with other evaluation settings; resume it with {shown} (or")):
-            check_resumable(path, 2, settings(adam, selection={**SELECTION, key: value}))
+    for changed, shown in [("eval.monitor=ndcg@10", "eval.monitor: 'recall@20' -> 'ndcg@10'"), ("eval.ks=[10,50]", "eval.ks: [5, 10, 20] -> [10, 50]"),
+                           ("eval.validate=false", "eval.validate: True -> False"), ("eval.max_users=500", "eval.max_users: None -> 500"),
+                           ("seed=7", "seed: 2024 -> 7")]:
+        with pytest.raises(ConfigError, match=re.escape(f"(checkpoint -> now): {shown}; resume with")):
+            check_resumable(path, 2, settings(adam, config=run_config("sparse.optimizer=adam", changed)))
 
 
 def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tmp_path):
@@ -243,15 +242,12 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1)))
     check_resumable(path, 2, settings(column_wise))
-    with pytest.raises(ConfigError, match=r"optimizer state is rowwise_adagrad's, not adagrad's; resume with sparse.optimizer=rowwise_adagrad"):
+    with pytest.raises(ConfigError, match=r"\(checkpoint -> now\): sparse.optimizer: 'rowwise_adagrad' -> 'adagrad'; resume with"):
         check_resumable(path, 2, settings({**column_wise, "optimizer": "adagrad"}))
     with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
         check_resumable(path, 1, settings(column_wise))  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
         check_resumable(path, 2, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
-    (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1, seed=7)))
-    with pytest.raises(ConfigError, match="written by a run with seed=7; resume it with that seed"):
-        check_resumable(path, 2, settings(column_wise))
 
 
 def test_a_resume_continues_its_own_run_only(tmp_path):
@@ -538,11 +534,11 @@ def test_a_checkpoint_lacking_a_key_a_resume_checks_is_refused_naming_it(small_d
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     old = checkpoint.latest(tmp_path)
     state = json.loads((old / checkpoint.STATE).read_text())
-    del state["selection"], state[checkpoint.TABLE_STEPS]
+    del state["zero_stage"], state[checkpoint.TABLE_STEPS]
     (old / checkpoint.STATE).write_text(json.dumps(state))
     sizes = json.loads((old / checkpoint.FILES).read_text())
     (old / checkpoint.FILES).write_text(json.dumps({**sizes, checkpoint.STATE: (old / checkpoint.STATE).stat().st_size}))
     again = subprocess.run([*command, "train.epochs=2", "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
-    assert (f"{old}: written by an earlier darec-dist (its state.json lacks selection, {checkpoint.TABLE_STEPS}), so a "
+    assert (f"{old}: written by an earlier darec-dist (its state.json lacks {checkpoint.TABLE_STEPS}, zero_stage), so a "
             "resume cannot be checked against it; start another run_dir") in again.stderr, again.stderr[-2000:]
