@@ -118,7 +118,7 @@ def cases(x, mods):
         "uniformity": (uniformity_loss(x["c"]), None),
         "orthogonality": (orthogonality_loss(x["c"], x["c2"]), None),
         "cluster_alignment": (cluster_alignment_loss(x["c"], x["c2"], x["centres_param"], 0.2), None),
-        "darec": (sum(mods["darec"].losses(x["c"], x["l"]).values()), mods["darec"]),
+        "darec": (sum(mods["darec"].losses(x["c"], x["l"], torch.arange(x["c"].shape[0])).values()), mods["darec"]),
         "darec_repeated_nodes": (darec_on_repeated_nodes(x, mods["darec"]), mods["darec"]),
         "darec_ema_centres": (darec_on_repeated_nodes(x, mods["darec_ema"]), mods["darec_ema"]),
         "darec_matched_centres": (darec_on_repeated_nodes(x, mods["darec_matched"]), mods["darec_matched"]),

@@ -155,25 +155,26 @@ class DaRec(Aligner):
         l = torch.cat([inputs.llm["user"], inputs.llm["pos"]])
         # Only the same-kind global term asks which rows are items (the users' rows come first).
         is_item = torch.arange(2 * rows, device=c.device) >= rows if self.cfg.global_pairs == "same_kind" else None
+        # An active user or a popular item fills several sample rows: project each distinct node once (without ids,
+        # every row is its own node).
         if inputs.ids is None:
-            return self.losses(c, l, is_item=is_item)
-        # An active user or a popular item fills several sample rows: project each distinct node once.
-        first, inverse = distinct_rows(torch.cat([inputs.ids["user"][:rows], inputs.ids["pos"][:rows]]))
+            keys = torch.arange(2 * rows, device=c.device)
+        else:
+            keys = torch.cat([inputs.ids["user"][:rows], inputs.ids["pos"][:rows]])
+        first, inverse = distinct_rows(keys)
         return self.losses(c[first], l[first], inverse, None if is_item is None else is_item[first])
 
-    def losses(
-        self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor | None = None, is_item: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The DaRec losses of this rank's sample, whose rows are (c, l), or c[rows], l[rows] when given (each
-        distinct node once); coupled terms span every rank's sample. is_item marks item rows (needed by
-        global_pairs=same_kind; the sample holds as many user rows as item rows)."""
+    def losses(self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor, is_item: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The DaRec losses of this rank's sample, whose rows are c[rows], l[rows] (c and l hold each distinct node
+        once); coupled terms span every rank's sample. is_item marks c's item rows (needed by global_pairs=same_kind;
+        the sample holds as many user rows as item rows)."""
         cfg = self.cfg
         c_sp, c_sh = self.collab_specific(c), self.collab_shared(c)
         l_sp, l_sh = self.llm_specific(l), self.llm_shared(l)
         # A node that fills k sample rows counts k times in every mean and sum: the same losses as the
         # expanded sample, at the cost of the distinct nodes.
-        sample_rows = c.shape[0] if rows is None else rows.shape[0]
-        weight = None if rows is None else torch.bincount(rows, minlength=c.shape[0]).to(c.dtype)
+        sample_rows = rows.shape[0]
+        weight = torch.bincount(rows, minlength=c.shape[0]).to(c.dtype)
         ema = cfg.use_local and cfg.centres == "ema"
         matched = cfg.use_local and cfg.centres == "matched"
         if cfg.use_local:
@@ -192,11 +193,11 @@ class DaRec(Aligner):
             raise ValueError("DaRec.losses: global_pairs=same_kind needs is_item (which rows are items)")
         if same_kind:
             for kind, mask in (("user", ~is_item), ("item", is_item)):
-                shares[f"gram_{kind}"] = similarity_gram(c_sh[mask], l_sh[mask], None if weight is None else weight[mask])
+                shares[f"gram_{kind}"] = similarity_gram(c_sh[mask], l_sh[mask], weight[mask])
         elif cfg.use_global and not neighbourhood:
             shares["gram"] = similarity_gram(c_sh, l_sh, weight)
         if cfg.use_regularisers:
-            picked = anchors if rows is None else rows[anchors]
+            picked = rows[anchors]
             parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
             shares["uniform"], uniform_rows = uniformity_sums(*(z[picked] for z in parts))
         if ema:
@@ -207,8 +208,7 @@ class DaRec(Aligner):
         totals = sum_many_with_grad(shares)
         out = {}
         if neighbourhood:
-            pool = (c_sh, l_sh) if rows is None else (c_sh[rows], l_sh[rows])
-            out["darec_global"] = cfg.structure_weight * neighbourhood_loss(*pool, anchors, cfg.neighbourhood_temperature)
+            out["darec_global"] = cfg.structure_weight * neighbourhood_loss(c_sh[rows], l_sh[rows], anchors, cfg.neighbourhood_temperature)
         elif same_kind:
             kind_rows = sample_rows * world_size() // 2
             per_kind = similarity_from_gram(totals["gram_user"], kind_rows) + similarity_from_gram(totals["gram_item"], kind_rows)
@@ -235,14 +235,14 @@ class DaRec(Aligner):
         return out
 
     @torch.no_grad()
-    def _init_centres(self, c_shared: torch.Tensor, l_shared: torch.Tensor, rows: torch.Tensor | None) -> None:
+    def _init_centres(self, c_shared: torch.Tensor, l_shared: torch.Tensor, rows: torch.Tensor) -> None:
         """k-means on the first step's gathered l_sh rows (and c_sh rows for per-side centres): the same on
         every rank and for every world size."""
         if bool(self.centres_ready):
             return
         sides = [(self.centres, l_shared)] + ([(self.collab_centres, c_shared)] if self.cfg.centres == "matched" else [])
         for centres, shared in sides:
-            everyone = gather_with_grad((shared if rows is None else shared[rows]).detach())
+            everyone = gather_with_grad(shared[rows].detach())
             centres.copy_(kmeans(everyone, self.cfg.clusters, self.cfg.kmeans_iterations, self.seed))
         self.centres_ready.fill_(True)
 
