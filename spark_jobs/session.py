@@ -63,7 +63,6 @@ class StageLog:
     """Prints progress per stage and keeps the time each took for the final summary."""
 
     seconds: dict[str, float] = field(default_factory=dict)
-    quiet: bool = False
 
     @contextmanager
     def stage(self, name: str):
@@ -75,5 +74,4 @@ class StageLog:
         self.log(f"{name} done in {took:.1f}s")
 
     def log(self, message: str) -> None:
-        if not self.quiet:
-            print(f"[prepare] {message}", flush=True)
+        print(f"[prepare] {message}", flush=True)

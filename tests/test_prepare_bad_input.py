@@ -386,7 +386,7 @@ def _read_csv_source(spark, interactions, **settings):
 
     cfg = load_config(PrepareConfig, REPO / "configs" / "data" / "csv.yaml", [f"source.interactions={interactions}",
                                                                                 *(f"{k}={v}" for k, v in settings.items())])
-    return read_csv_source(spark, cfg, StageLog(quiet=True))
+    return read_csv_source(spark, cfg, StageLog())
 
 
 def test_ids_written_with_leading_zeros_keep_their_form(spark, tmp_path):

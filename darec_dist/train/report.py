@@ -62,13 +62,13 @@ def metrics_table(by_split: dict[str, dict], ks: list[int]) -> str:
 
 
 def markdown_table(results: dict, ks: list[int]) -> str:
-    chosen = "best epoch" if results.get("val") else "final epoch (no validation)"
-    timed = results.get("seconds_per_epoch")
+    chosen = "best epoch" if results["val"] else "final epoch (no validation)"
+    timed = results["seconds_per_epoch"]
     pace = f"{timed:.2f} s/epoch" if timed is not None else "no epoch run at this world size"
-    sampled = results.get("sampled_users")
+    sampled = results["sampled_users"]
     scope = f"; validation and test over a seeded sample of {sampled} users (eval.max_users)" if sampled else ""
-    header = f"{chosen} {results['best_epoch']}, {results.get('epochs_run', '?')} epochs run, {pace}{scope}\n\n"
-    return header + metrics_table({split: results.get(split) for split in ("val", "test")}, ks)
+    header = f"{chosen} {results['best_epoch']}, {results['epochs_run']} epochs run, {pace}{scope}\n\n"
+    return header + metrics_table({split: results[split] for split in ("val", "test")}, ks)
 
 
 def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
