@@ -32,7 +32,7 @@ from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path, what_a_run_computes
-from darec_dist.train.evaluate import evaluate, evaluated_users, gathered_blocks
+from darec_dist.train.evaluate import evaluate, gathered_blocks
 from darec_dist.train.lock import exclusive_run_dir
 from darec_dist.train.metrics import metric_names
 from darec_dist.train.trainer import Trainer
@@ -53,11 +53,8 @@ def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int) -> dict:
     RESUME_MAY_CHANGE (so not its seed, model selection, loader batches or table optimizer);
     tables: the trainable tables' optimizer and sharding (the shape of their optimizer state);
     zero_stage: the DeepSpeed ZeRO stage of the dense part (0 without one), whose layout its optimizer state has
-    (the config names the DeepSpeed JSON, not what it holds);
-    readers: the loader's readers, among which a position inside an epoch splits each rank's shards (0 workers
-    read like 1; loader.num_workers may change at an epoch's end)."""
-    return {"config": what_a_run_computes(to_dict(cfg)), "tables": tables, "zero_stage": zero_stage,
-            "readers": max(1, cfg.loader.num_workers)}
+    (the config names the DeepSpeed JSON, not what it holds)."""
+    return {"config": what_a_run_computes(to_dict(cfg)), "tables": tables, "zero_stage": zero_stage}
 
 
 # What a resume may change (as differences() spells keys): how long the run goes on, where its data lies, how its
@@ -191,11 +188,13 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
             "resume with those"
         )
-    if saved["step_in_epoch"] and saved["readers"] != settings["readers"]:
+    # The loader's readers split each rank's shards, so a position inside an epoch counts their batches (the config
+    # holds num_workers as read: 0 as 1; it may change at an epoch's end).
+    readers = saved["config"]["loader"]["num_workers"]
+    if saved["step_in_epoch"] and readers != settings["config"]["loader"]["num_workers"]:
         raise ConfigError(
             f"{source}: written inside epoch {saved['epoch']} (step {saved['step_in_epoch']}), whose position counts batches "
-            f"of {saved['readers']} reader(s); resume it with loader.num_workers={saved['readers']}, or from a checkpoint "
-            "taken at an epoch's end"
+            f"of {readers} reader(s); resume it with loader.num_workers={readers}, or from a checkpoint taken at an epoch's end"
         )
     if written_by == world_size:
         return
@@ -319,7 +318,6 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
     best = checkpoint.load_weights(trainer, run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)["best"]  # no optimizer state
     trainer.set_train(False)
     test = evaluate(trainer, "test", env.world_size, env.rank)
-    sampled = evaluated_users(trainer.dataset.num_users, cfg.eval.max_users)
     results = {
         "best_epoch": best["epoch"],
         "monitor": cfg.eval.monitor if cfg.eval.validate else None,
@@ -329,8 +327,8 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
         "seconds_per_epoch": seconds_per_epoch(state, env.world_size),
         "steps_per_epoch": epoch_steps(trainer, cfg, env, 0),
         "world_size": env.world_size,
-        # Validation and test covered this seeded sample of users only (eval.max_users; null: every user).
-        "sampled_users": len(sampled) if len(sampled) < trainer.dataset.num_users else None,
+        # Validation and test covered a seeded sample of this many users only (eval.max_users; null: every user).
+        "sampled_users": cfg.eval.max_users if (cfg.eval.max_users or math.inf) < trainer.dataset.num_users else None,
         "backbone": cfg.model.backbone,
         "align": cfg.align.method,
         "dataset": str(trainer.dataset.root),
@@ -354,7 +352,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         dataset = open_dataset(cfg, env.world_size)
         identity = checkpoint.identity(cfg, dataset)
         if resume is not None:
-            if env.is_main:  # a job killed while swapping in a new best left the old one aside: put back first
+            if env.is_main:  # a job killed while writing a checkpoint (or swapping in a new best) left parts: first
                 checkpoint.recover_interrupted_writes(run_dir)
             if env.world_size > 1:
                 torch.distributed.barrier()

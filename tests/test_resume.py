@@ -32,10 +32,10 @@ def run_config(*overrides):
     return what_a_run_computes(to_dict(load_config(TrainConfig, "configs/train/default.yaml", ["data.path=d", *overrides])))
 
 
-def settings(tables, zero_stage=0, readers=1, config=None):
+def settings(tables, zero_stage=0, config=None):
     """launch/train.py's resume_settings, spelled out (by default, of the default config with the tables' optimizer)."""
     config = run_config(f"sparse.optimizer={tables['optimizer']}") if config is None else config
-    return {"config": config, "tables": tables, "zero_stage": zero_stage, "readers": readers}
+    return {"config": config, "tables": tables, "zero_stage": zero_stage}
 
 
 def saved_state(tables, **changes):
@@ -172,6 +172,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
     adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    two_readers = run_config("sparse.optimizer=adam", "loader.num_workers=2")
     for step_in_epoch in (0, 20):
         (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, step_in_epoch=step_in_epoch)))
         check_resumable(path, 2, settings(adam))
@@ -181,11 +182,13 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
             with pytest.raises(ConfigError, match=re.escape(f"(checkpoint -> now): {shown}; resume with")):
                 check_resumable(path, 2, settings(adam, config=run_config("sparse.optimizer=adam", changed)))
         if step_in_epoch == 0:  # at an epoch's end the next epoch splits its shards afresh
-            check_resumable(path, 2, settings(adam, readers=2))
+            check_resumable(path, 2, settings(adam, config=two_readers))
             continue
         with pytest.raises(ConfigError, match=re.escape("inside epoch 0 (step 20), whose position counts batches of 1 "
                                                         "reader(s); resume it with loader.num_workers=1, or")):
-            check_resumable(path, 2, settings(adam, readers=2))
+            check_resumable(path, 2, settings(adam, config=two_readers))
+        # 0 workers read the shards as one does.
+        check_resumable(path, 2, settings(adam, config=run_config("sparse.optimizer=adam", "loader.num_workers=0")))
 
 
 def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):

@@ -7,7 +7,6 @@ inside the block plus the line count of the file's earlier blocks.
 
 from __future__ import annotations
 
-
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
