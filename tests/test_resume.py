@@ -390,6 +390,12 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
     for current, refusal in refusals:
         with pytest.raises(ConfigError, match=refusal):
             checkpoint.check_identity(path, current)
+    # Written before identity() recorded the fingerprint: named as such, not as a dataset that differs.
+    older = identity()
+    del older["dataset"]["fingerprint"]
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": older}))
+    with pytest.raises(ConfigError, match=r"written by an earlier darec-dist \(its identity lacks dataset.fingerprint\)"):
+        checkpoint.check_identity(path, identity())
 
 
 def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_path):

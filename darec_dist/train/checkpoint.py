@@ -218,11 +218,26 @@ def identity(cfg, dataset) -> dict:
 def check_identity(path: str | Path, current: dict) -> None:
     """Refuse a checkpoint written for another model config or dataset, naming the keys that differ."""
     saved = loop_state(path)["identity"]
+    lacking = _absent(saved, current)
+    if lacking:  # a key identity() has gained since: nothing tells what this checkpoint's value was
+        raise ConfigError(f"{path}: written by an earlier darec-dist (its identity lacks {listed(lacking)}), so it cannot be "
+                          "checked against this model and dataset; train it again with this release")
     differ = differences(saved, current)
     if differ:
         hint = (" (dataset.fingerprint digests the dataset's checksums: its split, graph, embeddings or shards differ; "
                 "give data.path the dataset this run trained on)") if any(d.startswith("dataset.fingerprint") for d in differ) else ""
         raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {listed(differ)}{hint}")
+
+
+def _absent(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of current that saved does not hold."""
+    found = []
+    for key, value in current.items():
+        if key not in saved:
+            found.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            found += _absent(saved[key], value, f"{prefix}{key}.")
+    return found
 
 
 def check_complete(path: Path) -> None:
