@@ -34,6 +34,23 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 _UNLOCKABLE_DEVICES: set[int] = set()
 
+# The lock handles this process holds. A forked child (a DataLoader worker) inherits copies, and a flock lock lasts
+# until every copy is closed: a worker outliving its killed rank would keep the run's lock, and torchrun's restart
+# would find the run_dir in use. The child closes its copies; it never unlocks (that would drop the parent's lock).
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for handle in _HELD:
+        try:
+            os.close(handle)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def _flock(handle: int, path: Path, mode: int) -> bool:
     """flock; False when another holder blocks a non-waiting request. A filesystem that refuses to lock a directory
@@ -57,6 +74,7 @@ def exclusive_lock(path: Path, wait_seconds: float = 0.0) -> Iterator[bool]:
     `wait_seconds` (polled, so another holder, e.g. a stuck reader, delays the caller only so long). The kernel
     drops it with the process, so a killed holder never leaves it behind."""
     handle = os.open(path, os.O_RDONLY)
+    _HELD.add(handle)
     try:
         deadline = time.monotonic() + wait_seconds
         taken = _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -65,6 +83,7 @@ def exclusive_lock(path: Path, wait_seconds: float = 0.0) -> Iterator[bool]:
             taken = _flock(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield taken
     finally:
+        _HELD.discard(handle)
         os.close(handle)
 
 
@@ -81,6 +100,7 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
                 raise
             time.sleep(0.05)
             continue
+        _HELD.add(handle)
         try:
             _flock(handle, path, fcntl.LOCK_SH)
             locked = os.fstat(handle)
@@ -92,6 +112,7 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
                 yield
                 return
         finally:
+            _HELD.discard(handle)
             os.close(handle)
     raise FileNotFoundError(f"{path}: replaced or removed while waiting to read it, {attempts} times")
 

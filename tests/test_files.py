@@ -138,3 +138,38 @@ def test_a_stuck_reader_delays_a_swap_only_so_long(tmp_path):
         with pytest.warns(RuntimeWarning, match="a reader has held it for 0.5 s; replacing it anyway"):
             replace_dir(staging, final, reader_wait=0.5)
         assert time.monotonic() - started >= 0.5 and (final / "v").read_text() == "new"
+
+
+def _wait_forked(started) -> None:
+    started.set()  # after the fork's handlers have run in this child
+    time.sleep(60)
+
+
+def test_a_forked_child_does_not_keep_a_lock_its_parent_released(tmp_path):
+    """A DataLoader worker forked while its rank holds the run_dir's lock must not hold it after the rank lets go
+    (or is killed): torchrun's restart would find the run_dir in use."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    children = []
+
+    def forked_child():
+        started = fork.Event()
+        children.append(fork.Process(target=_wait_forked, args=(started,)))
+        children[-1].start()
+        assert started.wait(30)
+
+    try:
+        with exclusive_lock(tmp_path) as taken:
+            assert taken
+            forked_child()
+        with exclusive_lock(tmp_path) as taken_again:
+            assert taken_again, "the forked child still holds the lock"
+        with reading_lock(tmp_path):  # a shared lock is released alike
+            forked_child()
+        with exclusive_lock(tmp_path) as taken_after_reader:
+            assert taken_after_reader, "the forked child still holds the shared lock"
+    finally:
+        for child in children:
+            child.kill()
+            child.join()

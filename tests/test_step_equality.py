@@ -46,6 +46,8 @@ def one_step(rank, world_size, root, out_dir, cases):
     torch.distributed.barrier()
     results = {}
     for name, overrides in cases.items():
+        # Whatever each rank drew before (launch/train.py seeds a stream per rank), the model must start the same.
+        torch.manual_seed(100 * world_size + rank)
         cfg = train_config(root, out_dir / name, f"loader.batch_size={GLOBAL_BATCH}", "loader.num_negatives=2", "model.reg=0.01",
                            f"dense.deepspeed_config={dense_sgd}", *overrides)
         trainer = Trainer(cfg, env, dataset)

@@ -41,12 +41,16 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    return seed * 1000 + rank
+
+
 def seed_everything(seed: int, rank: int) -> None:
     """Streams per rank, the same on every rerun. The trainer then reseeds torch's with the run's seed alone (the
     same dense initialisation everywhere), so its later draws (RLMRec-Gen's mask positions) match across ranks."""
-    random.seed(seed * 1000 + rank)
-    np.random.seed((seed * 1000 + rank) % 2**32)
-    torch.manual_seed(seed * 1000 + rank)
+    random.seed(rank_seed(seed, rank))
+    np.random.seed(rank_seed(seed, rank) % 2**32)
+    torch.manual_seed(rank_seed(seed, rank))
     # The same seed must give the same run also with several threads per process: otherwise a gather's
     # backward (an index_put that accumulates, e.g. into the rows of a batch's distinct nodes) adds in
     # whatever order the threads finish. On CPU this cost nothing measurable; kernels without a deterministic

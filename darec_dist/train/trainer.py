@@ -13,7 +13,7 @@ from darec_dist.data.dataset import PreparedDataset
 from darec_dist.data.features import EGO_FEATURES, EGO_TABLE, GROUPS, LLM_FEATURES, BatchFeatures, FeatureBuilder, node_feature, pad_bags
 from darec_dist.data.loader import local_batch_size
 from darec_dist.distributed.collectives import max_over_ranks
-from darec_dist.distributed.env import DistEnv
+from darec_dist.distributed.env import DistEnv, rank_seed
 from darec_dist.models.aligners import AlignInputs, build_aligner
 from darec_dist.models.backbones import output_dim, propagation_rows
 from darec_dist.models.dense import DenseArch
@@ -107,6 +107,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
         self.cfg, self.env, self.dataset = cfg, env, dataset
         self.dim = output_dim(cfg.model, dataset)
+        # The dense initialisation: the same on every rank and for every world size, whatever drew from torch's
+        # generator before. Rank 0's stream (seed_everything), which DeepSpeed's broadcast of rank 0's weights
+        # made every rank's before this reseed: recorded runs keep their initial weights.
+        torch.manual_seed(rank_seed(cfg.seed, 0))
         self.aligner = build_aligner(cfg.align, self.dim, dataset.embedding_dim, cfg.seed, input_dim=cfg.model.dim)
         self.features = feature_builder(cfg, dataset, self.aligner, env.world_size)
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
@@ -118,7 +122,8 @@ class Trainer:
             features = {kind: self.features.llm_feature_names(kind) for kind in ("user", "item")}
             embeddings = {kind: dataset.embeddings(kind) for kind, names in features.items() if names}
             self.llm = llm_tables(embeddings, {kind: features[kind] for kind in embeddings}, cfg.sparse, env)
-        # The same dense initialisation on every rank and for every world size.
+        # Building the tables draws from torch's generator by amounts that depend on the sharding and world size:
+        # reseeded so that training's draws (RLMRec-Gen's masks) do not.
         torch.manual_seed(cfg.seed)
         self.dense = DenseArch(self.aligner, cfg.model.reg).to(env.device)
         self.engine = deepspeed_engine(self.dense, cfg, env)
