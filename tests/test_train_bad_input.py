@@ -105,6 +105,7 @@ def test_unknown_keys_and_wrong_types():
 
 @pytest.mark.parametrize("override, message", [
     ("eval.ks=[20,-1]", r"eval.ks must be a non-empty list of cut-offs >= 1, got \[20, -1\]"),
+    ("eval.ks=[20,10,10]", r"eval.ks lists a cut-off twice: \[20, 10, 10\]"),
     ("eval.ks=[]", "eval.ks must be a non-empty list"),
     ("checkpoint.every_epochs=0", "checkpoint.every_epochs and checkpoint.keep must be >= 1"),
     ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be >= 1 or null, got 0"),

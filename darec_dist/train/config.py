@@ -73,6 +73,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"eval.ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
+        if len(set(self.ks)) < len(self.ks):  # results.md would show a column twice
+            raise ValueError(f"eval.ks lists a cut-off twice: {self.ks}")
         if min(self.user_chunk, self.node_chunk, self.item_block) < 1 or (self.max_users is not None and self.max_users < 1):
             raise ValueError("eval.user_chunk, eval.node_chunk, eval.item_block and eval.max_users must be >= 1")
 
