@@ -46,8 +46,9 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def seed_everything(seed: int, rank: int) -> None:
-    """Streams per rank, the same on every rerun. The trainer then reseeds torch's with the run's seed alone (the
-    same dense initialisation everywhere), so its later draws (RLMRec-Gen's mask positions) match across ranks."""
+    """Streams per rank, the same on every rerun. The trainer reseeds torch's itself: with rank 0's stream before
+    it builds the dense part (the same initialisation everywhere), then with the run's seed, so that its later draws
+    (RLMRec-Gen's mask positions) match across ranks."""
     random.seed(rank_seed(seed, rank))
     np.random.seed(rank_seed(seed, rank) % 2**32)
     torch.manual_seed(rank_seed(seed, rank))

@@ -122,8 +122,8 @@ class Trainer:
             features = {kind: self.features.llm_feature_names(kind) for kind in ("user", "item")}
             embeddings = {kind: dataset.embeddings(kind) for kind, names in features.items() if names}
             self.llm = llm_tables(embeddings, {kind: features[kind] for kind in embeddings}, cfg.sparse, env)
-        # Building the tables draws from torch's generator by amounts that depend on the sharding and world size:
-        # reseeded so that training's draws (RLMRec-Gen's masks) do not.
+        # Building the tables draws from torch's generator (TorchRec initialises their storage before the seeded
+        # rows replace it): reseeded so that training's draws (RLMRec-Gen's masks) start from the run's seed alone.
         torch.manual_seed(cfg.seed)
         self.dense = DenseArch(self.aligner, cfg.model.reg).to(env.device)
         self.engine = deepspeed_engine(self.dense, cfg, env)
