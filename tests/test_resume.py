@@ -415,7 +415,7 @@ def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
 
 
 def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skipped(tmp_path, capsys):
-    def written(step):
+    def written(step):  # its file list as darec-dist wrote it before 2026-12-06: sizes only
         path = tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
         (path / "tables").mkdir(parents=True)
         (path / "tables" / "__0_0.distcp").write_bytes(b"x" * 100)
@@ -490,6 +490,41 @@ def test_the_fused_optimizers_step_count_survives_evaluation_and_resume(small_da
     from tests.dist_helpers import run_distributed
 
     run_distributed(_count_optimizer_steps, 1, small_dataset[0], tmp_path)
+
+
+def _overwritten_checkpoint_is_refused(rank, world_size, root, run_dir):
+    from darec_dist.data.dataset import PreparedDataset
+    from darec_dist.data.loader import epoch_batches
+    from darec_dist.train.trainer import Trainer
+    from tests.dist_helpers import cpu_env
+    from tests.train_helpers import train_config
+
+    dataset = PreparedDataset.open(root)
+    cfg = train_config(root, run_dir, "model.backbone=mf", "align.method=darec", "loader.batch_size=64")
+    trainer = Trainer(cfg, cpu_env(rank, world_size), dataset)
+    trainer.train_step(next(epoch_batches(dataset, cfg.loader, trainer.features, cfg.seed, 0, world_size)))
+    for step in (3, 6):
+        checkpoint.save(trainer, run_dir, checkpoint.step_name(step), {"epoch": 0, "step_in_epoch": step, "global_step": step})
+    newer = run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(6)
+    checkpoint.load(trainer, newer)
+    # Bytes flipped in place, the size kept (bit rot, a bad copy): the tensors would load without complaint.
+    shard = sorted((newer / "tables").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    name = shard.relative_to(newer)
+    with pytest.raises(ConfigError, match=rf"damaged since it was written \({name}'s sha256 differs from the one it was written with\)"):
+        checkpoint.load(trainer, newer)
+    with pytest.raises(ConfigError, match=rf"{name}'s sha256 differs"):
+        checkpoint.load_weights(trainer, newer)
+    assert checkpoint.latest(run_dir).name == checkpoint.step_name(3)  # --resume auto falls back to the older one
+    checkpoint.loop_state(newer)  # reading its loop position checks sizes only
+
+
+def test_a_checkpoint_overwritten_in_place_is_refused_and_skipped(small_dataset, tmp_path):
+    from tests.dist_helpers import run_distributed
+
+    run_distributed(_overwritten_checkpoint_is_refused, 1, small_dataset[0], tmp_path)
 
 
 def test_a_best_model_left_aside_by_a_killed_swap_is_put_back(tmp_path):

@@ -3,12 +3,13 @@ part by DeepSpeed, plus the loop position and every rank's RNG state.
 
 A checkpoint is written under `.tmp-<name>`, marked COMPLETE and renamed only
 after every rank has finished writing, so a crash mid-save never leaves a
-directory that `latest()` would pick. It lists its files' sizes, so one damaged
-later (a file deleted or truncated) is refused by name, and skipped by `latest()`.
+directory that `latest()` would pick. It lists its files' sizes and sha256 digests, so one damaged
+later (a file deleted, truncated or overwritten) is refused by name, and skipped by `latest()`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -114,8 +115,9 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     _barrier()
     if rank == 0:
         (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: trainer.tables.optimizer_step}, indent=2))
-        sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
-        (staging / FILES).write_text(json.dumps(sizes, indent=1))
+        listing = {str(f.relative_to(staging)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                   for f in sorted(staging.rglob("*")) if f.is_file()}
+        (staging / FILES).write_text(json.dumps(listing, indent=1))
         (staging / COMPLETE).write_text("")
         replace_dir(staging, final)
         if keep is not None:
@@ -155,7 +157,7 @@ def recover_interrupted_writes(run_dir: str | Path) -> None:
     if not final.exists():
         moved = sorted(root.glob(f".{BEST}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in moved:  # newest first; one half-removed by a killed clean-up is damaged
-            if (old / COMPLETE).exists() and damage(old) is None:
+            if (old / COMPLETE).exists() and damage(old, contents=True) is None:
                 os.replace(old, final)
                 break
     for leftover in [*root.glob(".tmp-*"), *root.glob(".*.old-*")]:
@@ -168,10 +170,10 @@ def newer_than(run_dir: str | Path, global_step: int) -> list[Path]:
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete and undamaged step checkpoint of a run, or None."""
+    """The newest complete and undamaged step checkpoint of a run (its contents' digests checked), or None."""
     done = [p for p in step_checkpoints(run_dir) if (p / COMPLETE).exists()]
     for path in reversed(done):
-        problem = damage(path)
+        problem = damage(path, contents=True)
         if problem is None:
             return path
         if collectives.rank() == 0:
@@ -179,25 +181,41 @@ def latest(run_dir: str | Path) -> Path | None:
     return None
 
 
-def damage(path: Path) -> str | None:
-    """What is missing from the checkpoint or differs from the file list it was written with (None: nothing)."""
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: Path, contents: bool = False) -> str | None:
+    """What is missing from the checkpoint or differs from the file list it was written with (None: nothing).
+
+    Sizes are always compared; contents=True also compares every file's sha256 (reading the whole checkpoint), as
+    done before its tensors are loaded and when latest() chooses one: a same-size corruption would load silently.
+    """
     if not (path / STATE).is_file():
         return f"{STATE} is missing"
     listing = path / FILES
     if not listing.exists():  # without it nothing else could be checked
         return f"{FILES} is missing (damaged, or written by darec-dist before 2026-12-05)"
     try:
-        sizes = json.loads(listing.read_text())
+        written = json.loads(listing.read_text())
     except ValueError:
-        sizes = None
-    if not isinstance(sizes, dict):
+        written = None
+    if not isinstance(written, dict):
         return f"{FILES} is unreadable"
-    for name, size in sizes.items():
+    for name, entry in written.items():
+        # Lists written by darec-dist before 2026-12-06 hold sizes only.
+        entry = entry if isinstance(entry, dict) else {"bytes": entry}
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} holds {file.stat().st_size} bytes, {size} were written"
+        if file.stat().st_size != entry.get("bytes"):
+            return f"{name} holds {file.stat().st_size} bytes, {entry.get('bytes')} were written"
+        if contents and "sha256" in entry and _sha256(file) != entry["sha256"]:
+            return f"{name}'s sha256 differs from the one it was written with"
     return None
 
 
@@ -240,12 +258,13 @@ def _absent(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def check_complete(path: Path) -> None:
+def check_complete(path: Path, contents: bool = False) -> None:
+    """Refuse a checkpoint that is missing, incomplete or damaged; contents=True: see damage()."""
     if not path.is_dir():
         raise ConfigError(f"{path}: no such checkpoint directory")
     if not (path / COMPLETE).exists():
         raise ConfigError(f"{path}: not a complete checkpoint (no {COMPLETE} marker); refusing to load it")
-    problem = damage(path)
+    problem = damage(path, contents)
     if problem:
         raise ConfigError(f"{path}: damaged since it was written ({problem}); refusing to load it (--resume auto "
                           "takes the newest undamaged checkpoint)")
@@ -276,7 +295,7 @@ def load_weights(trainer, path: str | Path) -> dict:
     DeepSpeed's ZeRO stages partition by world size, are not read. Returns the checkpoint's loop state.
     """
     path = Path(path)
-    check_complete(path)
+    check_complete(path, contents=True)
     with reading_lock(path):  # neither pruned nor replaced (a running run's `best`) while read
         state = {"tables": trainer.tables.module.state_dict()}
         dcp.load(state, checkpoint_id=str(path / "tables"))
@@ -288,7 +307,7 @@ def load_weights(trainer, path: str | Path) -> dict:
 def load(trainer, path: str | Path) -> dict:
     """Collective: restore tables, table optimizer, dense engine and this rank's RNG; returns the loop state."""
     path = Path(path)
-    check_complete(path)
+    check_complete(path, contents=True)
     optimizer = _table_optimizer(trainer)
     # Lazily created optimizer state (torch Adam) must exist before it can be loaded into.
     optimizer.init_state()
