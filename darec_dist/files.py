@@ -117,16 +117,22 @@ def reading_lock(path: Path, attempts: int = 100) -> Iterator[None]:
     raise FileNotFoundError(f"{path}: replaced or removed while waiting to read it, {attempts} times")
 
 
-def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0) -> None:
+class DirectoryInUse(RuntimeError):
+    """A directory that replace_dir was told not to take from its readers is being read."""
+
+
+def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0, refuse_in_use: bool = False) -> None:
     """Swap a finished directory into place, once its readers (reading_lock) are done or after `reader_wait`
-    seconds. The one it replaces is removed only after the swap; one left by a process killed between the two
-    renames (a hidden `.<name>.old-*`) is put back by a resume (checkpoint.recover_interrupted_writes), or else
-    removed by the next swap."""
+    seconds (refuse_in_use: raise DirectoryInUse instead, leaving both directories as they are). The one it replaces
+    is removed only after the swap; one left by a process killed between the two renames (a hidden `.<name>.old-*`)
+    is put back by a resume (checkpoint.recover_interrupted_writes), or else removed by the next swap."""
     retired = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
     if final.exists():
         # A stuck reader (a paused launch/evaluate.py) must not stall a training job past its collectives' timeout.
         with exclusive_lock(final, wait_seconds=reader_wait) as taken:
             if not taken:
+                if refuse_in_use:
+                    raise DirectoryInUse(f"{final}: being read (a reading lock held for {reader_wait:g} s)")
                 warnings.warn(f"{final}: a reader has held it for {reader_wait:g} s; replacing it anyway", RuntimeWarning, stacklevel=2)
             os.replace(final, retired)
             os.replace(staging, final)

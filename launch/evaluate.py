@@ -29,7 +29,7 @@ from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.evaluate import evaluate
 from darec_dist.train.trainer import Trainer
-from launch.train import open_dataset
+from launch.train import dataset_in_use, open_dataset
 
 SPLITS = ("val", "test")
 # Config sections that decide the shapes and meaning of what a checkpoint holds.
@@ -89,7 +89,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
     cfg = run_config(run_dir, overrides)
     source = checkpoint_path(run_dir, which)
-    with distributed(cfg.device) as env:
+    with distributed(cfg.device) as env, dataset_in_use(cfg):
         seed_everything(cfg.seed, env.rank)
         trainer, state = load_run_model(cfg, env, source, splits=splits)
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}

@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -27,9 +29,10 @@ from tqdm import tqdm
 
 from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
-from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch
+from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch, uneven_shards_warning
 from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
+from darec_dist.files import reading_lock
 from darec_dist.train import checkpoint, memory, report
 from darec_dist.train.config import TrainConfig, resolve_path, what_a_run_computes
 from darec_dist.train.evaluate import evaluate, gathered_blocks
@@ -343,13 +346,29 @@ def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, s
     return results
 
 
+@contextmanager
+def dataset_in_use(cfg: TrainConfig) -> Iterator[None]:
+    """Held for a job's life by each of its ranks: the dataset's arrays and shards are read by path again every epoch,
+    so spark_jobs.prepare with overwrite=true refuses to replace the dataset meanwhile (a run would go on, unwarned,
+    with another split, or fail on other shapes)."""
+    root = resolve_path(cfg.data.path) if cfg.data.path else None
+    if root is None or not root.is_dir():  # open_dataset says what is wrong
+        yield
+        return
+    with reading_lock(root):
+        yield
+
+
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Run a whole training job in this process (one rank of torchrun, or alone); returns results.json's content."""
     run_started = time.perf_counter()
     run_dir = Path(cfg.run_dir).expanduser()
-    with distributed(cfg.device) as env, exclusive_run_dir(run_dir, env.is_main):
+    with distributed(cfg.device) as env, exclusive_run_dir(run_dir, env.is_main), dataset_in_use(cfg):
         seed_everything(cfg.seed, env.rank)
         dataset = open_dataset(cfg, env.world_size)
+        uneven = uneven_shards_warning(dataset, cfg.loader, cfg.seed, env.world_size)
+        if uneven and env.is_main:
+            print(f"warning: {uneven}", file=sys.stderr, flush=True)
         identity = checkpoint.identity(cfg, dataset)
         if resume is not None:
             if env.is_main:  # a job killed while writing a checkpoint (or swapping in a new best) left parts: first

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 
 from darec_dist.config import ConfigError, load_config, to_dict
 from darec_dist.data import layout
-from darec_dist.files import replace_dir
+from darec_dist.files import DirectoryInUse, exclusive_lock, replace_dir
 from spark_jobs.clean import clean
 from spark_jobs.config import EmbeddingConfig, PrepareConfig
 from spark_jobs.embed import embed_profiles
@@ -54,6 +54,11 @@ ITEM_TEXT_SOURCES = {
 OWNER = "OWNER"
 
 
+# Training and evaluation jobs hold a reading lock on their dataset (launch/train.py: dataset_in_use).
+_IN_USE = ("output: {output} is being read by a training or evaluation job (it re-reads the dataset every epoch, so "
+           "replacing it would switch the job to other data); wait for the job to end, or write to another output")
+
+
 def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog | None = None) -> Path:
     """Run the whole job; returns the finished dataset directory. A session passed in is left running, with its
     cache cleared (the job's cached tables and any of the caller's)."""
@@ -63,6 +68,10 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         raise PrepareError(f"output: {output} is a file; give a directory path for the dataset")
     if (output / layout.MANIFEST).exists() and not cfg.overwrite:
         raise PrepareError(f"output: {output} already holds a dataset; pass overwrite=true to replace it")
+    if (output / layout.MANIFEST).exists():
+        with exclusive_lock(output) as unread:
+            if not unread:
+                raise PrepareError(_IN_USE.format(output=output))
     if output.exists() and not (output / layout.MANIFEST).exists() and any(output.iterdir()):
         raise PrepareError(f"output: {output} exists and is not a dataset directory; choose another path")
     check_source_paths(cfg)
@@ -91,7 +100,10 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         manifest["timings_s"] = dict(log.seconds, total=round(time.perf_counter() - started, 3))
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (staging / OWNER).unlink()
-        replace_dir(staging, output)
+        try:  # a job that started reading it since the check above
+            replace_dir(staging, output, reader_wait=10.0, refuse_in_use=True)
+        except DirectoryInUse:
+            raise PrepareError(_IN_USE.format(output=output)) from None
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         master = effective_master(cfg.spark) if "stopped SparkContext" in str(err) else None

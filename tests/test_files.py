@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from darec_dist.files import atomic_path, exclusive_lock, reading_lock, replace_dir, write_text_atomic
+from darec_dist.files import DirectoryInUse, atomic_path, exclusive_lock, reading_lock, replace_dir, write_text_atomic
 
 
 @pytest.fixture
@@ -138,6 +138,20 @@ def test_a_stuck_reader_delays_a_swap_only_so_long(tmp_path):
         with pytest.warns(RuntimeWarning, match="a reader has held it for 0.5 s; replacing it anyway"):
             replace_dir(staging, final, reader_wait=0.5)
         assert time.monotonic() - started >= 0.5 and (final / "v").read_text() == "new"
+
+
+def test_a_swap_told_to_refuse_a_directory_in_use_leaves_both_as_they_are(tmp_path):
+    """A dataset is not taken from a training job that reads it (spark_jobs.prepare fails instead)."""
+    final, staging = tmp_path / "data", tmp_path / ".data.tmp"
+    for directory, text in ((final, "old"), (staging, "new")):
+        directory.mkdir()
+        (directory / "v").write_text(text)
+    with reading_lock(final):
+        with pytest.raises(DirectoryInUse, match=f"{final}: being read"):
+            replace_dir(staging, final, reader_wait=0.2, refuse_in_use=True)
+    assert (final / "v").read_text() == "old" and (staging / "v").read_text() == "new"
+    replace_dir(staging, final, refuse_in_use=True)  # no reader left
+    assert (final / "v").read_text() == "new" and not staging.exists()
 
 
 def _wait_forked(started) -> None:

@@ -94,6 +94,15 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
     # An existing dataset is replaced only on request; another seed deals other shards.
     with pytest.raises(PrepareError, match="already holds a dataset"):
         prepare(small_config(tmp_path / "b", source, **SMALL_DATASET_SETTINGS), spark=spark)
+    # Not while a job reads it: the job re-reads arrays and shards by path, and would go on with the new split.
+    from darec_dist.config import load_config
+    from darec_dist.train.config import TrainConfig
+    from launch.train import dataset_in_use
+
+    with dataset_in_use(load_config(TrainConfig, None, [f"data.path={second}"])):
+        with pytest.raises(PrepareError, match=f"output: {second} is being read by a training or evaluation job"):
+            prepare(small_config(tmp_path / "b", source, overwrite="true", seed=7, **SMALL_DATASET_SETTINGS), spark=spark)
+    assert PreparedDataset.open(second).fingerprint == fingerprint
     prepare(small_config(tmp_path / "b", source, overwrite="true", seed=7, **SMALL_DATASET_SETTINGS), spark=spark)
     reseeded = json.loads((second / layout.MANIFEST).read_text())
     assert reseeded["config"]["seed"] == 7

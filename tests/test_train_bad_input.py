@@ -9,7 +9,7 @@ import pytest
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
-from darec_dist.data.loader import LoaderConfig, check_world_fits, local_batch_size, steps_per_epoch
+from darec_dist.data.loader import LoaderConfig, check_world_fits, local_batch_size, steps_per_epoch, uneven_shards_warning
 from darec_dist.models.aligners import build_aligner
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.trainer import feature_builder
@@ -88,6 +88,16 @@ def test_world_size_the_shards_cannot_serve(small_dataset):
         local_batch_size(LoaderConfig(batch_size=7), 2)
     with pytest.raises(DatasetError, match="fewer than one local batch"):
         steps_per_epoch(dataset, LoaderConfig(batch_size=10**6), 0, 0, 2)
+    # Ranks holding unequal shares take the smallest one's steps: what that leaves out of an epoch is said.
+    odd = next(w for w in (3, 5, 7) if shards % w)
+    cfg = LoaderConfig(batch_size=2 * odd)
+    assert uneven_shards_warning(dataset, cfg, 0, 2 if shards % 2 == 0 else 1) is None
+    trained = steps_per_epoch(dataset, cfg, 0, 0, odd) * cfg.batch_size
+    total = sum(s["interactions"] for s in dataset.shards)
+    assert trained < total * (1 - 1 / shards)  # some rank holds a shard fewer than another
+    warning = uneven_shards_warning(dataset, cfg, 0, odd)
+    assert f"{shards} shards do not split evenly over {odd} ranks" in warning
+    assert f"an epoch trains on {trained:,} of the {total:,} train interactions" in warning
     from launch.train import open_dataset  # checked with the dataset, before the model is built or run_dir written
 
     with pytest.raises(DatasetError, match="fewer than one local batch"):

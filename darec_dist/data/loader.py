@@ -81,6 +81,22 @@ def steps_per_epoch(dataset: PreparedDataset, cfg: LoaderConfig, seed: int, epoc
     return steps
 
 
+def uneven_shards_warning(dataset: PreparedDataset, cfg: LoaderConfig, seed: int, world_size: int) -> str | None:
+    """What an epoch leaves out when the ranks hold unequal shares of the shards (None: they hold equal ones).
+
+    Every rank takes the steps of the one with the fewest interactions, so collectives never wait on a rank that has
+    run out; the rest of the others' shares is not trained on that epoch (which shards, the order decides anew).
+    """
+    if len(dataset.shards) % world_size == 0:
+        return None
+    trained = steps_per_epoch(dataset, cfg, seed, 0, world_size) * local_batch_size(cfg, world_size) * world_size
+    total = sum(int(s["interactions"]) for s in dataset.shards)
+    return (f"{dataset.root}: {len(dataset.shards)} shards do not split evenly over {world_size} ranks, and every rank "
+            f"takes the steps of the one with the fewest interactions, so an epoch trains on {trained:,} of the "
+            f"{total:,} train interactions ({trained / total:.0%}); re-run prepare with shards.factor a multiple of "
+            f"{world_size} to train on them all")
+
+
 class ShuffleBuffer:
     """Hands out uniformly drawn batches from a pool it keeps at `capacity` interactions or more once filled
     (the loader draws only while it holds capacity + a batch, then drains it at the epoch's end)."""

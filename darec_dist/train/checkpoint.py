@@ -242,8 +242,9 @@ def check_identity(path: str | Path, current: dict) -> None:
                           "checked against this model and dataset; train it again with this release")
     differ = differences(saved, current)
     if differ:
-        hint = (" (dataset.fingerprint digests the dataset's checksums: its split, graph, embeddings or shards differ; "
-                "give data.path the dataset this run trained on)") if any(d.startswith("dataset.fingerprint") for d in differ) else ""
+        hint = (" (dataset.fingerprint digests the dataset's checksums: its split, graph, embeddings or shards differ, "
+                "the embeddings' last bits already under another spark.shuffle_partitions; give data.path the dataset "
+                "this run trained on)") if any(d.startswith("dataset.fingerprint") for d in differ) else ""
         raise ConfigError(f"{path}: written for another model or dataset (checkpoint -> now): {listed(differ)}{hint}")
 
 
