@@ -140,3 +140,23 @@ def test_shard_count_is_a_multiple_of_the_factor_without_empty_shards():
         for per_shard in (1, 2, 3, 1_000_000):
             count = shard_count(total, ShardsConfig(factor=8, interactions_per_shard=per_shard))
             assert count % 8 == 0 and 8 <= count <= total and (count == total // 8 * 8 or count * per_shard >= total)
+
+
+@pytest.mark.parametrize("form", ["csv", "parquet"])
+def test_leave_one_out_orders_fractional_timestamps(spark, tmp_path, form):
+    """Stamps 0.1 to 0.5 (fractional seconds, float columns) were cut to whole numbers: all 0, the hash chose."""
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame([(user, int(item), round(0.1 * (rank + 1), 1))
+                          for user in range(12)
+                          for rank, item in enumerate(rng.choice(20, size=5, replace=False))],
+                         columns=["user", "item", "timestamp"]).sample(frac=1, random_state=1)
+    path = tmp_path / f"inter.{form}"
+    frame.to_csv(path, index=False) if form == "csv" else frame.to_parquet(path)
+    source = {"source.format": "csv", "source.interactions": str(path), "source.columns.timestamp": "timestamp"}
+    root = prepare(small_config(tmp_path / "out", source, **{"split.method": "leave-one-out"}), spark=spark)
+    user_raw = pd.read_parquet(root / layout.id_map("user")).sort_values("id")["raw"].astype(int).tolist()
+    item_raw = pd.read_parquet(root / layout.id_map("item")).sort_values("id")["raw"].astype(int).tolist()
+    for split, stamp in (("test", 0.5), ("val", 0.4)):
+        indptr, items = load_csr(root, split)
+        held_out = {(user_raw[u], item_raw[i]) for u in range(len(user_raw)) for i in items[indptr[u] : indptr[u + 1]]}
+        assert held_out == set(map(tuple, frame[frame["timestamp"] == stamp][["user", "item"]].values.tolist()))

@@ -24,7 +24,7 @@ from spark_jobs.readers.lines import drop_malformed, first_problem, is_integer, 
 from spark_jobs.readers.safe_pickle import load_matrix
 from spark_jobs.readers.source import RawSource
 from spark_jobs.readers.synthetic import read_synthetic
-from spark_jobs.readers.table import ColumnPositions, parse_interactions, read_delimited_interactions, refuse_mixed_timestamp_forms
+from spark_jobs.readers.table import TIMESTAMP, ColumnPositions, parse_interactions, read_delimited_interactions, refuse_mixed_timestamp_forms
 from spark_jobs.readers.text_tables import atomic_header_name, read_metadata_table, read_text_csv, with_title
 from spark_jobs.session import StageLog
 
@@ -207,7 +207,7 @@ def _standard(df: DataFrame, has_split: bool) -> DataFrame:
         F.col("user").cast("string").alias("user"),
         F.col("item").cast("string").alias("item"),
         F.col("rating").cast("double").alias("rating"),
-        F.col("timestamp").cast("long").alias("timestamp"),
+        F.col("timestamp").cast(TIMESTAMP).alias("timestamp"),
         split.alias("split"),
     )
 

@@ -11,7 +11,8 @@ from pyspark.sql import DataFrame
 class RawSource:
     """What every reader yields.
 
-    interactions: user, item (string raw ids), rating (double), timestamp (long), split (train/val/test or null)
+    interactions: user, item (string raw ids), rating (double), timestamp (a number, only its order within a user is used:
+        decimal(38,18) from the tables, long from the generator), split (train/val/test or null)
     item_text: item, title, text (or None); user_text: user, text (or None)
     user_text_is_profile: True when user texts are finished profiles (use as is); False when they are
         demographics that the profile stage extends with the user's train items.

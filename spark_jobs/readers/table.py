@@ -12,6 +12,11 @@ from spark_jobs.errors import PrepareError
 from spark_jobs.readers.lines import INTEGER, first_problem, is_integer, is_number, numbered_lines, split_fields, unbalanced_quotes
 
 
+# The timestamp column of tables: every int64 exactly (nanosecond stamps keep their last digit) and 18 digits of
+# fraction (fractional seconds keep their order). Only the order within a user is used, and nothing stores it.
+TIMESTAMP = "decimal(38,18)"
+
+
 @dataclass
 class ColumnPositions:
     count: int
@@ -72,15 +77,17 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
         iso_date = stamp.rlike(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]|$)")
         date_time = F.when(iso_date, F.try_to_timestamp(stamp))
         form = F.when(is_number(stamp), F.lit("number")).when(date_time.isNotNull(), F.lit("date-time"))
-        # An integer straight to int64: through a double, nanosecond stamps (about 1.7e18) would lose their last
-        # digits and events a few hundred nanoseconds apart would tie.
-        timestamp = (F.when(stamp.rlike(INTEGER), stamp.try_cast("long"))
-                     .when(is_number(stamp), stamp.try_cast("double").try_cast("long"))
-                     .otherwise(F.unix_micros(date_time)))
+        # A number as written, its fraction included: cut to whole numbers, stamps 0.1 to 0.5 (seconds, float
+        # exports) would all tie. A decimal, not a double: through a double, nanosecond stamps (about 1.7e18) would
+        # lose their last digits and events a few hundred nanoseconds apart would tie. Forms only a double reads
+        # (1.5d) go through one.
+        number = F.coalesce(stamp.try_cast(TIMESTAMP), stamp.try_cast("double").try_cast(TIMESTAMP))
+        timestamp = F.when(is_number(stamp), number).otherwise(F.unix_micros(date_time).cast(TIMESTAMP))
         checks.append((form.isNull(), F.format_string(
             "timestamp '%s' is neither a number nor a date-time (such as 2024-01-31 or 2024-01-31T08:00:00Z)", stamp)))
-        # A number (1e30) that no 64-bit timestamp holds would otherwise become a missing timestamp.
-        checks.append((timestamp.isNull(), F.format_string("timestamp '%s' beyond the 64-bit integer range", stamp)))
+        # A number (1e30) that the column cannot hold would otherwise become a missing timestamp.
+        checks.append((timestamp.isNull(), F.format_string(
+            "timestamp '%s' beyond the timestamp range (at most 20 digits before the decimal point)", stamp)))
 
     def numeric(i):
         return field(i).try_cast("double") if i is not None else F.lit(None).cast("double")
@@ -93,7 +100,7 @@ def parse_interactions(rows: DataFrame, pos: ColumnPositions, quoted: bool = Fal
         field(pos.user).alias("user"),
         field(pos.item).alias("item"),
         numeric(pos.rating).alias("rating"),
-        timestamp.cast("long").alias("timestamp"),
+        timestamp.cast(TIMESTAMP).alias("timestamp"),
         form.cast("string").alias("timestamp_form"),
     )
 
