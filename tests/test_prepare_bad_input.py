@@ -593,3 +593,30 @@ def test_rows_dropped_from_a_recbole_item_file_are_counted_in_the_manifest(spark
     manifest = PreparedDataset.open(prepare(small_config(tmp_path / "out", {}, **settings), spark=spark)).manifest
     assert manifest["malformed_rows"] == {str(raw / "x.inter"): {"rows": 64, "malformed": 0},
                                           str(raw / "x.item"): {"rows": 9, "malformed": 1}}
+
+
+def test_a_folder_of_csv_files_is_refused_before_spark_starts(tmp_path, monkeypatch):
+    """Any folder was read as Parquet: a folder of CSV files failed in Java ('... is not a Parquet file')."""
+    import spark_jobs.prepare as job
+
+    monkeypatch.setattr(job, "start_session", lambda *a, **k: pytest.fail("a Spark session was started"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for part in ("a.csv", "b.csv", "_SUCCESS"):  # Spark's marker is no data file
+        (raw / part).write_text("user,item\n1,5\n")
+    with pytest.raises(PrepareError, match=rf"source.interactions: {re.escape(str(raw))} is a folder holding 2 file\(s\) that are "
+                                           r"not .parquet: \['a.csv', 'b.csv'\]; expected a .csv or .parquet file, or a folder of .parquet files"):
+        prepare(small_config(tmp_path / "out", {"source.format": "csv", "source.interactions": str(raw)}))
+    assert_nothing_left(tmp_path)
+
+
+def test_parquet_is_told_by_its_suffix_in_any_case_or_a_folder_of_parquet_files(spark, tmp_path):
+    """X.PARQUET was read as CSV, its bytes shown as the header."""
+    frame = pd.DataFrame({"user": [1, 2], "item": [5, 6]})
+    frame.to_parquet(tmp_path / "upper.PARQUET")
+    (tmp_path / "folder").mkdir()
+    frame.to_parquet(tmp_path / "folder" / "part-0.parquet")
+    (tmp_path / "folder" / "_SUCCESS").write_text("")
+    for path in (tmp_path / "upper.PARQUET", tmp_path / "folder"):
+        rows = sorted((r["user"], r["item"]) for r in _read_csv_source(spark, path).interactions.collect())
+        assert rows == [("1", "5"), ("2", "6")], path

@@ -67,6 +67,7 @@ def check_source_paths(cfg: PrepareConfig) -> None:
             raise PrepareError("source.interactions: required for source.format=csv (a .csv or .parquet file)")
         if not Path(src.interactions).expanduser().exists():
             raise PrepareError(f"source.interactions: {Path(src.interactions).expanduser()} not found")
+        _is_parquet(Path(src.interactions).expanduser())  # a folder of other files is refused here
         for key, path in (("source.item_text", src.item_text), ("source.user_text", src.user_text)):
             if path:
                 _require_file(Path(path).expanduser(), key)
@@ -220,7 +221,7 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     path = str(Path(src.interactions).expanduser())  # found by check_source_paths, before Spark started
     cols = src.columns
     columns = {"user": cols.user, "item": cols.item, "rating": cols.rating, "timestamp": cols.timestamp}
-    if path.endswith(".parquet") or Path(path).is_dir():
+    if _is_parquet(Path(path)):
         rows = _parquet_rows(spark, path, columns)
     else:
         rows = read_delimited_interactions(spark, path, src.delimiter, src.header, columns, quoted=True)
@@ -252,6 +253,23 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
         user_text_is_profile=user_text is not None,
         malformed={files[0]: report},
     )
+
+
+def _is_parquet(path: Path) -> bool:
+    """Whether source.interactions is read as Parquet: a file named *.parquet (any case: X.PARQUET read as CSV gave
+    its bytes as a header), or a folder of such files (a Spark or pandas dataset). Any other folder is refused: Spark
+    would read it as Parquet and fail on its first file with a Java stack trace."""
+    if not path.is_dir():
+        return path.name.lower().endswith(".parquet")
+    # As Spark does, names starting with _ or . are no data (_SUCCESS, .crc files, _temporary/).
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(("_", ".")) for part in f.relative_to(path).parts))
+    others = [name for name in files if not name.lower().endswith(".parquet")]
+    if not files or others:
+        found = f"{len(others)} file(s) that are not .parquet: {others[:5]}{' ...' if len(others) > 5 else ''}" if others else "no files"
+        raise PrepareError(f"source.interactions: {path} is a folder holding {found}; expected a .csv or .parquet file, or a "
+                           "folder of .parquet files (a Parquet dataset; join CSV files into one file)")
+    return True
 
 
 def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]) -> DataFrame:
