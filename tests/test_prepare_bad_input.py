@@ -620,3 +620,22 @@ def test_parquet_is_told_by_its_suffix_in_any_case_or_a_folder_of_parquet_files(
     for path in (tmp_path / "upper.PARQUET", tmp_path / "folder"):
         rows = sorted((r["user"], r["item"]) for r in _read_csv_source(spark, path).interactions.collect())
         assert rows == [("1", "5"), ("2", "6")], path
+
+
+def test_quoted_ids_with_spaces_name_the_same_node_in_the_interactions_and_the_text_table(spark, tmp_path):
+    """The interactions kept ' x ' (spaces inside quotes), the text table trimmed it to 'x': an item without text."""
+    (tmp_path / "inter.csv").write_text('user,item\n1," x "\n2," x "\n2,y\n')
+    (tmp_path / "items.csv").write_text('item,text\n" x ",Ex\ny,Why\n')
+    raw = _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "items.csv"})
+    assert {r["item"] for r in raw.interactions.collect()} == {r["item"] for r in raw.item_text.collect()} == {"x", "y"}
+
+
+def test_rows_swallowed_by_an_unclosed_quote_in_a_text_tables_id_are_traced_to_it(spark, tmp_path):
+    """Closed in a later row's id, the quote made one row of the rows between: their items had no text, unexplained."""
+    (tmp_path / "inter.csv").write_text("user,item\n" + "".join(f"1,{i}\n" for i in range(500, 507)))
+    rows = [f"{i},Item {i}" for i in range(500, 507)]
+    rows[3], rows[5] = '"503,Item 503', '"505",Item 505'
+    (tmp_path / "items.csv").write_text("item,text\n" + "\n".join(rows) + "\n")
+    with pytest.raises(PrepareError, match=r"items.csv: line 5: the item field holds line breaks \('\"503,Item 503\\n504,Item "
+                                           r"504\\n\"505\"'\): a double quote opened in it may be unclosed"):
+        _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "items.csv"})

@@ -41,7 +41,8 @@ def split_fields(lines: DataFrame, delimiter: str, regex: bool = False, quoted: 
     """Adds `fields`: the line split on the delimiter, each field trimmed and unquoted.
 
     quoted: CSV quoting (RFC 4180, within one line): a delimiter inside double quotes is text and `""` inside
-    quotes is a quote. Formats that do not quote (RecBole's atomic files) keep a lone `"` as text.
+    quotes is a quote; spaces at either end inside the quotes are dropped. Formats that do not quote (RecBole's
+    atomic files) keep a lone `"` as text.
     """
     pattern = delimiter if regex else _escape(delimiter)
     value = F.trim(F.col("value"))
@@ -54,7 +55,9 @@ def split_fields(lines: DataFrame, delimiter: str, regex: bool = False, quoted: 
     def unquote(field):
         field = F.trim(field)
         unquoted = F.regexp_replace(field, r'^"(.*)"$', "$1")
-        return F.when(field.rlike(r'^".*"$'), F.regexp_replace(unquoted, '""', '"')).otherwise(field) if quoted else unquoted
+        # Trimmed inside the quotes too: the text tables' ids are (Spark's CSV reader unquotes them first, so
+        # read_text_csv cannot tell `" x "` from ` x `), and an id must name the same node in both files.
+        return F.when(field.rlike(r'^".*"$'), F.trim(F.regexp_replace(unquoted, '""', '"'))).otherwise(field) if quoted else unquoted
 
     return lines.withColumn("fields", F.transform(fields, unquote))
 

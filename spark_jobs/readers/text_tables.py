@@ -47,6 +47,15 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
         raise PrepareError(
             f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {listing}; quote text that holds commas"
         )
+    # An id never spans lines (the interactions are read line by line): one that does took the rows after its row,
+    # from a double quote opened in its id field and closed only in a later row.
+    swallowing = table.where(F.col(id_col).contains("\n")).select(id_col).first()
+    if swallowing is not None:
+        row = swallowing[id_col]
+        lines = _starting_lines(path, [row, f'"{row}'])  # Spark may have taken the opening quote off
+        line = next((f"line {lines[r]}: " for r in (row, f'"{row}') if r in lines), "")
+        raise PrepareError(f"{path}: {line}the {id_col} field holds line breaks ({row[:120]!r}): a double quote opened in it "
+                           "may be unclosed, so the rows after it were read as its id; close the quote")
     if numeric_ids:
         # A row whose id is no integer names no node of the interactions, like any extra row, and is left out; but
         # one written as a non-integer number (1000.0 for 1000) is a mistyped id: refused, rather than reported
@@ -59,7 +68,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
         table = table.where(is_integer(raw_id))
         ids = raw_id.try_cast("long").cast("string")
     else:
-        ids = F.trim(F.col(id_col))
+        ids = F.trim(F.col(id_col))  # inside quotes too, as split_fields does the interactions' ids
     result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
     fail_on_duplicate_ids(result, out_id, path, id_col)
     return result
