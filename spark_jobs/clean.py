@@ -16,22 +16,21 @@ def _split_priority() -> F.Column:
 
 
 def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog, has_split: bool = False) -> DataFrame:
-    """has_split: the source's own split, whose held-out pairs that are also train pairs are counted as dropped (two
-    more passes over the rows, so only there)."""
+    """has_split: the source's own split, whose dropped repeats are counted per split (its held-out pairs that are
+    also train pairs)."""
     df = interactions
-    report = cfg.dedupe and has_split
     if cfg.rating_threshold is not None:
         if df.where(F.col("rating").isNotNull()).limit(1).count() == 0:
             raise PrepareError("clean.rating_threshold is set but the source has no rating column")
         df = df.where(F.col("rating") >= cfg.rating_threshold)
-    if report:
-        before = _rows_by_split(df)
     if cfg.dedupe:
         first = Window.partitionBy("user", "item").orderBy(_split_priority(), F.col("timestamp").asc_nulls_last(), F.col("rating").desc_nulls_last())
-        df = df.withColumn("_n", F.row_number().over(first)).where(F.col("_n") == 1).drop("_n")
-    df = df.localCheckpoint()
-    if report:
-        _report_repeats(before, _rows_by_split(df), log)
+        # Checkpointed with the repeats still in, so that they are counted from it, not by another pass over the source.
+        df = df.withColumn("_n", F.row_number().over(first)).localCheckpoint()
+        _report_repeats(_rows_by_split(df.where(F.col("_n") > 1)), has_split, log)
+        df = df.where(F.col("_n") == 1).drop("_n")
+    else:
+        df = df.localCheckpoint()
     if cfg.k_core > 0:
         df = k_core(df, cfg.k_core, cfg.k_core_max_rounds, log)
     if df.limit(1).count() == 0:
@@ -45,13 +44,18 @@ def _rows_by_split(df: DataFrame) -> dict[str, int]:
     return {r["split"]: r["count"] for r in df.groupBy("split").count().collect()}
 
 
-def _report_repeats(before: dict[str, int], after: dict[str, int], log: StageLog) -> None:
-    """A pre-split source's validation or test pair that is also a train pair leaves its split: say how many."""
-    dropped = {split: n - after.get(split, 0) for split, n in sorted(before.items()) if n > after.get(split, 0)}
-    if dropped:
-        listing = ", ".join(f"{n} {split}" for split, n in dropped.items())
+def _report_repeats(dropped: dict[str, int], has_split: bool, log: StageLog) -> None:
+    """Say how many repeated (user, item) rows were dropped: a pre-split source's by split (a validation or test pair
+    that is also a train pair leaves its split), any other's in all (a CSV's 40 rows became 30 without a word)."""
+    if not dropped:
+        return
+    if has_split:
+        listing = ", ".join(f"{n} {split}" for split, n in sorted(dropped.items()))
         log.log(f"de-duplication dropped {sum(dropped.values())} repeated (user, item) interactions ({listing}); each pair "
                 "is kept once, in train where a copy is there, else in validation, else in test")
+    else:
+        log.log(f"de-duplication dropped {sum(dropped.values())} repeated (user, item) interactions; each pair is kept "
+                "once, its earliest copy (then its highest rating); clean.dedupe=false keeps them all")
 
 
 def k_core(df: DataFrame, k: int, max_rounds: int, log: StageLog) -> DataFrame:

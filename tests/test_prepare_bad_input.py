@@ -639,3 +639,12 @@ def test_rows_swallowed_by_an_unclosed_quote_in_a_text_tables_id_are_traced_to_i
     with pytest.raises(PrepareError, match=r"items.csv: line 5: the item field holds line breaks \('\"503,Item 503\\n504,Item "
                                            r"504\\n\"505\"'\): a double quote opened in it may be unclosed"):
         _read_csv_source(spark, tmp_path / "inter.csv", **{"source.item_text": tmp_path / "items.csv"})
+
+
+def test_repeated_pairs_of_a_csv_are_reported_when_dropped(spark, tmp_path, capsys):
+    """Pre-split sources said how many repeats de-duplication dropped; a CSV's went silently."""
+    rows = interaction_rows(num_users=20)
+    source, _ = csv_with_lines(tmp_path, [",".join(str(v) for v in row) for row in rows[:10]], item_text=False)
+    dataset = PreparedDataset.open(prepare(small_config(tmp_path / "out", source), spark=spark))
+    assert "de-duplication dropped 10 repeated (user, item) interactions; each pair is kept once" in capsys.readouterr().out
+    assert sum(dataset.manifest["splits"].values()) == len(rows)
