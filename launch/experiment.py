@@ -170,7 +170,8 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
     finished = results.exists()
-    latest = checkpoint.latest(run_dir)  # once: it warns about each damaged checkpoint
+    # Once (it warns about each damaged checkpoint), and only where it is used: it reads the checkpoint to digest it.
+    latest = None if finished else checkpoint.latest(run_dir)
     if not finished and checkpoint.step_checkpoints(run_dir) and latest is None:
         raise ConfigError(f"{run_dir}: interrupted, and every checkpoint it holds is damaged (the trainer names why when "
                           "resuming one by path); delete that run to run it again")

@@ -126,7 +126,7 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
         check_own_checkpoint(source, run_dir)
         # A roll-back: the newer checkpoints would be taken for its own later steps (by --resume auto, by pruning).
         newer = [p for p in checkpoint.newer_than(run_dir, checkpoint.loop_state(source)["global_step"])
-                 if (p / checkpoint.COMPLETE).exists() and checkpoint.damage(p) is None]
+                 if (p / checkpoint.COMPLETE).exists() and checkpoint.damage(p, contents=True) is None]
         if newer:
             shown = ", ".join(p.name for p in newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
             raise ConfigError(f"--resume {resume}: the run has {len(newer)} newer checkpoint(s) ({shown}), which a resume "
@@ -137,7 +137,7 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
         report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
         if checkpoint.loop_state(source).get("best") is not None:  # the model the run tests at its end
             try:
-                checkpoint.check_complete(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST)
+                checkpoint.check_complete(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST, contents=True)
             except ConfigError as err:
                 raise ConfigError(f"the run's best model, which it tests when done, cannot be read: {err}. Evaluate a step "
                                   "checkpoint instead (launch/evaluate.py RUN_DIR --checkpoint latest), or run again in "
@@ -352,7 +352,8 @@ def dataset_in_use(cfg: TrainConfig) -> Iterator[None]:
     so spark_jobs.prepare with overwrite=true refuses to replace the dataset meanwhile (a run would go on, unwarned,
     with another split, or fail on other shapes)."""
     root = resolve_path(cfg.data.path) if cfg.data.path else None
-    if root is None or not root.is_dir():  # open_dataset says what is wrong
+    # Missing: open_dataset says what is wrong. Unreadable as a listing (mode 711): its files still open by name.
+    if root is None or not root.is_dir() or not os.access(root, os.R_OK):
         yield
         return
     with reading_lock(root):

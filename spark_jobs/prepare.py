@@ -103,7 +103,11 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         try:  # a job that started reading it since the check above
             replace_dir(staging, output, reader_wait=10.0, refuse_in_use=True)
         except DirectoryInUse:
-            raise PrepareError(_IN_USE.format(output=output)) from None
+            # Finished, so kept (the job may have run for hours), under a name no later prepare takes for its leftovers.
+            kept = output.parent / f"{output.name}.prepared-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(staging, kept)
+            raise PrepareError(_IN_USE.format(output=output) + f". The new dataset is complete at {kept}: train on it "
+                               "there (data.path), or move it into place once the job has ended") from None
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         master = effective_master(cfg.spark) if "stopped SparkContext" in str(err) else None

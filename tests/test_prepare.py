@@ -1,6 +1,8 @@
 """The prepare job end to end on small raw data: counts, arrays, determinism, no leakage."""
 
+import contextlib
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -68,7 +70,7 @@ def test_user_profiles_use_train_items_only(csv_dataset):
                 assert f"Item {item_raw[i]}," in text
 
 
-def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_dataset, tmp_path):
+def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_dataset, tmp_path, monkeypatch):
     from spark_jobs.errors import PrepareError
     from tests.conftest import SMALL_DATASET_SETTINGS
 
@@ -99,10 +101,19 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
     from darec_dist.train.config import TrainConfig
     from launch.train import dataset_in_use
 
+    import spark_jobs.prepare as job
+
     with dataset_in_use(load_config(TrainConfig, None, [f"data.path={second}"])):
         with pytest.raises(PrepareError, match=f"output: {second} is being read by a training or evaluation job"):
             prepare(small_config(tmp_path / "b", source, overwrite="true", seed=7, **SMALL_DATASET_SETTINGS), spark=spark)
+        # A job that started reading after the job's first check: refused at the swap, the finished dataset kept.
+        monkeypatch.setattr(job, "exclusive_lock", lambda path: contextlib.nullcontext(True))
+        with pytest.raises(PrepareError, match=r"being read by .* The new dataset is complete at .*/b\.prepared-"):
+            prepare(small_config(tmp_path / "b", source, overwrite="true", seed=7, **SMALL_DATASET_SETTINGS), spark=spark)
     assert PreparedDataset.open(second).fingerprint == fingerprint
+    (kept,) = tmp_path.glob("b.prepared-*")
+    assert PreparedDataset.open(kept).fingerprint != fingerprint  # the seed-7 dataset, whole
+    shutil.rmtree(kept)
     prepare(small_config(tmp_path / "b", source, overwrite="true", seed=7, **SMALL_DATASET_SETTINGS), spark=spark)
     reseeded = json.loads((second / layout.MANIFEST).read_text())
     assert reseeded["config"]["seed"] == 7

@@ -605,19 +605,22 @@ def test_a_folder_of_csv_files_is_refused_before_spark_starts(tmp_path, monkeypa
     for part in ("a.csv", "b.csv", "_SUCCESS"):  # Spark's marker is no data file
         (raw / part).write_text("user,item\n1,5\n")
     with pytest.raises(PrepareError, match=rf"source.interactions: {re.escape(str(raw))} is a folder holding 2 file\(s\) that are "
-                                           r"not .parquet: \['a.csv', 'b.csv'\]; expected a .csv or .parquet file, or a folder of .parquet files"):
+                                           r"not Parquet: \['a.csv', 'b.csv'\]; expected a .csv or .parquet file, or a folder of Parquet files"):
         prepare(small_config(tmp_path / "out", {"source.format": "csv", "source.interactions": str(raw)}))
     assert_nothing_left(tmp_path)
 
 
 def test_parquet_is_told_by_its_suffix_in_any_case_or_a_folder_of_parquet_files(spark, tmp_path):
-    """X.PARQUET was read as CSV, its bytes shown as the header."""
+    """X.PARQUET was read as CSV, its bytes shown as the header; Parquet files named otherwise (Hive's 000000_0) count
+    by their magic bytes, alone or in a folder."""
     frame = pd.DataFrame({"user": [1, 2], "item": [5, 6]})
     frame.to_parquet(tmp_path / "upper.PARQUET")
-    (tmp_path / "folder").mkdir()
-    frame.to_parquet(tmp_path / "folder" / "part-0.parquet")
-    (tmp_path / "folder" / "_SUCCESS").write_text("")
-    for path in (tmp_path / "upper.PARQUET", tmp_path / "folder"):
+    frame.to_parquet(tmp_path / "data.pq")
+    for folder, part in (("folder", "part-0.parquet"), ("hive", "000000_0")):
+        (tmp_path / folder).mkdir()
+        frame.to_parquet(tmp_path / folder / part)
+        (tmp_path / folder / "_SUCCESS").write_text("")
+    for path in (tmp_path / "upper.PARQUET", tmp_path / "data.pq", tmp_path / "folder", tmp_path / "hive"):
         rows = sorted((r["user"], r["item"]) for r in _read_csv_source(spark, path).interactions.collect())
         assert rows == [("1", "5"), ("2", "6")], path
 

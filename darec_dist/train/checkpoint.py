@@ -296,8 +296,9 @@ def load_weights(trainer, path: str | Path) -> dict:
     DeepSpeed's ZeRO stages partition by world size, are not read. Returns the checkpoint's loop state.
     """
     path = Path(path)
-    check_complete(path, contents=True)
-    with reading_lock(path):  # neither pruned nor replaced (a running run's `best`) while read
+    check_complete(path)  # a missing or unfinished one named as such, before the lock would wait for it
+    with reading_lock(path):  # neither pruned nor replaced (a running run's `best`) while digested and read
+        check_complete(path, contents=True)
         state = {"tables": trainer.tables.module.state_dict()}
         dcp.load(state, checkpoint_id=str(path / "tables"))
         trainer.tables.module.load_state_dict(state["tables"])

@@ -255,20 +255,27 @@ def read_csv_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> R
     )
 
 
+def _is_parquet_file(path: Path) -> bool:
+    """A Parquet file begins with the magic bytes PAR1, whatever it is named (Hive's 000000_0, .parq, .pq)."""
+    with open(path, "rb") as stream:
+        return stream.read(4) == b"PAR1"
+
+
 def _is_parquet(path: Path) -> bool:
-    """Whether source.interactions is read as Parquet: a file named *.parquet (any case: X.PARQUET read as CSV gave
-    its bytes as a header), or a folder of such files (a Spark or pandas dataset). Any other folder is refused: Spark
-    would read it as Parquet and fail on its first file with a Java stack trace."""
+    """Whether source.interactions is read as Parquet: a Parquet file (by its suffix in any case, or its magic bytes:
+    X.PARQUET read as CSV gave its bytes as a header), or a folder of Parquet files (a Spark, Hive or pandas
+    dataset). Any other folder is refused: Spark would read it as Parquet and fail on its first file with a Java
+    stack trace."""
     if not path.is_dir():
-        return path.name.lower().endswith(".parquet")
+        return path.name.lower().endswith(".parquet") or _is_parquet_file(path)
     # As Spark does, names starting with _ or . are no data (_SUCCESS, .crc files, _temporary/).
-    files = sorted(str(f.relative_to(path)) for f in path.rglob("*")
+    files = sorted(f for f in path.rglob("*")
                    if f.is_file() and not any(part.startswith(("_", ".")) for part in f.relative_to(path).parts))
-    others = [name for name in files if not name.lower().endswith(".parquet")]
+    others = [str(f.relative_to(path)) for f in files if not _is_parquet_file(f)]
     if not files or others:
-        found = f"{len(others)} file(s) that are not .parquet: {others[:5]}{' ...' if len(others) > 5 else ''}" if others else "no files"
+        found = f"{len(others)} file(s) that are not Parquet: {others[:5]}{' ...' if len(others) > 5 else ''}" if others else "no files"
         raise PrepareError(f"source.interactions: {path} is a folder holding {found}; expected a .csv or .parquet file, or a "
-                           "folder of .parquet files (a Parquet dataset; join CSV files into one file)")
+                           "folder of Parquet files (a Parquet dataset; join CSV files into one file)")
     return True
 
 
