@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError
+from darec_dist.distributed.collectives import decided_by_rank0
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.files import write_text_atomic
 from darec_dist.train import checkpoint, report
@@ -88,8 +89,9 @@ def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
 def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:
     """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
     cfg = run_config(run_dir, overrides)
-    source = checkpoint_path(run_dir, which)
     with distributed(cfg.device) as env, dataset_in_use(cfg):
+        # Rank 0 chooses for all: with `latest` on a running run, ranks choosing alone could load different steps.
+        source = decided_by_rank0(lambda: checkpoint_path(run_dir, which))
         seed_everything(cfg.seed, env.rank)
         trainer, state = load_run_model(cfg, env, source, splits=splits)
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}

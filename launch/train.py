@@ -30,7 +30,7 @@ from tqdm import tqdm
 from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch, uneven_shards_warning
-from darec_dist.distributed.collectives import all_reduce_sum
+from darec_dist.distributed.collectives import all_reduce_sum, decided_by_rank0
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.files import reading_lock
 from darec_dist.train import checkpoint, memory, report
@@ -69,8 +69,12 @@ RESUME_MAY_CHANGE = ("train.epochs:", "train.patience:", "train.min_epochs:", "l
 
 
 def table_layout(cfg: TrainConfig, trainer: Trainer) -> dict:
-    """What the shape of the trainable tables' optimizer state depends on, beyond the world size."""
-    return {"optimizer": cfg.sparse.optimizer, "sharding": {table: plan[0] for table, plan in trainer.tables.plan.items()}}
+    """What the shape of the trainable tables' optimizer state depends on, beyond the world size: the optimizer,
+    each table's sharding, and its kernel (fbgemm's fused kernel keeps the optimizer state in its own form, the
+    dense kernel in torch's optimizer)."""
+    return {"optimizer": cfg.sparse.optimizer,
+            "sharding": {table: plan[0] for table, plan in trainer.tables.plan.items()},
+            "kernel": {table: plan[1] for table, plan in trainer.tables.plan.items()}}
 
 
 def seconds_per_epoch(state: dict, world_size: int) -> float | None:
@@ -105,10 +109,13 @@ def check_own_checkpoint(source: Path, run_dir: Path) -> None:
 
 
 def resume_source(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint this job continues (None: it starts the run), or why it may not."""
+    """The checkpoint this job continues (None: it starts the run), or why it may not. Rank 0 decides, for every
+    rank (decided_by_rank0)."""
     if resume is None:
         check_fresh(run_dir)
         return None
+    # A job killed while writing a checkpoint (or swapping in a new best) left parts: first put them right.
+    checkpoint.recover_interrupted_writes(run_dir)
     if resume == "auto":
         source = checkpoint.latest(run_dir)
         if source is None and checkpoint.step_checkpoints(run_dir):
@@ -134,7 +141,7 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
                               "or continue the newest with --resume auto (also the one to give torchrun --max-restarts, "
                               "whose restarts repeat the command after the job has written newer checkpoints)")
     if source is not None:
-        report.read_metrics(run_dir)  # damaged records refused here, by every rank: rank 0 alone would leave the rest waiting
+        report.read_metrics(run_dir)  # damaged records refused before any setup
         if checkpoint.loop_state(source).get("best") is not None:  # the model the run tests at its end
             try:
                 checkpoint.check_complete(run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST, contents=True)
@@ -175,7 +182,8 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
             f"(checkpoint -> now): {listed(changed)}; resume with the run's settings (its config.yaml), or "
             "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
-            "loader.num_workers, data.*, device, the sharding, eval's chunk sizes, checkpoint.* and output.*"
+            "loader.num_workers, data.*, device and the sharding (keeping the tables' kernels), eval's chunk sizes, "
+            "checkpoint.* and output.*"
         )
     written_by, tables, saved_tables, zero_stage = saved["world_size"], settings["tables"], saved["tables"], saved["zero_stage"]
     if zero_stage != settings["zero_stage"]:
@@ -183,6 +191,15 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
         raise ConfigError(
             f"{source}: its dense optimizer state was saved by DeepSpeed's ZeRO stage {zero_stage}; resume it with that "
             f"stage (dense.deepspeed_config=configs/deepspeed/zero{zero_stage}.json) or start another run_dir"
+        )
+    # Written before 2026-12-06 without kernels: a mismatch is then met by the load itself (its error names the keys).
+    kernels = saved_tables.get("kernel", tables["kernel"])
+    if tables["optimizer"] != "sgd" and kernels != tables["kernel"]:
+        raise ConfigError(
+            f"{source}: its tables' optimizer state was kept by the kernels {kernels} (fbgemm's fused kernel and the "
+            f"dense kernel's torch optimizer keep it in different forms), and this run's are {tables['kernel']}; "
+            "resume with the device and sparse.sharding that wrote it (on CPU, sparse.optimizer=adam runs the dense kernel), "
+            "or start another run_dir"
         )
     per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind or kind == "grid_shard")
     if tables["optimizer"] == "rowwise_adagrad" and per_column_shard and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
@@ -267,10 +284,11 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
         if state["step_in_epoch"] >= steps:
             break
         losses = trainer.train_step(batch)
-        if not torch.isfinite(losses["total"]):
-            # Stop before a checkpoint keeps non-finite weights (the last ones written are from before).
-            raise Diverged(f"training diverged: loss {losses['total'].item()} at epoch {epoch}, step {state['step_in_epoch']} "
-                           f"(rank {env.rank}); lower sparse.lr / dense.lr, or check the data")
+        # A non-finite loss stops every rank together, before a checkpoint keeps the weights it made: told to all by
+        # the next step's lookup (trainer.nonfinite) or by the sums below. A rank stopping alone left the others in a collective.
+        if trainer.nonfinite:
+            raise diverged(epoch, state)
+        trainer.nonfinite = not torch.isfinite(losses["total"]).item()
         for name, value in losses.items():
             sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
         state["step_in_epoch"] += 1
@@ -280,10 +298,11 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
         bar.update(1)
         every = cfg.checkpoint.every_steps
         if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps:
-            state["epoch_loss_sums"] = summed_over_ranks(sums, env)
+            state["epoch_loss_sums"] = finite_sums(summed_over_ranks(sums, env), epoch, state)
             checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
     bar.close()
-    return {name: total / (steps * env.world_size) for name, total in summed_over_ranks(sums, env).items()}
+    totals = finite_sums(summed_over_ranks(sums, env), epoch, state)
+    return {name: total / (steps * env.world_size) for name, total in totals.items()}
 
 
 def check_best_reachable(run_dir: Path, source: Path, epochs: int) -> None:
@@ -306,6 +325,18 @@ def patience_spent(state: dict, cfg: TrainConfig) -> bool:
 
 class Diverged(RuntimeError):
     """The loss stopped being a finite number."""
+
+
+def diverged(epoch: int, state: dict) -> Diverged:
+    return Diverged(f"training diverged: a loss was not finite in epoch {epoch}, by step {state['step_in_epoch']}; lower "
+                    "sparse.lr / dense.lr, or check the data")
+
+
+def finite_sums(sums: dict[str, float], epoch: int, state: dict) -> dict[str, float]:
+    """The losses' sums over all ranks, the same on every rank: one rank's non-finite loss stops every rank here."""
+    if not all(math.isfinite(total) for total in sums.values()):
+        raise diverged(epoch, state)
+    return sums
 
 
 def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, float]:
@@ -371,13 +402,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if uneven and env.is_main:
             print(f"warning: {uneven}", file=sys.stderr, flush=True)
         identity = checkpoint.identity(cfg, dataset)
-        if resume is not None:
-            if env.is_main:  # a job killed while writing a checkpoint (or swapping in a new best) left parts: first
-                checkpoint.recover_interrupted_writes(run_dir)
-            if env.world_size > 1:
-                torch.distributed.barrier()
-        source = resume_source(run_dir, resume)
+        source = decided_by_rank0(lambda: resume_source(run_dir, resume))
         if source is not None:
+            checkpoint.check_complete(source)  # seen by every rank too (nodes share the run_dir)
             checkpoint.check_identity(source, identity)
         trainer = Trainer(cfg, env, dataset)
         zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
@@ -485,7 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         if first_to_report(str(err)):  # every rank meets a bad config or dataset alike: printed once, not per rank
             print(f"error: {err}", file=sys.stderr)
         return 2
-    except (Diverged, checkpoint.CheckpointWriteError) as err:
+    except Diverged as err:
+        if first_to_report(str(err)):  # every rank stops on it at the same step
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except checkpoint.CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk or a run_dir made read-only: the file and the reason, not a traceback

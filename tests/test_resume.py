@@ -146,7 +146,8 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
         (5, 1, 0, f"{path}: written by 2 processes inside epoch 3"),
         (0, 1, 1, f"{path}: written by 2 processes with ZeRO stage 1"),
     ]
-    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"},
+            "kernel": {"user_id": "fused", "item_id": "fused"}}
     for step_in_epoch, world_size, zero_stage, refusal in cases:
         state = saved_state(adam, epoch=3, step_in_epoch=step_in_epoch, zero_stage=zero_stage)
         (path / checkpoint.STATE).write_text(json.dumps(state))
@@ -171,7 +172,8 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
     path.mkdir()
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
-    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"},
+            "kernel": {"user_id": "fused", "item_id": "fused"}}
     two_readers = run_config("sparse.optimizer=adam", "loader.num_workers=2")
     for step_in_epoch in (0, 20):
         (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, step_in_epoch=step_in_epoch)))
@@ -200,7 +202,8 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
     path.mkdir()
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
-    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"},
+            "kernel": {"user_id": "fused", "item_id": "fused"}}
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
     for changed, shown in [("eval.monitor=ndcg@10", "eval.monitor: 'recall@20' -> 'ndcg@10'"), ("eval.ks=[10,50]", "eval.ks: [5, 10, 20] -> [10, 50]"),
                            ("eval.validate=false", "eval.validate: True -> False"), ("eval.max_users=500", "eval.max_users: None -> 500"),
@@ -218,7 +221,8 @@ def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tm
     path.mkdir()
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
-    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"}}
+    adam = {"optimizer": "adam", "sharding": {"user_id": "row_wise", "item_id": "row_wise"},
+            "kernel": {"user_id": "fused", "item_id": "fused"}}
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
     for allowed in (["train.epochs=500", "train.patience=50", "train.min_epochs=9"], ["loader.num_workers=4", "device=cpu"],
                     ["data.path=elsewhere", "data.verify_checksums=false", "output.plot=false", "eval.item_block=512"],
@@ -242,7 +246,8 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     path.mkdir()
     (path / checkpoint.FILES).write_text("{}")  # what a checkpoint lists as written (nothing here)
     (path / checkpoint.COMPLETE).write_text("")
-    column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"}}
+    column_wise = {"optimizer": "rowwise_adagrad", "sharding": {"user_id": "column_wise", "item_id": "table_wise"},
+                   "kernel": {"user_id": "fused", "item_id": "fused"}}
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1)))
     check_resumable(path, 2, settings(column_wise))
     with pytest.raises(ConfigError, match=r"\(checkpoint -> now\): sparse.optimizer: 'rowwise_adagrad' -> 'adagrad'; resume with"):
@@ -251,6 +256,30 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
         check_resumable(path, 1, settings(column_wise))  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
         check_resumable(path, 2, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
+    # Another kernel keeps the optimizer state in another form (Adam moved between CPU and GPU, a table made data-parallel):
+    # refused by name, where DCP's load failed with a traceback of missing keys.
+    dense_kernels = {**column_wise, "kernel": {"user_id": "dense", "item_id": "fused"}}
+    with pytest.raises(ConfigError, match=re.escape("kept by the kernels {'user_id': 'fused', 'item_id': 'fused'} (fbgemm's fused "
+                                                    "kernel and the dense kernel's torch optimizer keep it in different forms), "
+                                                    "and this run's are {'user_id': 'dense', 'item_id': 'fused'}")):
+        check_resumable(path, 2, settings(dense_kernels))
+    sgd = {**column_wise, "optimizer": "sgd"}  # no state to keep
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(sgd, epoch=1)))
+    check_resumable(path, 2, settings({**sgd, "kernel": dense_kernels["kernel"]}, config=run_config("sparse.optimizer=sgd")))
+    # Written before kernels were recorded: left to the load, whose error names the checkpoint (the test below).
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state({k: v for k, v in column_wise.items() if k != "kernel"}, epoch=1)))
+    check_resumable(path, 2, settings(dense_kernels))
+
+
+def test_tables_that_do_not_fit_the_checkpoint_are_refused_naming_it(tmp_path):
+    """torch.distributed.checkpoint raises a BaseException holding every rank's traceback, which no handler caught."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"tables": {"fused.user_id.momentum1": torch.zeros(2)}}, checkpoint_id=str(tmp_path / "tables"))
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: its tables could not be loaded into this run's (RuntimeError: "
+                                                    "Missing key in checkpoint state_dict: tables.dense.user_id.sum.)")):
+        checkpoint._load_tables({"tables": {"dense.user_id.sum": torch.zeros(2)}}, tmp_path)
 
 
 def test_a_resume_continues_its_own_run_only(tmp_path):
@@ -586,3 +615,25 @@ def test_a_checkpoint_lacking_a_key_a_resume_checks_is_refused_naming_it(small_d
     assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
     assert (f"{old}: written by an earlier darec-dist (its state.json lacks {checkpoint.TABLE_STEPS}, zero_stage), so a "
             "resume cannot be checked against it; start another run_dir") in again.stderr, again.stderr[-2000:]
+
+
+def _decide_on_each_rank(rank, world_size, out_dir):
+    from darec_dist.distributed.collectives import decided_by_rank0
+
+    chosen = decided_by_rank0(lambda: f"step chosen by rank {rank}")  # each rank would choose its own
+    try:
+        decided_by_rank0(lambda: (_ for _ in ()).throw(ConfigError(f"refused by rank {rank}")))
+        refusal = None
+    except ConfigError as err:
+        refusal = str(err)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps([chosen, refusal]))
+
+
+def test_every_rank_takes_rank_0s_choice_of_checkpoint_and_its_refusal(tmp_path):
+    """Which checkpoint a resume or an evaluation loads is decided once: ranks choosing alone could load
+    different ones (a running run writing or pruning, nodes' differing views of a shared filesystem)."""
+    from tests.dist_helpers import run_distributed
+
+    run_distributed(_decide_on_each_rank, 2, tmp_path)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ["step chosen by rank 0", "refused by rank 0"]

@@ -11,6 +11,7 @@ from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import LoaderConfig, check_world_fits, local_batch_size, steps_per_epoch, uneven_shards_warning
 from darec_dist.models.aligners import build_aligner
+from darec_dist.train import checkpoint
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.trainer import feature_builder
 from tests.conftest import REPO
@@ -204,15 +205,25 @@ def test_deepspeed_settings_the_trainer_cannot_honour_are_refused(tmp_path, chan
         deepspeed_settings(cfg, 2)
 
 
-def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path, processes):
+    """Every rank stops at the same step, the error printed once: a rank stopping alone left the others in a collective."""
     root, _ = small_dataset
-    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    command = [*launcher, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
                "device=cpu", "model.backbone=mf", "model.dim=8", "loader.batch_size=64", "train.progress_bar=false",
                "sparse.optimizer=sgd", "sparse.lr=1e30", "model.reg=1e30", "checkpoint.every_steps=1"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1 and "error: training diverged: loss" in done.stderr, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.count("error: training diverged: a loss was not finite in epoch 0, by step 2;") == 1, done.stderr[-3000:]
+    if processes == 1:
+        assert "Traceback" not in done.stderr
+    else:  # torchrun's own report of failed workers, each of which ended by itself (none stopped by a signal)
+        assert done.stderr.count("Traceback") == 1 and "ChildFailedError" in done.stderr
+        assert done.stderr.count("exitcode  : 1 ") == 2 and "exitcode  : -" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "results.json").exists()
+    # The first step's update made the second loss non-finite: stopped before a checkpoint kept those weights.
+    assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("step-*")) == [checkpoint.step_name(1)]
 
 
 def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refused(dataset_copy):

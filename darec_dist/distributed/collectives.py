@@ -12,9 +12,14 @@ the gradient of (global mean loss + coupled losses).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -89,3 +94,22 @@ def max_over_ranks(*values: int) -> list[int]:
     x = torch.tensor(values, dtype=torch.int64, device=collective_device())
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x.tolist()
+
+
+def decided_by_rank0(decide: Callable[[], T]) -> T:
+    """What `decide()` returns on rank 0 (or the error it raises there), on every rank: a choice that every rank
+    must share, such as which checkpoint to load, made once. Each rank deciding for itself could choose differently
+    while a running job writes or prunes checkpoints, or where a shared filesystem shows nodes different listings."""
+    if world_size() == 1:
+        return decide()
+    outcome: list = [None]
+    if rank() == 0:
+        try:
+            outcome[0] = (decide(), None)
+        except Exception as err:  # the other ranks raise it too, instead of waiting for an answer that never comes
+            outcome[0] = (None, err)
+    dist.broadcast_object_list(outcome, src=0)
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value

@@ -281,12 +281,21 @@ def loop_state(path: str | Path) -> dict:
         raise ConfigError(f"{path / STATE}: unreadable ({err}); the checkpoint is damaged") from None
 
 
+def _load_tables(state: dict, path: Path) -> None:
+    """Collective: read the tables' part of `state` from the checkpoint (torch.distributed.checkpoint reshards it)."""
+    try:
+        dcp.load(state, checkpoint_id=str(path / "tables"))
+    except CheckpointException as err:  # every rank's error, with its traceback, in a BaseException
+        cause = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        raise ConfigError(f"{path}: its tables could not be loaded into this run's ({cause})") from None
+
+
 def _load_engine(trainer, path: Path, **options) -> None:
     """The dense part's DeepSpeed state (none without an aligner)."""
     if trainer.engine is not None:
         loaded, _ = trainer.engine.load_checkpoint(str(path / "dense"), tag="engine", **options)
         if loaded is None:
-            raise ValueError(f"{path / 'dense'}: DeepSpeed found no engine state to load")
+            raise ConfigError(f"{path / 'dense'}: DeepSpeed found no engine state to load; the checkpoint is damaged")
 
 
 def load_weights(trainer, path: str | Path) -> dict:
@@ -300,7 +309,7 @@ def load_weights(trainer, path: str | Path) -> dict:
     with reading_lock(path):  # neither pruned nor replaced (a running run's `best`) while digested and read
         check_complete(path, contents=True)
         state = {"tables": trainer.tables.module.state_dict()}
-        dcp.load(state, checkpoint_id=str(path / "tables"))
+        _load_tables(state, path)
         trainer.tables.module.load_state_dict(state["tables"])
         _load_engine(trainer, path, load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False)
         return loop_state(path)
@@ -314,7 +323,7 @@ def load(trainer, path: str | Path) -> dict:
     # Lazily created optimizer state (torch Adam) must exist before it can be loaded into.
     optimizer.init_state()
     state = _table_state(trainer, optimizer)
-    dcp.load(state, checkpoint_id=str(path / "tables"))
+    _load_tables(state, path)
     trainer.tables.module.load_state_dict(state["tables"])
     if "table_optim" in state:
         optimizer.load_state_dict(state["table_optim"])

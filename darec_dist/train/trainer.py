@@ -128,12 +128,15 @@ class Trainer:
         self.dense = DenseArch(self.aligner, cfg.model.reg).to(env.device)
         self.engine = deepspeed_engine(self.dense, cfg, env)
         self._stepped = False  # see train_step
+        self.nonfinite = False  # this rank's last loss, then (after the next step's lookup) any rank's: see losses()
 
     def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         sizes = batch.group_sizes()
         # Ranks look up different numbers of distinct nodes, but TorchRec's pooled output collectives
         # need the same bag count on every rank in their backward (under gloo: ReduceScatterV's all-gather).
-        (stride,) = max_over_ranks(batch.sparse.stride())
+        # Whether any rank's previous loss was not finite rides along, so that every rank stops on it at the same step.
+        stride, nonfinite = max_over_ranks(batch.sparse.stride(), int(self.nonfinite))
+        self.nonfinite = bool(nonfinite)
         pooled = self.tables.lookup(pad_bags(batch.sparse, stride).to(self.env.device))
         nodes = self.combine_blocks(pooled)
         node_index = {g: i.to(self.env.device) for g, i in batch.node_index.items()}
