@@ -29,8 +29,9 @@ import numpy as np
 from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
-from darec_dist.train import checkpoint
+from darec_dist.train import checkpoint, report
 from darec_dist.train.config import REPO_ROOT, TrainConfig, resolve_path, what_a_run_computes
+from darec_dist.train.trainer import dense_training_settings
 from launch.train import open_dataset
 
 @dataclass
@@ -184,6 +185,9 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
                               "compare with what is asked; restore it, or delete that run")
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
         changed = differences(what_a_run_computes(ran), what_a_run_computes(asked))
+        ran_dense = report.read_dense_settings(run_dir)  # the file the config names may have been edited since
+        if ran_dense is not None and not changed:
+            changed = differences({"deepspeed": ran_dense}, {"deepspeed": dense_training_settings(asked_cfg)}, "dense.")
         if changed:
             raise ConfigError(f"{run_dir}: {'finished' if finished else 'interrupted, and would be resumed,'} with other "
                               f"settings (ran -> asked now): {listed(changed)}; delete that run or give the "

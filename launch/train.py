@@ -38,7 +38,7 @@ from darec_dist.train.config import TrainConfig, resolve_path, what_a_run_comput
 from darec_dist.train.evaluate import evaluate, gathered_blocks
 from darec_dist.train.lock import exclusive_run_dir
 from darec_dist.train.metrics import metric_names
-from darec_dist.train.trainer import Trainer
+from darec_dist.train.trainer import Trainer, dense_training_settings
 
 
 def fresh_state(world_size: int, identity: dict, settings: dict) -> dict:
@@ -50,14 +50,18 @@ def fresh_state(world_size: int, identity: dict, settings: dict) -> dict:
     }
 
 
-def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int) -> dict:
+def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int, dense: dict | None) -> dict:
     """What a checkpoint records so that a resume can be checked against it (check_resumable):
     config: everything the run computes with (what_a_run_computes), of which a resume may change only
-    RESUME_MAY_CHANGE (so not its seed, model selection, loader batches or table optimizer);
+    RESUME_MAY_CHANGE (so not its seed, model selection, loader batches or table optimizer), with the DeepSpeed
+    settings of its dense part, if any, as dense.deepspeed (dense: dense_training_settings);
     tables: the trainable tables' optimizer and sharding (the shape of their optimizer state);
     zero_stage: the DeepSpeed ZeRO stage of the dense part (0 without one), whose layout its optimizer state has
     (the config names the DeepSpeed JSON, not what it holds)."""
-    return {"config": what_a_run_computes(to_dict(cfg)), "tables": tables, "zero_stage": zero_stage}
+    config = what_a_run_computes(to_dict(cfg))
+    if dense is not None:
+        config["dense"]["deepspeed"] = dense
+    return {"config": config, "tables": tables, "zero_stage": zero_stage}
 
 
 # What a resume may change (as differences() spells keys): how long the run goes on, where its data lies, how its
@@ -408,12 +412,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             checkpoint.check_identity(source, identity)
         trainer = Trainer(cfg, env, dataset)
         zero_stage = trainer.engine.zero_optimization_stage() if trainer.engine else 0
-        settings = resume_settings(cfg, table_layout(cfg, trainer), zero_stage)
+        dense = dense_training_settings(cfg) if trainer.engine else None
+        settings = resume_settings(cfg, table_layout(cfg, trainer), zero_stage, dense)
         if source is not None:
             check_resumable(source, env.world_size, settings)
             check_best_reachable(run_dir, source, cfg.train.epochs)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
-            report.write_config(run_dir, cfg)
+            report.write_config(run_dir, cfg, dense)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}
         state = fresh_state(env.world_size, identity, settings)
         if source is not None:

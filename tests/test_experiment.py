@@ -24,11 +24,13 @@ from launch.experiment import ExperimentConfig, check_run, markdown, run_experim
 
 def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     root, _ = small_dataset
+    deepspeed = tmp_path / "zero0.json"
+    shutil.copy(REPO_ROOT / "configs" / "deepspeed" / "zero0.json", deepspeed)
     cfg = ExperimentConfig(
         name="tiny",
         train_config="configs/train/default.yaml",
         overrides=[f"data.path={root}", "device=cpu", "model.dim=8", "loader.batch_size=64", "train.epochs=2", "output.plot=false", "model.backbone=mf",
-                   "eval.ks=[5,10]", "eval.monitor=ndcg@10"],
+                   "eval.ks=[5,10]", "eval.monitor=ndcg@10", f"dense.deepspeed_config={deepspeed}"],
         variants={"base": ["align.method=none"], "rlmrec-con": ["align.method=rlmrec-con"]},
         seeds=[1, 2],
         nproc=1,
@@ -55,6 +57,18 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
         shutil.copytree(tmp_path / "exp" / variant, tmp_path / "other" / variant, copy_function=shutil.copy2)
     assert run_experiment(copied) == summary
     assert (tmp_path / "other" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp  # not trained again
+    # Nor does a DeepSpeed JSON edited since (the config names it by path only; runs with a dense part record its contents).
+    settings = json.loads(deepspeed.read_text())
+    assert json.loads((tmp_path / "exp" / "rlmrec-con" / "seed-1" / "deepspeed.json").read_text())["optimizer"] == settings["optimizer"]
+    assert not (tmp_path / "exp" / "base" / "seed-1" / "deepspeed.json").exists()  # no dense part: the file is not used
+    lr = settings["optimizer"]["params"]["lr"]
+    settings["optimizer"]["params"]["lr"] = lr * 10
+    deepspeed.write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match=re.escape(f"rlmrec-con/seed-1: finished with other settings (ran -> asked now): "
+                                                    f"dense.deepspeed.optimizer.params.lr: {lr!r} -> {lr * 10!r}")):
+        run_experiment(cfg)
+    settings["optimizer"]["params"]["lr"] = lr
+    deepspeed.write_text(json.dumps(settings))
     # An edited experiment does not pass off the old runs as its own.
     edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
     with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): train.epochs: 2 -> 3"):

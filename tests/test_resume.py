@@ -232,7 +232,17 @@ def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tm
     del saved["sparse"]["lr"]  # a key the config gained after the checkpoint was written: no change of this run's
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=saved)))
     check_resumable(path, 2, settings(adam, config=run_config("sparse.lr=0.5")))
+    # The DeepSpeed settings the dense part trained by (the config names their file, which may be edited since).
+    with_dense = run_config()
+    with_dense["dense"]["deepspeed"] = {"optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3, config=with_dense)))
+    check_resumable(path, 2, settings(adam, config=with_dense))
+    edited = json.loads(json.dumps(with_dense))
+    edited["dense"]["deepspeed"]["optimizer"]["params"]["lr"] = 0.01
+    with pytest.raises(ConfigError, match=re.escape("(checkpoint -> now): dense.deepspeed.optimizer.params.lr: 0.001 -> 0.01; resume")):
+        check_resumable(path, 2, settings(adam, config=edited))
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(adam, epoch=3)))
+    check_resumable(path, 2, settings(adam, config=edited))  # written before they were recorded
     for changed, shown in ((["sparse.lr=0.5"], "sparse.lr: 0.001 -> 0.5"), (["loader.batch_size=512"], "loader.batch_size: 4096 -> 512"),
                            (["dense.lr=0.1", "train.eval_every=2"], "dense.lr: None -> 0.1; train.eval_every: 1 -> 2")):
         with pytest.raises(ConfigError, match=re.escape(f"trained with other settings (checkpoint -> now): {shown}; resume with")):

@@ -1,4 +1,5 @@
-"""What a run leaves in run_dir: metrics.jsonl, results.json/.md, curves.png, config.yaml, exported vectors."""
+"""What a run leaves in run_dir: metrics.jsonl, results.json/.md, curves.png, config.yaml (and deepspeed.json),
+exported vectors."""
 
 from __future__ import annotations
 
@@ -15,9 +16,28 @@ from darec_dist.data import layout
 from darec_dist.files import atomic_path, replace_dir, write_text_atomic
 from darec_dist.train.metrics import metric_names
 
+DENSE_SETTINGS = "deepspeed.json"
 
-def write_config(run_dir: Path, cfg) -> None:
+
+def write_config(run_dir: Path, cfg, dense: dict | None = None) -> None:
+    """The run's resolved config, and the DeepSpeed settings its dense part (if any) trains by, which the config
+    names by file only."""
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dense is not None:
+        write_text_atomic(run_dir / DENSE_SETTINGS, json.dumps(dense, indent=2))
+    else:
+        (run_dir / DENSE_SETTINGS).unlink(missing_ok=True)
+
+
+def read_dense_settings(run_dir: Path) -> dict | None:
+    """What write_config recorded of the DeepSpeed settings (None: no dense part, or a run written before 2026-12-06)."""
+    path = run_dir / DENSE_SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path}: unreadable ({err}); restore it, or delete that run") from None
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

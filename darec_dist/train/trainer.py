@@ -81,6 +81,16 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
     return settings
 
 
+# Set by the trainer from loader.batch_size and the world size, not read from the JSON.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def dense_training_settings(cfg: TrainConfig) -> dict:
+    """How the dense part learns: dense.deepspeed_config's contents with dense.lr, less the batch sizes. A run
+    records it (its checkpoints, RUN_DIR/deepspeed.json): the config names the file, whose contents may change."""
+    return {key: value for key, value in deepspeed_settings(cfg, 1).items() if key not in BATCH_KEYS}
+
+
 def check_deepspeed_settings(settings: dict, path) -> None:
     """Refuse before training what this trainer does not do with the dense part (each crashed mid-run)."""
     stage = settings.get("zero_optimization", {}).get("stage", 0)
