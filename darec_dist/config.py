@@ -10,6 +10,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from pathlib import Path
@@ -171,6 +172,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{_where(source, key)}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: every range check below passes NaN, which trains to nan
+            raise ConfigError(f"{_where(source, key)}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:

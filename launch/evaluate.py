@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         if first_to_report(str(err)):  # every rank meets it alike: printed once, not per rank
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. `--checkpoint latest` of a running run, pruned by it before it could be read
+        message = f"error: {err.filename}: {err.strerror}" if err.filename else f"error: {err}"
+        if first_to_report(message):
+            print(message, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -448,10 +448,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         earlier = state["wall_seconds"]
 
         while state["epoch"] < cfg.train.epochs and not state["stopped"]:
-            started = time.perf_counter()
+            started, whole = time.perf_counter(), state["step_in_epoch"] == 0
             losses = train_epoch(trainer, cfg, env, state, run_dir)
-            state["epoch_seconds"].append(time.perf_counter() - started)
-            state["epoch_world_sizes"].append(env.world_size)
+            seconds = time.perf_counter() - started
+            if whole:  # the rest of an epoch resumed inside it would pass for a short epoch
+                state["epoch_seconds"].append(seconds)
+                state["epoch_world_sizes"].append(env.world_size)
             epoch = state["epoch"]
             if "tables" not in memory_mib:  # fixed once the first step has created every optimizer's state
                 tables = sum(t.local_bytes() for t in (trainer.tables, trainer.llm) if t is not None) / memory.MIB
@@ -460,7 +462,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             if env.is_main:
                 report.append_metrics(run_dir, {
                     "kind": "train", "epoch": epoch, "loss": losses.get("total", math.nan), "losses": losses,
-                    "seconds": state["epoch_seconds"][-1], "memory_mib": memory_mib,
+                    "seconds": seconds, "whole_epoch": whole, "memory_mib": memory_mib,
                 })
             state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums={}, wall_seconds=earlier + time.perf_counter() - run_started)
             stop = False

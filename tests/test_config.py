@@ -72,6 +72,12 @@ def test_literal_and_validation_errors(tmp_path):
     ("align.darec.cluster_temperature=0", "align.darec.neighbourhood_temperature and cluster_temperature must be > 0"),
     ("align.darec.structure_weight=-1", "align.darec.structure_weight, regulariser_weight and separation_weight must be >= 0"),
     ("model.dim=30", "model.dim must be a multiple of 4 (FBGEMM's embedding kernels need it), got 30"),
+    # NaN passed every range check (a NaN weight trained to "training diverged"); a negative k-means count meant none;
+    # one centre made the local term 0 for every node.
+    ("align.darec.structure_weight=.nan", "key 'align.darec.structure_weight': expected a finite number, got nan"),
+    ("model.reg=.inf", "key 'model.reg': expected a finite number, got inf"),
+    ("align.darec.kmeans_iterations=-1", "align.darec.kmeans_iterations must be >= 0, got -1"),
+    ("align.darec.clusters=1", "align.darec.clusters=1: the local term compares soft assignments to the centres, which need at least 2"),
 ])
 def test_settings_that_train_nonsense_are_refused(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -108,4 +114,6 @@ def test_integers_beyond_64_bits_are_refused_at_load():
     for value in ("1e20", "100000000000000000000"):
         with pytest.raises(ConfigError, match="key 'graph.top_k': expected a 64-bit integer"):
             load_config(PrepareConfig, None, [f"graph.top_k={value}"])
+    with pytest.raises(ConfigError, match=re.escape("key 'graph.layer_weights[1]': expected a finite number, got nan")):
+        load_config(PrepareConfig, None, ["graph.layers=2", "graph.layer_weights=[1, .nan, 1]"])
     assert load_config(PrepareConfig, None, ["graph.top_k=1e3"]).graph.top_k == 1000

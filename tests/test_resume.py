@@ -89,6 +89,12 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, opt
     # The run's wall time spans every attempt: at least the epochs it logged, in either attempt.
     logged = [json.loads(line) for line in (crashed_dir / "metrics.jsonl").read_text().splitlines()]
     assert recovered["wall_seconds"] >= sum(r["seconds"] for r in logged if r["kind"] == "train")
+    # Time per epoch counts whole epochs only: the rest of one resumed inside it is logged as such.
+    epoch, step = map(int, re.search(r"resumed from \S+ at epoch (\d+), step (\d+)", out).groups())
+    trained = [r for r in logged if r["kind"] == "train"]
+    assert [r["epoch"] for r in trained if not r["whole_epoch"]] == ([epoch] if step else [])
+    whole = [r["seconds"] for r in trained if r["whole_epoch"]]
+    assert recovered["seconds_per_epoch"] == pytest.approx(sum(whole) / len(whole))
     # Each epoch's mean training loss too, the epoch interrupted mid-way included (its last record).
     losses = [{r["epoch"]: r["losses"] for r in _records(run_dir) if r["kind"] == "train"} for run_dir in (reference_dir, crashed_dir)]
     assert losses[0].keys() == losses[1].keys()

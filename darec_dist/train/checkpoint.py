@@ -9,7 +9,6 @@ later (a file deleted, truncated or overwritten) is refused by name, and skipped
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer
 
 from darec_dist.config import ConfigError, differences, listed, to_dict
+from darec_dist.data.layout import sha256_of
 from darec_dist.distributed import collectives
 from darec_dist.files import exclusive_lock, reading_lock, replace_dir
 
@@ -115,7 +115,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
     _barrier()
     if rank == 0:
         (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: trainer.tables.optimizer_step}, indent=2))
-        listing = {str(f.relative_to(staging)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        listing = {str(f.relative_to(staging)): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
                    for f in sorted(staging.rglob("*")) if f.is_file()}
         (staging / FILES).write_text(json.dumps(listing, indent=1))
         (staging / COMPLETE).write_text("")
@@ -181,14 +181,6 @@ def latest(run_dir: str | Path) -> Path | None:
     return None
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as stream:
-        while block := stream.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def damage(path: Path, contents: bool = False) -> str | None:
     """What is missing from the checkpoint or differs from the file list it was written with (None: nothing).
 
@@ -214,7 +206,7 @@ def damage(path: Path, contents: bool = False) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry.get("bytes"):
             return f"{name} holds {file.stat().st_size} bytes, {entry.get('bytes')} were written"
-        if contents and "sha256" in entry and _sha256(file) != entry["sha256"]:
+        if contents and "sha256" in entry and sha256_of(file) != entry["sha256"]:
             return f"{name}'s sha256 differs from the one it was written with"
     return None
 

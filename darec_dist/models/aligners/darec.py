@@ -109,6 +109,12 @@ class DaRecConfig:
             raise ValueError("align.darec.structure_weight, regulariser_weight and separation_weight must be >= 0")
         if self.global_pairs == "same_kind" and self.global_form != "similarity":
             raise ValueError("align.darec.global_pairs=same_kind needs align.darec.global_form=similarity")
+        if self.kmeans_iterations < 0:
+            raise ValueError(f"align.darec.kmeans_iterations must be >= 0, got {self.kmeans_iterations}")
+        if self.use_local and self.centres != "matched" and self.clusters < 2:
+            # A softmax over one centre gives every node the assignment 1 on both sides: the local term is 0.
+            raise ValueError(f"align.darec.clusters={self.clusters}: the local term compares soft assignments to the "
+                             "centres, which need at least 2 (or align.darec.use_local=false)")
         if not 0.0 <= self.centre_momentum < 1.0:
             raise ValueError(f"align.darec.centre_momentum must lie in [0, 1), got {self.centre_momentum}")
 
@@ -179,9 +185,9 @@ class DaRec(Aligner):
         matched = cfg.use_local and cfg.centres == "matched"
         if cfg.use_local:
             self._init_centres(c_sh, l_sh, rows)
-        # The rows whose pairs the pairwise terms estimate. A stride, not a prefix: rank r's rows are the global
-        # rows r*n..(r+1)*n-1, so the same global rows are taken for every world size when n is a multiple of
-        # the stride.
+        # The rows whose pairs the pairwise terms estimate. A stride, not a prefix: each rank's sample is its users'
+        # rows then its positives', so a stride that divides each rank's count of either takes the same set of rows
+        # (all that these sums depend on) for every world size, where a prefix would take only users.
         stride = max(1, sample_rows // max(1, cfg.uniformity_sample // world_size()))
         anchors = torch.arange(0, sample_rows, stride, device=c.device)
         neighbourhood = cfg.use_global and cfg.global_form == "neighbourhood"
