@@ -67,7 +67,7 @@ def load_run_model(
     if empty:
         raise DatasetError(f"{dataset.root}: no {' or '.join(empty)} interactions to rank")
     checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
-    trainer = Trainer(cfg, env, dataset)
+    trainer = Trainer(cfg, env, dataset, ranking_only=True)
     # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
     state = checkpoint.load_weights(trainer, source)
     trainer.set_train(False)

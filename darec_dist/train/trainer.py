@@ -114,7 +114,9 @@ def check_deepspeed_settings(settings: dict, path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset, ranking_only: bool = False):
+        """ranking_only: a model that only ranks (an evaluation): without the frozen LLM tables, which only the
+        alignment losses read and which are the largest tables at scale (launch/plan.py)."""
         self.cfg, self.env, self.dataset = cfg, env, dataset
         self.dim = output_dim(cfg.model, dataset)
         # The dense initialisation: the same on every rank and for every world size, whatever drew from torch's
@@ -128,7 +130,7 @@ class Trainer:
             dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed
         )
         self.llm: ShardedTables | None = None
-        if self.aligner.uses_llm:
+        if self.aligner.uses_llm and not ranking_only:
             features = {kind: self.features.llm_feature_names(kind) for kind in ("user", "item")}
             embeddings = {kind: dataset.embeddings(kind) for kind, names in features.items() if names}
             self.llm = llm_tables(embeddings, {kind: features[kind] for kind in embeddings}, cfg.sparse, env)
