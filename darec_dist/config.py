@@ -27,6 +27,25 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans and integers instead of PyYAML's YAML 1.1 ones, where `run_dir: no` was False,
+    `epochs: 010` was 8 (octal) and `1:30` was 90 (base 60): only true/false are booleans, integers are decimal."""
+
+
+_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split `a.b.c=value`; the value is read as YAML so `3`, `0.1`, `true`, `null`, `[1,2]` get their types."""
     if "=" not in text:
@@ -36,13 +55,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
     return key, value
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set `key` (dotted) in `tree`; a mapping given for a section is merged into it, keeping the settings it does not name."""
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:
@@ -52,6 +72,10 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part!r} is a value, not a section")
         node = child
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for name, inner in value.items():
+            set_dotted(node[parts[-1]], str(name), inner)
+        return
     node[parts[-1]] = value
 
 
@@ -60,7 +84,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
@@ -176,8 +200,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{_where(source, key)}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{_where(source, key)}: expected a string, got {value!r}")
+        if isinstance(value, (dict, list, bool)) or value is None:
+            raise ConfigError(f"{_where(source, key)}: expected a string, got {value!r} (quote it to give it as text)")
         return str(value)
     raise ConfigError(f"{_where(source, key)}: unsupported config type {tp}")
 

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -25,7 +26,7 @@ from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.collectives import decided_by_rank0
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
-from darec_dist.files import write_text_atomic
+from darec_dist.files import reading_lock, write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.evaluate import evaluate
@@ -90,10 +91,19 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
     cfg = run_config(run_dir, overrides)
     with distributed(cfg.device) as env, dataset_in_use(cfg):
-        # Rank 0 chooses for all: with `latest` on a running run, ranks choosing alone could load different steps.
-        source = decided_by_rank0(lambda: checkpoint_path(run_dir, which))
         seed_everything(cfg.seed, env.rank)
-        trainer, state = load_run_model(cfg, env, source, splits=splits)
+        with ExitStack() as held:  # from the choice to the end of the load: a running run's pruning passes it by
+            def choose() -> Path:
+                path = checkpoint_path(run_dir, which)
+                held.enter_context(reading_lock(path))
+                checkpoint.check_complete(path)  # pruned between the choice and the lock: said so, not a missing file
+                return path
+
+            # Rank 0 chooses for all: with `latest` on a running run, ranks choosing alone could load different steps.
+            source = decided_by_rank0(choose)
+            if not env.is_main:
+                held.enter_context(reading_lock(source))
+            trainer, state = load_run_model(cfg, env, source, splits=splits)
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)

@@ -195,6 +195,11 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
         if finished:
             record = read_results(run_dir)
             check_trained_on(cfg, run_dir, record, asked_cfg)
+            # A seed's run is the same to the bit only at the same world size (other batches per rank, other sums).
+            if record.get("world_size", cfg.nproc) != cfg.nproc:
+                raise ConfigError(f"{run_dir}: finished with {record['world_size']} processes, and the experiment asks for "
+                                  f"nproc={cfg.nproc}; a table would mix the two. Delete that run, or give the "
+                                  "experiment another out_dir")
             return record
     # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)

@@ -92,9 +92,14 @@ def seconds_per_epoch(state: dict, world_size: int) -> float | None:
 
 def check_fresh(run_dir: Path) -> None:
     """A new run must not start among another run's checkpoints: pruning keeps the highest step numbers, so
-    the old ones would outlive the new run's, and a later --resume auto would pick them up."""
+    the old ones would outlive the new run's, and a later --resume auto would pick them up. Nor beside its results
+    (its checkpoints deleted): until the new run wrote its own, they would pass for its (an experiment reused them)."""
     root = run_dir / checkpoint.CHECKPOINTS
     found = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+    outputs = [name for name in (*report.RESULT_FILES, "export") if (run_dir / name).exists()]
+    if outputs and not found:
+        raise ConfigError(f"{run_dir}: holds the results of an earlier run ({', '.join(outputs)}); give this run another "
+                          "run_dir, or delete that one")
     if found:
         raise ConfigError(
             f"{run_dir}: holds checkpoints of an earlier run ({', '.join(found[:3])}); continue it with --resume auto, "
@@ -313,9 +318,14 @@ def check_best_reachable(run_dir: Path, source: Path, epochs: int) -> None:
     """The best model on disk must come from an epoch the run trains: after a resume from an older checkpoint it
     may be a later epoch's, which the run writes again (same settings, same model) only if it gets that far."""
     best = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST
+    resumed_at = checkpoint.loop_state(source)["epoch"]
     if not (best / checkpoint.STATE).is_file():
+        if resumed_at >= epochs:  # no epoch left to train, and none saved a model to test
+            raise ConfigError(f"{run_dir}: has trained {resumed_at} epochs and has no best model yet (eval.validate=false saves "
+                              f"the final one after epoch train.epochs), and train.epochs={epochs} asks for no more; resume "
+                              f"with train.epochs greater than {resumed_at}")
         return
-    best_epoch, resumed_at = checkpoint.loop_state(best)["best"]["epoch"], checkpoint.loop_state(source)["epoch"]
+    best_epoch = checkpoint.loop_state(best)["best"]["epoch"]
     if best_epoch >= resumed_at and best_epoch >= epochs:
         raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed (epoch "
                           f"{resumed_at}), and this run ends after {epochs} epochs; resume with train.epochs greater than "

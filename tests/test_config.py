@@ -32,6 +32,26 @@ def test_overrides_are_typed_by_yaml():
         from_dict(Inner, {"layers": "1.5e0"})
 
 
+def test_yaml_reads_booleans_and_integers_as_yaml_1_2_does():
+    """PyYAML's YAML 1.1 made run_dir=no the string 'False', model.dim=064 the number 52 and 1:30 the number 90."""
+    assert parse_override("run_dir=no") == ("run_dir", "no") and parse_override("data.path=on") == ("data.path", "on")
+    assert parse_override("a=010") == ("a", 10) and parse_override("a=-7") == ("a", -7) and parse_override("a=1:30") == ("a", "1:30")
+    assert parse_override("a=true") == ("a", True) and parse_override("a=False") == ("a", False)
+    cfg = load_config(TrainConfig, None, ["data.path=x", "run_dir=no", "model.dim=064", "train.epochs=010"])
+    assert (cfg.run_dir, cfg.model.dim, cfg.train.epochs) == ("no", 64, 10)
+    with pytest.raises(ConfigError, match=r"key 'run_dir': expected a string, got True \(quote it to give it as text\)"):
+        load_config(TrainConfig, None, ["data.path=x", "run_dir=true"])
+
+
+def test_a_mapping_override_of_a_section_keeps_the_settings_it_does_not_name():
+    """'train={epochs: 1}' replaced the whole section: the config file's patience and min_epochs fell back to defaults."""
+    base = load_config(TrainConfig, "configs/train/ml-100k.yaml")
+    cfg = load_config(TrainConfig, "configs/train/ml-100k.yaml", ["train={epochs: 1}", "align={darec: {clusters: 8}}"])
+    assert cfg.train.epochs == 1 and cfg.align.darec.clusters == 8
+    assert (cfg.train.patience, cfg.train.min_epochs) == (base.train.patience, base.train.min_epochs) != (10, 0)
+    assert cfg.align.darec.sample_size == base.align.darec.sample_size
+
+
 def test_from_dict_builds_nested_dataclasses():
     cfg = from_dict(Outer, {"inner": {"rate": 1, "name": "x"}, "flags": [1, 2]})
     assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
@@ -77,6 +97,7 @@ def test_literal_and_validation_errors(tmp_path):
     ("align.darec.structure_weight=.nan", "key 'align.darec.structure_weight': expected a finite number, got nan"),
     ("model.reg=.inf", "key 'model.reg': expected a finite number, got inf"),
     ("align.darec.kmeans_iterations=-1", "align.darec.kmeans_iterations must be >= 0, got -1"),
+    ("seed=-1", "seed must be >= 0, got -1"),
     ("align.darec.clusters=1", "align.darec.clusters=1: the local term compares soft assignments to the centres, which need at least 2"),
 ])
 def test_settings_that_train_nonsense_are_refused(override, message):

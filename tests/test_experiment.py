@@ -57,6 +57,9 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
         shutil.copytree(tmp_path / "exp" / variant, tmp_path / "other" / variant, copy_function=shutil.copy2)
     assert run_experiment(copied) == summary
     assert (tmp_path / "other" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp  # not trained again
+    # Nor at another world size (a seed's run is reproducible at its own only).
+    with pytest.raises(ConfigError, match=r"base/seed-1: finished with 1 processes, and the experiment asks for nproc=2; "):
+        run_experiment(dataclasses.replace(cfg, nproc=2))
     # Nor does a DeepSpeed JSON edited since (the config names it by path only; runs with a dense part record its contents).
     settings = json.loads(deepspeed.read_text())
     assert json.loads((tmp_path / "exp" / "rlmrec-con" / "seed-1" / "deepspeed.json").read_text())["optimizer"] == settings["optimizer"]

@@ -4,6 +4,7 @@ ends with the same metrics as an uninterrupted run with the same seed."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -452,6 +453,16 @@ def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_pat
     (tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(42)).mkdir()
     with pytest.raises(ConfigError, match=f"{tmp_path}: holds checkpoints of an earlier run .*--resume auto"):
         check_fresh(tmp_path)
+    # Its results, its checkpoints deleted (to free space): a new run killed before its own results left them to pass
+    # for its (an experiment counted them as the new settings' run). A killed first attempt's metrics are no results.
+    shutil.rmtree(tmp_path / checkpoint.CHECKPOINTS)
+    (tmp_path / "metrics.jsonl").write_text("")
+    check_fresh(tmp_path)
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "export").mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: holds the results of an earlier run (results.json, export); "
+                                                    "give this run another run_dir, or delete that one")):
+        check_fresh(tmp_path)
 
 
 def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
@@ -653,3 +664,20 @@ def test_every_rank_takes_rank_0s_choice_of_checkpoint_and_its_refusal(tmp_path)
     run_distributed(_decide_on_each_rank, 2, tmp_path)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ["step chosen by rank 0", "refused by rank 0"]
+
+
+def test_a_resume_with_no_epoch_left_and_no_model_to_test_is_refused(tmp_path):
+    """eval.validate=false saves its model after epoch train.epochs: a run killed past a lower train.epochs had none,
+    and the resume failed at the end naming a missing best checkpoint."""
+    from launch.train import check_best_reachable
+
+    source = tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(40)
+    source.mkdir(parents=True)
+    (source / checkpoint.FILES).write_text("{}")
+    (source / checkpoint.COMPLETE).write_text("")
+    (source / checkpoint.STATE).write_text(json.dumps({"epoch": 4, "step_in_epoch": 0, "global_step": 40, "best": None}))
+    check_best_reachable(tmp_path, source, 5)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: has trained 4 epochs and has no best model yet (eval.validate="
+                                                    "false saves the final one after epoch train.epochs), and train.epochs=3 "
+                                                    "asks for no more; resume with train.epochs greater than 4")):
+        check_best_reachable(tmp_path, source, 3)

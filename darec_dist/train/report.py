@@ -98,10 +98,14 @@ def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
     return table
 
 
+# What a finished run leaves beside its checkpoints and metrics (eval-best.json: launch/evaluate.py's of its best model).
+RESULT_FILES = ("results.json", "results.md", "curves.png", "eval-best.json")
+
+
 def drop_results(run_dir: Path) -> None:
     """Remove a finished run's results, curves and export before it trains on: a resume killed before its own would leave
     them beside newer checkpoints and metrics, and be taken for a finished run of what it had become."""
-    for name in ("results.json", "results.md", "curves.png"):
+    for name in RESULT_FILES:
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "export", ignore_errors=True)
 
