@@ -39,7 +39,27 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_Loader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node)))
+_FLOAT = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _FLOAT]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+# PyYAML's float forms less the base-60 one (1:30.5 was 90.5).
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    try:
+        return int(text)
+    except ValueError:  # an explicit !!int tag on other text
+        raise yaml.constructor.ConstructorError(None, None, f"expected a decimal integer, got {text!r}", node.start_mark) from None
+
+
+_Loader.add_constructor(_INT, _decimal_int)
 
 
 def load_yaml(text: str) -> Any:
@@ -61,9 +81,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    """Set `key` (dotted) in `tree`; a mapping given for a section is merged into it, keeping the settings it does not name."""
-    node = tree
+def set_dotted(tree: dict, key: str, value: Any, schema: Any = None) -> None:
+    """Set `key` (dotted) in `tree`. A mapping given for a section of `schema` (a dataclass field) is merged into it,
+    keeping the settings it does not name; one given for a mapping-valued field (an experiment's variants) replaces it."""
+    node, section = tree, schema
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
@@ -71,12 +92,21 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part!r} is a value, not a section")
-        node = child
-    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-        for name, inner in value.items():
-            set_dotted(node[parts[-1]], str(name), inner)
+        node, section = child, _field_type(section, part)
+    _assign(node, parts[-1], value, _field_type(section, parts[-1]))
+
+
+def _field_type(cls: Any, name: str) -> Any:
+    """The type of dataclass `cls`'s field `name` (None where `cls` is no dataclass or has no such field)."""
+    return get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+
+
+def _assign(node: dict, name: str, value: Any, tp: Any) -> None:
+    if isinstance(value, dict) and dataclasses.is_dataclass(tp) and isinstance(node.get(name), dict):
+        for inner, inner_value in value.items():
+            _assign(node[name], str(inner), inner_value, _field_type(tp, str(inner)))
         return
-    node[parts[-1]] = value
+    node[name] = value
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -97,7 +127,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
     tree = read_yaml(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(tree, key, value)
+        set_dotted(tree, key, value, cls)
     # A bad key may come from the file or from the command line: name both when there are overrides.
     source = str(path) if path is not None else "<overrides>"
     if path is not None and overrides:
@@ -178,6 +208,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{_where(source, key)}: expected a mapping, got {value!r}")
         _, value_type = get_args(tp) or (str, Any)
+        if value_type is str:  # Spark's settings: `spark.sql.adaptive.enabled: true` is the text Spark reads
+            value = {k: str(v).lower() if isinstance(v, bool) else v for k, v in value.items()}
         return {str(k): _convert(value_type, v, source, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):

@@ -55,11 +55,11 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
 
 
 def load_run_model(
-    cfg: TrainConfig, env: DistEnv, source: Path, verify_checksums: bool = True, splits: tuple[str, ...] = ()
-) -> tuple[Trainer, dict]:
-    """Every rank calls it: the run's model with the weights of checkpoint `source` (refused when written for another
-    model or dataset shape, or when the dataset has none of `splits` to rank), resharded to this world size and ready
-    to rank; returns it and the checkpoint's loop state."""
+    cfg: TrainConfig, env: DistEnv, run_dir: Path, which: str, verify_checksums: bool = True, splits: tuple[str, ...] = ()
+) -> tuple[Trainer, dict, Path]:
+    """Every rank calls it: the run's model with the weights of its checkpoint `which` (checkpoint_path's; rank 0
+    chooses for every rank), refused when written for another model or dataset shape, or when the dataset has none of
+    `splits` to rank; resharded to this world size and ready to rank. Returns it, the checkpoint's loop state and path."""
     # Only ranking happens here: the batch size, which training splits over its ranks, need not suit this world size.
     batch = env.world_size * -(-cfg.loader.batch_size // env.world_size)
     cfg = dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=batch))
@@ -67,12 +67,23 @@ def load_run_model(
     empty = [split for split in splits if dataset.manifest["splits"][split] == 0]
     if empty:
         raise DatasetError(f"{dataset.root}: no {' or '.join(empty)} interactions to rank")
-    checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
     trainer = Trainer(cfg, env, dataset, ranking_only=True)
-    # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
-    state = checkpoint.load_weights(trainer, source)
+    with ExitStack() as held:  # from the choice to the end of the load: a running run's pruning passes it by
+        def choose() -> Path:
+            path = checkpoint_path(run_dir, which)
+            held.enter_context(reading_lock(path))
+            checkpoint.check_complete(path)  # pruned between the choice and the lock: said so, not a missing file
+            return path
+
+        # Rank 0 chooses for all: with `latest` on a running run, ranks choosing alone could load different steps.
+        source = decided_by_rank0(choose)
+        if not env.is_main:
+            held.enter_context(reading_lock(source))
+        checkpoint.check_identity(source, checkpoint.identity(cfg, dataset))
+        # Weights only: the optimizer state of a ZeRO run is partitioned by the world size that wrote it.
+        state = checkpoint.load_weights(trainer, source)
     trainer.set_train(False)
-    return trainer, state
+    return trainer, state, source
 
 
 def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
@@ -92,18 +103,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
     cfg = run_config(run_dir, overrides)
     with distributed(cfg.device) as env, dataset_in_use(cfg):
         seed_everything(cfg.seed, env.rank)
-        with ExitStack() as held:  # from the choice to the end of the load: a running run's pruning passes it by
-            def choose() -> Path:
-                path = checkpoint_path(run_dir, which)
-                held.enter_context(reading_lock(path))
-                checkpoint.check_complete(path)  # pruned between the choice and the lock: said so, not a missing file
-                return path
-
-            # Rank 0 chooses for all: with `latest` on a running run, ranks choosing alone could load different steps.
-            source = decided_by_rank0(choose)
-            if not env.is_main:
-                held.enter_context(reading_lock(source))
-            trainer, state = load_run_model(cfg, env, source, splits=splits)
+        trainer, state, source = load_run_model(cfg, env, run_dir, which, splits=splits)
         results = {"checkpoint": str(source), "epochs_trained": state["epoch"], "world_size": env.world_size}
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)

@@ -96,15 +96,20 @@ def check_fresh(run_dir: Path) -> None:
     (its checkpoints deleted): until the new run wrote its own, they would pass for its (an experiment reused them)."""
     root = run_dir / checkpoint.CHECKPOINTS
     found = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
-    outputs = [name for name in (*report.RESULT_FILES, "export") if (run_dir / name).exists()]
-    if outputs and not found:
-        raise ConfigError(f"{run_dir}: holds the results of an earlier run ({', '.join(outputs)}); give this run another "
-                          "run_dir, or delete that one")
-    if found:
+    if not found:
+        check_no_results(run_dir)
+    else:
         raise ConfigError(
             f"{run_dir}: holds checkpoints of an earlier run ({', '.join(found[:3])}); continue it with --resume auto, "
             "or give this run another run_dir (or delete that one)"
         )
+
+
+def check_no_results(run_dir: Path) -> None:
+    outputs = [name for name in (*report.RESULT_FILES, "export") if (run_dir / name).exists()]
+    if outputs:
+        raise ConfigError(f"{run_dir}: holds the results of an earlier run ({', '.join(outputs)}); give this run another "
+                          "run_dir, or delete that one")
 
 
 def check_own_checkpoint(source: Path, run_dir: Path) -> None:
@@ -132,6 +137,8 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
             names = ", ".join(p.name for p in checkpoint.step_checkpoints(run_dir)[-3:])
             raise ConfigError(f"{run_dir}: --resume auto found no complete, undamaged checkpoint to continue ({names}); "
                               "resume one by path to see why it is refused, or delete the run_dir to start over")
+        if source is None:  # a run's first attempt (torchrun's restarts repeat the command)
+            check_no_results(run_dir)
     else:
         source = Path(resume)
         if not source.is_dir():
@@ -183,23 +190,24 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     if missing:
         raise ConfigError(f"{source}: written by an earlier darec-dist (its {checkpoint.STATE} lacks {', '.join(missing)}), "
                           "so a resume cannot be checked against it; start another run_dir (launch/evaluate.py reads its weights)")
-    # A key added to the config since the checkpoint was written is not a change of this run's.
-    changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
-               if not d.startswith(RESUME_MAY_CHANGE)]
-    if changed:
-        raise ConfigError(
-            f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
-            f"(checkpoint -> now): {listed(changed)}; resume with the run's settings (its config.yaml), or "
-            "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
-            "loader.num_workers, data.*, device and the sharding (keeping the tables' kernels), eval's chunk sizes, "
-            "checkpoint.* and output.*"
-        )
     written_by, tables, saved_tables, zero_stage = saved["world_size"], settings["tables"], saved["tables"], saved["zero_stage"]
     if zero_stage != settings["zero_stage"]:
         # DeepSpeed saves each stage's optimizer state in its own layout: another stage finds no file, or None, to load.
         raise ConfigError(
             f"{source}: its dense optimizer state was saved by DeepSpeed's ZeRO stage {zero_stage}; resume it with that "
             f"stage (dense.deepspeed_config=configs/deepspeed/zero{zero_stage}.json) or start another run_dir"
+        )
+    # A key added to the config since the checkpoint was written is not a change of this run's.
+    changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
+               if not d.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        where = "config.yaml" + (" and deepspeed.json" if any(d.startswith("dense.deepspeed.") for d in changed) else "")
+        raise ConfigError(
+            f"{source}: a resume continues its run as it was trained, and it was trained with other settings "
+            f"(checkpoint -> now): {listed(changed)}; resume with the run's settings (its {where}), or "
+            "start another run_dir. A resume may change train.epochs, train.patience, train.min_epochs, "
+            "loader.num_workers, data.*, device and the sharding (keeping the tables' kernels), eval's chunk sizes, "
+            "checkpoint.* and output.*"
         )
     # Written before 2026-12-06 without kernels: a mismatch is then met by the load itself (its error names the keys).
     kernels = saved_tables.get("kernel", tables["kernel"])
@@ -321,9 +329,9 @@ def check_best_reachable(run_dir: Path, source: Path, epochs: int) -> None:
     resumed_at = checkpoint.loop_state(source)["epoch"]
     if not (best / checkpoint.STATE).is_file():
         if resumed_at >= epochs:  # no epoch left to train, and none saved a model to test
-            raise ConfigError(f"{run_dir}: has trained {resumed_at} epochs and has no best model yet (eval.validate=false saves "
-                              f"the final one after epoch train.epochs), and train.epochs={epochs} asks for no more; resume "
-                              f"with train.epochs greater than {resumed_at}")
+            raise ConfigError(f"{run_dir}: has trained {resumed_at} epochs and has no best model yet (one is saved at a "
+                              "better validation, or with eval.validate=false after epoch train.epochs), and "
+                              f"train.epochs={epochs} asks for no more; resume with train.epochs greater than {resumed_at}")
         return
     best_epoch = checkpoint.loop_state(best)["best"]["epoch"]
     if best_epoch >= resumed_at and best_epoch >= epochs:

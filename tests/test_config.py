@@ -37,6 +37,9 @@ def test_yaml_reads_booleans_and_integers_as_yaml_1_2_does():
     assert parse_override("run_dir=no") == ("run_dir", "no") and parse_override("data.path=on") == ("data.path", "on")
     assert parse_override("a=010") == ("a", 10) and parse_override("a=-7") == ("a", -7) and parse_override("a=1:30") == ("a", "1:30")
     assert parse_override("a=true") == ("a", True) and parse_override("a=False") == ("a", False)
+    assert parse_override("a=1:30.5") == ("a", "1:30.5") and parse_override("a=-2.5e+3") == ("a", -2500.0)
+    with pytest.raises(ConfigError, match="expected a decimal integer, got '0x10'"):
+        parse_override("a=!!int 0x10")
     cfg = load_config(TrainConfig, None, ["data.path=x", "run_dir=no", "model.dim=064", "train.epochs=010"])
     assert (cfg.run_dir, cfg.model.dim, cfg.train.epochs) == ("no", 64, 10)
     with pytest.raises(ConfigError, match=r"key 'run_dir': expected a string, got True \(quote it to give it as text\)"):
@@ -50,6 +53,14 @@ def test_a_mapping_override_of_a_section_keeps_the_settings_it_does_not_name():
     assert cfg.train.epochs == 1 and cfg.align.darec.clusters == 8
     assert (cfg.train.patience, cfg.train.min_epochs) == (base.train.patience, base.train.min_epochs) != (10, 0)
     assert cfg.align.darec.sample_size == base.align.darec.sample_size
+    # A mapping-valued field is one value: an experiment's variants narrowed from the command line, names with dots.
+    from launch.experiment import ExperimentConfig
+
+    narrowed = load_config(ExperimentConfig, "configs/experiments/ml-100k-lightgcn.yaml", ["variants={darec-0.1: [align.method=darec]}"])
+    assert narrowed.variants == {"darec-0.1": ["align.method=darec"]}
+    # Spark's settings are text: a YAML boolean there is the word Spark reads.
+    spark = load_config(PrepareConfig, None, ["spark.conf={spark.sql.adaptive.enabled: true, spark.executor.memory: 8g}"])
+    assert spark.spark.conf == {"spark.sql.adaptive.enabled": "true", "spark.executor.memory": "8g"}
 
 
 def test_from_dict_builds_nested_dataclasses():

@@ -463,6 +463,10 @@ def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_pat
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: holds the results of an earlier run (results.json, export); "
                                                     "give this run another run_dir, or delete that one")):
         check_fresh(tmp_path)
+    from launch.train import resume_source  # the same where --resume auto finds nothing to continue (experiment.py's runs)
+
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: holds the results of an earlier run")):
+        resume_source(tmp_path, "auto")
 
 
 def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
@@ -677,7 +681,8 @@ def test_a_resume_with_no_epoch_left_and_no_model_to_test_is_refused(tmp_path):
     (source / checkpoint.COMPLETE).write_text("")
     (source / checkpoint.STATE).write_text(json.dumps({"epoch": 4, "step_in_epoch": 0, "global_step": 40, "best": None}))
     check_best_reachable(tmp_path, source, 5)
-    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: has trained 4 epochs and has no best model yet (eval.validate="
-                                                    "false saves the final one after epoch train.epochs), and train.epochs=3 "
-                                                    "asks for no more; resume with train.epochs greater than 4")):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: has trained 4 epochs and has no best model yet (one is "
+                                                    "saved at a better validation, or with eval.validate=false after epoch "
+                                                    "train.epochs), and train.epochs=3 asks for no more; resume with "
+                                                    "train.epochs greater than 4")):
         check_best_reachable(tmp_path, source, 3)

@@ -12,6 +12,7 @@ the gradient of (global mean loss + coupled losses).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -107,6 +108,10 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
         try:
             outcome[0] = (decide(), None)
         except Exception as err:  # the other ranks raise it too, instead of waiting for an answer that never comes
+            try:
+                pickle.dumps(err)
+            except Exception:  # it must cross to the other ranks
+                err = RuntimeError(f"{type(err).__name__}: {err}")
             outcome[0] = (None, err)
     dist.broadcast_object_list(outcome, src=0)
     value, error = outcome[0]

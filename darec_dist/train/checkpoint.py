@@ -278,7 +278,7 @@ def _load_tables(state: dict, path: Path) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path / "tables"))
     except CheckpointException as err:  # every rank's error, with its traceback, in a BaseException
-        cause = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        cause = ([line.strip() for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__])[0]
         raise ConfigError(f"{path}: its tables could not be loaded into this run's ({cause})") from None
 
 

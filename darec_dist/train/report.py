@@ -84,7 +84,7 @@ def metrics_table(by_split: dict[str, dict], ks: list[int]) -> str:
 def markdown_table(results: dict, ks: list[int]) -> str:
     chosen = "best epoch" if results["val"] else "final epoch (no validation)"
     timed = results["seconds_per_epoch"]
-    pace = f"{timed:.2f} s/epoch" if timed is not None else "no epoch run at this world size"
+    pace = f"{timed:.2f} s/epoch" if timed is not None else "no whole epoch run at this world size"
     sampled = results["sampled_users"]
     scope = f"; validation and test over a seeded sample of {sampled} users (eval.max_users)" if sampled else ""
     header = f"{chosen} {results['best_epoch']}, {results['epochs_run']} epochs run, {pace}{scope}\n\n"
