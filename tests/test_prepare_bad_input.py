@@ -302,7 +302,7 @@ def test_a_tab_delimiter_whose_quotes_a_shell_removed_is_a_tab():
     ("spark.master=sprak://host:7077", "spark.master must be local, local[N], local[*], spark://HOST:PORT, yarn or k8s://URL"),
     ("clean.k_core=-1", "clean.k_core must be >= 0"),
     ("graph.layer_weights=[1,-1,0,0]", "graph.layer_weights must be >= 0"),
-    ("split.ratios=[.inf,1,1]", "split.ratios must be three non-negative numbers"),
+    ("split.ratios=[.inf,1,1]", "key 'split.ratios[0]': expected a finite number, got inf"),
     ("profiles.max_chars=0", "profiles.max_chars >= 1"),
     ("split.method=temporal", "name the timestamp column, source.columns.timestamp=COLUMN"),
     ("clean.rating_threshold=4", "name the rating column, source.columns.rating=COLUMN"),
