@@ -29,22 +29,18 @@ class ConfigError(ValueError):
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2's booleans and integers instead of PyYAML's YAML 1.1 ones, where `run_dir: no` was False,
-    `epochs: 010` was 8 (octal) and `1:30` was 90 (base 60): only true/false are booleans, integers are decimal."""
+    `epochs: 010` was 8 (octal) and `1:30` was 90 (base 60): only true/false are booleans, integers are decimal,
+    and no number is read in base 60."""
 
 
-_BOOL, _INT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int"
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT)]
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_FLOAT = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _FLOAT]
-    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
-}
-# PyYAML's float forms less the base-60 one (1:30.5 was 90.5).
+# PyYAML's float forms less the base-60 one.
 _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
     |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
