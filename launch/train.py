@@ -96,16 +96,16 @@ def check_fresh(run_dir: Path) -> None:
     (its checkpoints deleted): until the new run wrote its own, they would pass for its (an experiment reused them)."""
     root = run_dir / checkpoint.CHECKPOINTS
     found = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
-    if not found:
-        check_no_results(run_dir)
-    else:
+    if found:
         raise ConfigError(
             f"{run_dir}: holds checkpoints of an earlier run ({', '.join(found[:3])}); continue it with --resume auto, "
             "or give this run another run_dir (or delete that one)"
         )
+    check_no_results(run_dir)
 
 
 def check_no_results(run_dir: Path) -> None:
+    """A run starting in run_dir must not find an earlier run's results there (see check_fresh)."""
     outputs = [name for name in (*report.RESULT_FILES, "export") if (run_dir / name).exists()]
     if outputs:
         raise ConfigError(f"{run_dir}: holds the results of an earlier run ({', '.join(outputs)}); give this run another "
