@@ -30,6 +30,7 @@ from tqdm import tqdm
 from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch, uneven_shards_warning
+from darec_dist.distributed import collectives
 from darec_dist.distributed.collectives import all_reduce_sum, decided_by_rank0
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.files import reading_lock
@@ -253,7 +254,17 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
     also against how this world size reads its shards in batches."""
     if not cfg.data.path:
         raise ConfigError("data.path: required (a directory made by spark_jobs.prepare)")
-    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=verify_checksums and cfg.data.verify_checksums)
+    dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
+    if verify_checksums and cfg.data.verify_checksums:
+        # The processes of a node share the reading, so that each node reads its copy of the dataset once, not
+        # once per process (nodes may hold copies of their own); a corrupted file stops every rank.
+        part, parts = 0, 1
+        if collectives.world_size() > 1:
+            part = int(os.environ.get("LOCAL_RANK", collectives.rank()))
+            parts = int(os.environ.get("LOCAL_WORLD_SIZE", collectives.world_size()))
+        problem = collectives.first_problem(dataset.checksum_problem(part, parts))
+        if problem:
+            raise DatasetError(problem)
     if training:
         check_world_fits(dataset, world_size, cfg.loader.num_workers)
         steps_per_epoch(dataset, cfg.loader, cfg.seed, 0, world_size)  # the first epoch has a batch (before any setup)

@@ -51,6 +51,9 @@ def test_corrupted_shard(dataset_copy):
     path.write_bytes(bytes(data))
     with pytest.raises(DatasetError, match=r"shard-00001.tar: sha256 differs from the manifest"):
         PreparedDataset.open(dataset_copy)
+    # Processes sharing the digests (launch/train.py): exactly one of them reads that file.
+    shared = [PreparedDataset.open(dataset_copy, verify_checksums=False).checksum_problem(part, 2) for part in (0, 1)]
+    assert sorted(p is None for p in shared) == [False, True] and "shard-00001.tar: sha256 differs" in "".join(filter(None, shared))
 
 
 def test_corrupted_array(dataset_copy):
@@ -128,14 +131,19 @@ def test_values_out_of_range(override, message):
         load_config(TrainConfig, None, [override])
 
 
-def test_cli_reports_errors_before_training(dataset_copy):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_cli_reports_errors_before_training(dataset_copy, processes):
+    """With 2 processes each digests half of the files: a corrupted one stops both, named once."""
     (dataset_copy / "train" / "shard-00000.tar").write_bytes(b"not a tar")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     done = subprocess.run(
-        [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset_copy}", "device=cpu"],
+        [*launcher, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset_copy}", "device=cpu"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "shard-00000.tar: sha256 differs from the manifest" in done.stderr
+    assert done.returncode == (2 if processes == 1 else 1), done.stderr[-2000:]  # torchrun's own code for failed workers
+    assert done.stderr.count("shard-00000.tar: sha256 differs from the manifest") == 1, done.stderr[-2000:]
+    if processes > 1:
+        assert done.stderr.count("exitcode  : 2 ") == 2, done.stderr[-2000:]  # both workers refused it themselves
 
 
 def test_graph_only_aligner_needs_a_graph_backbone(small_dataset):

@@ -118,3 +118,12 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     if error is not None:
         raise error
     return value
+
+
+def first_problem(problem: str | None) -> str | None:
+    """The first (by rank) of every rank's `problem`, on every rank: work shared out, its failures told to all."""
+    if world_size() == 1:
+        return problem
+    everyone: list = [None] * world_size()
+    dist.all_gather_object(everyone, problem)
+    return next((p for p in everyone if p), None)
