@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -77,7 +78,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(tree: dict, key: str, value: Any, schema: Any = None) -> None:
+def set_dotted(tree: dict, key: str, value: Any, schema: Any = None, text: str | None = None) -> None:
     """Set `key` (dotted) in `tree`. A mapping given for a section of `schema` (a dataclass field) is merged into it,
     keeping the settings it does not name; one given for a mapping-valued field (an experiment's variants) replaces it."""
     node, section = tree, schema
@@ -89,7 +90,7 @@ def set_dotted(tree: dict, key: str, value: Any, schema: Any = None) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part!r} is a value, not a section")
         node, section = child, _field_type(section, part)
-    _assign(node, parts[-1], value, _field_type(section, parts[-1]))
+    _assign(node, parts[-1], value, _field_type(section, parts[-1]), text)
 
 
 def _field_type(cls: Any, name: str) -> Any:
@@ -97,11 +98,17 @@ def _field_type(cls: Any, name: str) -> Any:
     return get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
 
 
-def _assign(node: dict, name: str, value: Any, tp: Any) -> None:
+def _assign(node: dict, name: str, value: Any, tp: Any, text: str | None = None) -> None:
+    """node[name] = value, merging a mapping into a section; `text`, the override as written, is kept for a string
+    field (run_dir=010 is the directory '010', not '10')."""
+    if dataclasses.is_dataclass(tp) and value is None:  # it reset the file's whole section to the defaults
+        raise ConfigError(f"override {name}=null: {name!r} is a section; set its keys ({name}.KEY=VALUE)")
     if isinstance(value, dict) and dataclasses.is_dataclass(tp) and isinstance(node.get(name), dict):
         for inner, inner_value in value.items():
             _assign(node[name], str(inner), inner_value, _field_type(tp, str(inner)))
         return
+    if text is not None and tp in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = text
     node[name] = value
 
 
@@ -123,7 +130,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
     tree = read_yaml(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(tree, key, value, cls)
+        set_dotted(tree, key, value, cls, item.split("=", 1)[1].strip())
     # A bad key may come from the file or from the command line: name both when there are overrides.
     source = str(path) if path is not None else "<overrides>"
     if path is not None and overrides:
@@ -224,7 +231,8 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{_where(source, key)}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # YAML's .nan / .inf: every range check below passes NaN, which trains to nan
+        # YAML's .nan / .inf: every range check passes NaN, which trains to nan. An integer past float's range too.
+        if isinstance(value, int) and abs(value) > sys.float_info.max or not math.isfinite(value):
             raise ConfigError(f"{_where(source, key)}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:

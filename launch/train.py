@@ -31,7 +31,7 @@ from darec_dist.config import ConfigError, differences, listed, load_config, to_
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch, uneven_shards_warning
 from darec_dist.distributed import collectives
-from darec_dist.distributed.collectives import all_reduce_sum, decided_by_rank0
+from darec_dist.distributed.collectives import all_reduce_sum, decided_by_rank0, max_over_ranks
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
 from darec_dist.files import reading_lock
 from darec_dist.train import checkpoint, memory, report
@@ -98,10 +98,10 @@ def check_fresh(run_dir: Path) -> None:
     root = run_dir / checkpoint.CHECKPOINTS
     found = sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
     if found:
-        raise ConfigError(
-            f"{run_dir}: holds checkpoints of an earlier run ({', '.join(found[:3])}); continue it with --resume auto, "
-            "or give this run another run_dir (or delete that one)"
-        )
+        how = ("continue it with --resume auto" if checkpoint.step_checkpoints(run_dir) else
+               f"it has no step checkpoint to continue, so delete {root} to start over there")
+        raise ConfigError(f"{run_dir}: holds checkpoints of an earlier run ({', '.join(found[:3])}); {how}, or give this run "
+                          "another run_dir (or delete that one)")
     check_no_results(run_dir)
 
 
@@ -327,9 +327,11 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
         every = cfg.checkpoint.every_steps
         if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps:
             state["epoch_loss_sums"] = finite_sums(summed_over_ranks(sums, env), epoch, state)
+            check_weights_finite(trainer, epoch, state)
             checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
     bar.close()
     totals = finite_sums(summed_over_ranks(sums, env), epoch, state)
+    check_weights_finite(trainer, epoch, state)  # the last update, which no loss has seen: before it is validated or saved
     return {name: total / (steps * env.world_size) for name, total in totals.items()}
 
 
@@ -361,7 +363,7 @@ class Diverged(RuntimeError):
 
 
 def diverged(epoch: int, state: dict) -> Diverged:
-    return Diverged(f"training diverged: a loss was not finite in epoch {epoch}, by step {state['step_in_epoch']}; lower "
+    return Diverged(f"training diverged: a loss or a weight was not finite in epoch {epoch}, by step {state['step_in_epoch']}; lower "
                     "sparse.lr / dense.lr, or check the data")
 
 
@@ -370,6 +372,13 @@ def finite_sums(sums: dict[str, float], epoch: int, state: dict) -> dict[str, fl
     if not all(math.isfinite(total) for total in sums.values()):
         raise diverged(epoch, state)
     return sums
+
+
+def check_weights_finite(trainer: Trainer, epoch: int, state: dict) -> None:
+    """Collective: stop every rank if any rank holds a weight that is not a finite number."""
+    (bad,) = max_over_ranks(int(not trainer.weights_finite()))
+    if bad:
+        raise diverged(epoch, state)
 
 
 def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, float]:

@@ -44,6 +44,14 @@ def test_yaml_reads_booleans_and_integers_as_yaml_1_2_does():
     assert (cfg.run_dir, cfg.model.dim, cfg.train.epochs) == ("no", 64, 10)
     with pytest.raises(ConfigError, match=r"key 'run_dir': expected a string, got True \(quote it to give it as text\)"):
         load_config(TrainConfig, None, ["data.path=x", "run_dir=true"])
+    # A string field keeps a number as written (the directory '010', not '10').
+    cfg = load_config(TrainConfig, None, ["data.path=1.50", "run_dir=010"])
+    assert (cfg.data.path, cfg.run_dir) == ("1.50", "010")
+    # An integer past float's range (an OverflowError's traceback), a section set to null (it reset the file's section).
+    with pytest.raises(ConfigError, match="key 'sparse.lr': expected a finite number"):
+        load_config(TrainConfig, None, ["data.path=x", "sparse.lr=" + "1" * 400])
+    with pytest.raises(ConfigError, match=re.escape("override train=null: 'train' is a section; set its keys (train.KEY=VALUE)")):
+        load_config(TrainConfig, "configs/train/ml-100k.yaml", ["train=null"])
 
 
 def test_a_mapping_override_of_a_section_keeps_the_settings_it_does_not_name():

@@ -213,25 +213,33 @@ def test_deepspeed_settings_the_trainer_cannot_honour_are_refused(tmp_path, chan
         deepspeed_settings(cfg, 2)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path, processes):
+@pytest.mark.parametrize("processes, extra, stopped_by, kept", [
+    # The first update makes the weights non-finite: caught before the checkpoint after it would keep them.
+    (1, [], 1, []),
+    (2, [], 1, []),
+    # A loss sees them first when checkpoints are rarer; the weights written after the first step were finite.
+    (2, ["checkpoint.every_steps=2"], 2, []),
+    # The epoch's only update, which no loss saw: caught before its weights are validated, saved or tested.
+    (2, ["train.max_steps_per_epoch=1"], 1, []),
+], ids=["1-process", "2-processes", "loss-first", "last-update"])
+def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path, processes, extra, stopped_by, kept):
     """Every rank stops at the same step, the error printed once: a rank stopping alone left the others in a collective."""
     root, _ = small_dataset
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     command = [*launcher, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
                "device=cpu", "model.backbone=mf", "model.dim=8", "loader.batch_size=64", "train.progress_bar=false",
-               "sparse.optimizer=sgd", "sparse.lr=1e30", "model.reg=1e30", "checkpoint.every_steps=1"]
+               "sparse.optimizer=sgd", "sparse.lr=1e30", "model.reg=1e30", "checkpoint.every_steps=1", *extra]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
-    assert done.stderr.count("error: training diverged: a loss was not finite in epoch 0, by step 2;") == 1, done.stderr[-3000:]
+    message = f"error: training diverged: a loss or a weight was not finite in epoch 0, by step {stopped_by};"
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
     if processes == 1:
         assert "Traceback" not in done.stderr
     else:  # torchrun's own report of failed workers, each of which ended by itself (none stopped by a signal)
         assert done.stderr.count("Traceback") == 1 and "ChildFailedError" in done.stderr
         assert done.stderr.count("exitcode  : 1 ") == 2 and "exitcode  : -" not in done.stderr, done.stderr[-3000:]
-    assert not (tmp_path / "results.json").exists()
-    # The first step's update made the second loss non-finite: stopped before a checkpoint kept those weights.
-    assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("step-*")) == [checkpoint.step_name(1)]
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "export").exists()
+    assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("*")) == [checkpoint.step_name(s) for s in kept]
 
 
 def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refused(dataset_copy):

@@ -81,14 +81,16 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
     return settings
 
 
-# Set by the trainer from loader.batch_size and the world size, not read from the JSON.
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# Not how the dense part learns: set by the trainer from loader.batch_size and the world size, or DeepSpeed's reporting.
+NOT_TRAINING_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print",
+                     "wall_clock_breakdown", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger",
+                     "flops_profiler", "memory_breakdown", "dump_state")
 
 
 def dense_training_settings(cfg: TrainConfig) -> dict:
-    """How the dense part learns: dense.deepspeed_config's contents with dense.lr, less the batch sizes. A run
-    records it (its checkpoints, RUN_DIR/deepspeed.json): the config names the file, whose contents may change."""
-    return {key: value for key, value in deepspeed_settings(cfg, 1).items() if key not in BATCH_KEYS}
+    """How the dense part learns: dense.deepspeed_config's contents with dense.lr, less the batch sizes and reporting.
+    A run records it (its checkpoints, RUN_DIR/deepspeed.json): the config names the file, whose contents may change."""
+    return {key: value for key, value in deepspeed_settings(cfg, 1).items() if key not in NOT_TRAINING_KEYS}
 
 
 def check_deepspeed_settings(settings: dict, path) -> None:
@@ -141,6 +143,11 @@ class Trainer:
         self.engine = deepspeed_engine(self.dense, cfg, env)
         self._stepped = False  # see train_step
         self.nonfinite = False  # this rank's last loss, then (after the next step's lookup) any rank's: see losses()
+
+    def weights_finite(self) -> bool:
+        """Whether every weight this rank holds (its shards of the trainable tables, the dense part) is a finite number."""
+        shards = (shard for table in self.tables.plan for _, _, shard in self.tables.local_shards(table))
+        return all(bool(torch.isfinite(w).all()) for w in (*shards, *self.dense.parameters()))
 
     def losses(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         sizes = batch.group_sizes()
