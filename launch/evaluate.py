@@ -38,9 +38,12 @@ SPLITS = ("val", "test")
 MODEL_SECTIONS = ("model", "align")
 
 
-def checkpoint_path(run_dir: Path, which: str) -> Path:
+def checkpoint_path(run_dir: Path, which: str, digest: bool = True) -> Path:
+    """The checkpoint `which` names (best, latest, one of the run's by name, or a path), refused where it is none of the
+    run's; digest=False: `latest` by its completion marker only (a cheap check before the model is built)."""
     if which == "latest":
-        found = checkpoint.latest(run_dir)
+        found = checkpoint.latest(run_dir) if digest else next(
+            (p for p in reversed(checkpoint.step_checkpoints(run_dir)) if (p / checkpoint.COMPLETE).exists()), None)
         if found is None:
             raise ConfigError(f"{run_dir}: no complete step checkpoint under {checkpoint.CHECKPOINTS}/")
         return found
@@ -101,6 +104,7 @@ def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
 def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:
     """Every rank calls it; returns {"checkpoint", "epochs_trained", "world_size", split: metrics, ...}."""
     cfg = run_config(run_dir, overrides)
+    checkpoint_path(run_dir, which, digest=False)  # a missing checkpoint named before the dataset and the model
     with distributed(cfg.device) as env, dataset_in_use(cfg):
         seed_everything(cfg.seed, env.rank)
         trainer, state, source = load_run_model(cfg, env, run_dir, which, splits=splits)
