@@ -118,6 +118,8 @@ def test_literal_and_validation_errors(tmp_path):
     ("align.darec.kmeans_iterations=-1", "align.darec.kmeans_iterations must be >= 0, got -1"),
     ("seed=-1", "seed must be >= 0, got -1"),
     ("align.darec.clusters=1", "align.darec.clusters=1: the local term compares soft assignments to the centres, which need at least 2"),
+    # torch raised "value cannot be converted to type float without overflow" in the middle of Adam's first step.
+    ("sparse.lr=1e38", "sparse.lr=1e+38: Adam's first step, lr / (1 - beta1) = 1e+39, is past float32's range"),
 ])
 def test_settings_that_train_nonsense_are_refused(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -145,6 +147,11 @@ def test_dense_lr_replaces_the_deepspeed_json_lr(tmp_path):
     cfg = load_config(TrainConfig, None, ["data.path=x", "dense.lr=1e-4", f"dense.deepspeed_config={no_optimizer}"])
     with pytest.raises(ConfigError, match="no optimizer.params"):
         deepspeed_settings(cfg, world_size=1)
+    # Adam's first step, lr / (1 - beta1), overflowed float32 with a traceback in the middle of training.
+    cfg = load_config(TrainConfig, None, ["data.path=x", "dense.lr=1e38"])
+    with pytest.raises(ConfigError, match=re.escape("makes Adam's first step, lr / (1 - beta1) = 1e+39, past float32's range")):
+        deepspeed_settings(cfg, world_size=1)
+    assert deepspeed_settings(load_config(TrainConfig, None, ["data.path=x", "dense.lr=1e30"]), 1)  # large, but it fits
 
 
 def test_integers_beyond_64_bits_are_refused_at_load():

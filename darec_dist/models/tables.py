@@ -60,6 +60,9 @@ class SparseConfig:
     def __post_init__(self) -> None:
         if not self.lr > 0 or not self.eps > 0 or not self.init_std > 0:
             raise ValueError(f"sparse.lr, sparse.eps and sparse.init_std must be > 0, got {self.lr}, {self.eps}, {self.init_std}")
+        # Adam's first step is lr / (1 - beta1) (beta1 0.9), a float32 scalar: past float32's range torch raises mid-step.
+        if self.optimizer == "adam" and self.lr / (1 - 0.9) > torch.finfo(torch.float32).max:
+            raise ValueError(f"sparse.lr={self.lr}: Adam's first step, lr / (1 - beta1) = {self.lr / 0.1:g}, is past float32's range")
         if self.llm_sharding == "data_parallel":
             raise ValueError("sparse.llm_sharding: the frozen LLM tables are sharded, never copied to every rank; "
                              "use auto, table_wise, row_wise or column_wise")

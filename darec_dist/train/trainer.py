@@ -78,7 +78,22 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
         if "params" not in settings.get("optimizer", {}):
             raise ConfigError(f"dense.lr is set but {path} has no optimizer.params to set it in")
         settings["optimizer"]["params"]["lr"] = cfg.dense.lr
+    check_adam_step(settings["optimizer"], path)
     return settings
+
+
+def check_adam_step(optimizer: dict, path) -> None:
+    """Adam's first step is lr / (1 - beta1), a float32 scalar: past float32's range torch raises in the middle of it."""
+    if optimizer.get("type", "").lower() not in ("adam", "adamw"):
+        return
+    params = optimizer.get("params", {})
+    lr, betas = params.get("lr", 1e-3), params.get("betas", [0.9, 0.999])
+    beta1 = betas[0] if isinstance(betas, list) and betas else None
+    if not all(isinstance(value, (int, float)) for value in (lr, beta1)):
+        return  # DeepSpeed names a malformed value itself
+    if beta1 < 1 and lr / (1 - beta1) > torch.finfo(torch.float32).max:
+        raise ConfigError(f"the dense learning rate {lr} (dense.lr or {path}'s optimizer.params.lr) makes Adam's first step, "
+                          f"lr / (1 - beta1) = {lr / (1 - beta1):g}, past float32's range")
 
 
 # Not how the dense part learns: set by the trainer from loader.batch_size and the world size, or DeepSpeed's reporting.
