@@ -562,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return 1
     except checkpoint.CheckpointWriteError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if first_to_report(f"checkpoint write failed: {err.staging}"):  # one line, not one per rank that failed it
+            print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk or a run_dir made read-only: the file and the reason, not a traceback
         where = f"{err.filename}: " if err.filename else ""

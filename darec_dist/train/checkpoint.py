@@ -66,6 +66,10 @@ def _table_state(trainer, optimizer: CombinedOptimizer) -> dict:
 class CheckpointWriteError(RuntimeError):
     """A checkpoint's files could not be written (a full disk, a read-only run_dir)."""
 
+    def __init__(self, message: str, staging: Path):
+        super().__init__(message)
+        self.staging = staging  # the same on every rank, unlike the cause and the free space each rank saw
+
 
 # What a failed write says inside torch's and DCP's errors (the zip writer's own for a full disk).
 WRITE_FAILURES = ("No space left", "Read-only file system", "Permission denied", "Disk quota", "inline_container")
@@ -111,7 +115,7 @@ def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None 
         cause = [line for line in str(err).splitlines() if line.strip()][-1:] or [type(err).__name__]
         raise CheckpointWriteError(f"{staging}: writing the checkpoint failed ({cause[0].strip()}); {free:,.0f} MiB free "
                                    "there. The run's last complete checkpoint is kept: free space, then resume with "
-                                   "--resume auto") from err
+                                   "--resume auto", staging) from err
     _barrier()
     if rank == 0:
         (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: trainer.tables.optimizer_step}, indent=2))
