@@ -114,11 +114,23 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
         if env.is_main:
             print(f"{source} ({state['epoch']} epochs trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
             record = run_dir / f"eval-{source.name}.json"
+            if source.name == checkpoint.BEST and not still_in_place(source, state):
+                print(f"warning: the run replaced its best model while this evaluated it; {record} is not written "
+                      "(the table above is of the model it replaced)", file=sys.stderr, flush=True)
+                return results
             try:
                 write_text_atomic(record, json.dumps(results, indent=2))
             except OSError as err:  # a read-only run (an archive, another user's): the table above is the result
                 print(f"warning: could not write {record}: {err.strerror or err}", file=sys.stderr, flush=True)
     return results
+
+
+def still_in_place(source: Path, state: dict) -> bool:
+    """Whether the checkpoint at `source` is still the one loaded: a running run replaces its `best`."""
+    try:
+        return checkpoint.loop_state(source)["global_step"] == state["global_step"]
+    except (ConfigError, OSError):  # between the two renames of the swap
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

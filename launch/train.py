@@ -388,6 +388,12 @@ def summed_over_ranks(sums: dict[str, torch.Tensor], env: DistEnv) -> dict[str, 
     return {name: totals[i].item() for i, name in enumerate(names)}
 
 
+def save_best(trainer: Trainer, run_dir: Path, state: dict, env: DistEnv) -> None:
+    checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
+    if env.is_main:  # launch/evaluate.py's reading of the best model this one replaces
+        (run_dir / report.EVAL_BEST).unlink(missing_ok=True)
+
+
 def test_best(trainer: Trainer, cfg: TrainConfig, env: DistEnv, run_dir: Path, state: dict) -> dict:
     # The epoch and validation scores are the best checkpoint's own: after a resume from an older checkpoint (the newer
     # ones damaged) its loop state may name an earlier best, which the later one replaced.
@@ -507,7 +513,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             if not cfg.eval.validate:
                 if state["epoch"] == cfg.train.epochs:  # the final model is the one tested
                     state["best"] = {"epoch": epoch, "metrics": {}}
-                    checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
+                    save_best(trainer, run_dir, state, env)
             elif (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
                 trainer.set_train(False)
                 val = evaluate(trainer, "val", env.world_size, env.rank)
@@ -517,7 +523,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                     print(f"epoch {epoch}: loss {losses.get('total', math.nan):.4f}  val " + "  ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "users"), flush=True)
                 if state["best"] is None or val[cfg.eval.monitor] > state["best"]["metrics"][cfg.eval.monitor]:
                     state["best"], state["bad_evals"] = {"epoch": epoch, "metrics": val}, 0
-                    checkpoint.save(trainer, run_dir, checkpoint.BEST, state)
+                    save_best(trainer, run_dir, state, env)
                 else:
                     state["bad_evals"] += 1
                     stop = patience_spent(state, cfg)

@@ -16,7 +16,9 @@ import pytest
 
 from darec_dist.config import ConfigError
 from darec_dist.data.dataset import DatasetError, PreparedDataset
+from darec_dist.train import checkpoint
 from darec_dist.train.metrics import ranking_sums
+from launch.evaluate import still_in_place
 from launch.recommend import recommend
 from tests.conftest import REPO
 from tests.train_helpers import finish
@@ -47,6 +49,13 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_d
         for split in ("val", "test"):
             for metric, value in trained[split].items():
                 assert evaluated[split][metric] == pytest.approx(value, abs=1e-6), (nproc, split, metric)
+
+    # Evaluating a running run's best model: no eval-best.json when the run replaced that model meanwhile.
+    best = run_dir / "checkpoints" / "best"
+    loaded = checkpoint.loop_state(best)
+    assert still_in_place(best, loaded)
+    assert not still_in_place(best, {**loaded, "global_step": loaded["global_step"] - 1})
+    assert not still_in_place(tmp_path / "between-the-renames", loaded)
 
     # The lists a user would serve from the export: every user's top 20, original ids.
     table = recommend(run_dir, None, k=20)

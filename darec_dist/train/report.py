@@ -99,7 +99,8 @@ def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
 
 
 # What a finished run leaves beside its checkpoints and metrics (eval-best.json: launch/evaluate.py's of its best model).
-RESULT_FILES = ("results.json", "results.md", "curves.png", "eval-best.json")
+EVAL_BEST = "eval-best.json"
+RESULT_FILES = ("results.json", "results.md", "curves.png", EVAL_BEST)
 
 
 def drop_results(run_dir: Path) -> None:
