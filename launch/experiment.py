@@ -6,7 +6,8 @@ An experiment file names a training config, the variants (each a list of
 overrides: methods, ablations, or one value of a swept key) and the seeds. Every
 run goes to <out_dir>/<variant>/seed-<s> ('/' in a name becomes '_'; names that would share a directory are
 refused, as are repeated seeds or sweep values); a run whose results.json exists is not
-run again, so an interrupted experiment continues where it stopped. The summary
+run again, so an interrupted experiment continues where it stopped (and one given a longer train.epochs, patience
+or min_epochs trains its runs on from their last checkpoints; any other change to a run's settings is refused). The summary
 (table.md, summary.json, and for sweeps a plot) reports test metrics as mean and
 standard deviation over seeds; each run chose its best epoch on validation only.
 """
@@ -145,6 +146,10 @@ class RunFailed(RuntimeError):
 RESULTS_KEYS = ("test", "val", "best_epoch", "seconds_per_epoch", "monitor", "wall_seconds", "embedding_model", "dataset_fingerprint")
 
 
+# A run's settings that an experiment may change under it: how long it trains (launch/train.py's resume allows it).
+RUN_LENGTH = ("train.epochs:", "train.patience:", "train.min_epochs:")
+
+
 def run_settings(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> list[str]:
     """The overrides of the training config that make one run of the grid."""
     return [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
@@ -171,12 +176,11 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
     asked_cfg = load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings)
     asked = to_dict(asked_cfg)
     finished = results.exists()
-    # Once (it warns about each damaged checkpoint), and only where it is used: it reads the checkpoint to digest it.
-    latest = None if finished else checkpoint.latest(run_dir)
-    if not finished and checkpoint.step_checkpoints(run_dir) and latest is None:
+    has_checkpoints = bool(checkpoint.step_checkpoints(run_dir))
+    if not finished and has_checkpoints and checkpoint.latest(run_dir) is None:
         raise ConfigError(f"{run_dir}: interrupted, and every checkpoint it holds is damaged (the trainer names why when "
                           "resuming one by path); delete that run to run it again")
-    if finished or latest is not None:
+    if finished or has_checkpoints:
         # A finished run counts, and an interrupted one is resumed, only if it computed what is asked now (an
         # edited experiment must not reuse it, nor finish it under the new settings); one copied from another
         # experiment's out_dir counts (docs/results.md reuses runs so).
@@ -188,10 +192,14 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
         ran_dense = report.read_dense_settings(run_dir)  # the file the config names may have been edited since
         if ran_dense is not None and not changed:
             changed = differences({"deepspeed": ran_dense}, {"deepspeed": dense_training_settings(asked_cfg)}, "dense.")
-        if changed:
+        # Only how long it trains changed: the run goes on (or tests again) from its last checkpoint, as a resume may.
+        goes_on = bool(changed) and all(d.startswith(RUN_LENGTH) for d in changed) and checkpoint.latest(run_dir) is not None
+        if changed and not goes_on:
             raise ConfigError(f"{run_dir}: {'finished' if finished else 'interrupted, and would be resumed,'} with other "
                               f"settings (ran -> asked now): {listed(changed)}; delete that run or give the "
                               "experiment another out_dir")
+        if goes_on:
+            print(f"[experiment] {run_dir}: continued from its last checkpoint under {listed(changed)}", flush=True)
         if finished:
             record = read_results(run_dir)
             check_trained_on(cfg, run_dir, record, asked_cfg)
@@ -200,7 +208,8 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
                 raise ConfigError(f"{run_dir}: finished with {record['world_size']} processes, and the experiment asks for "
                                   f"nproc={cfg.nproc}; a table would mix the two. Delete that run, or give the "
                                   "experiment another out_dir")
-            return record
+            if not goes_on:
+                return record
     # The dataset too (all but its checksums, which the job verifies): torchrun would restart a job that fails on it.
     open_dataset(asked_cfg, cfg.nproc, verify_checksums=False)
     return None

@@ -73,14 +73,24 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     settings["optimizer"]["params"]["lr"] = lr
     deepspeed.write_text(json.dumps(settings))
     # An edited experiment does not pass off the old runs as its own.
-    edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
-    with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): train.epochs: 2 -> 3"):
+    edited = dataclasses.replace(cfg, overrides=[*cfg.overrides, "model.reg=0.5"])
+    with pytest.raises(ConfigError, match=r"base/seed-1: finished with other settings \(ran -> asked now\): model.reg: "):
         run_experiment(edited)
     # Nor does it finish an interrupted one under the new settings (its checkpoints would be resumed).
     (tmp_path / "exp" / "base" / "seed-1" / "results.json").unlink()
     with pytest.raises(ConfigError, match=r"base/seed-1: interrupted, and would be resumed, with other settings \(ran -> asked now\): "
-                                          "train.epochs: 2 -> 3"):
+                                          "model.reg: "):
         run_experiment(edited)
+    # Longer runs go on from their last checkpoints, finished or interrupted, to what a 3-epoch experiment gives.
+    longer = dataclasses.replace(cfg, overrides=[*cfg.overrides, "train.epochs=3"])
+    extended, fresh = run_experiment(longer), run_experiment(dataclasses.replace(longer, out_dir=str(tmp_path / "fresh")))
+    for variant in ("base", "rlmrec-con"):
+        for key in ("test_mean", "test_std", "val_mean", "best_epochs"):
+            assert extended[variant][key] == fresh[variant][key], (variant, key)
+    for variant in ("base", "rlmrec-con"):
+        trained = [json.loads(line)["epoch"] for line in (tmp_path / "exp" / variant / "seed-2" / "metrics.jsonl").open()
+                   if json.loads(line)["kind"] == "train"]
+        assert trained == [0, 1, 2], (variant, trained)
 
 
 def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_dataset, tmp_path):
