@@ -34,7 +34,7 @@ N, D, DL, K = 16, 6, 10, 3
 
 def global_similarity_loss(collab: torch.Tensor, llm: torch.Tensor) -> torch.Tensor:
     """mean((S_C - S_L)^2) of the global sample's cosine matrices, from the parts DaRec composes the same way."""
-    return similarity_from_gram(sum_with_grad(similarity_gram(collab, llm)), collab.shape[0] * world_size())
+    return similarity_from_gram(sum_with_grad(similarity_gram(collab, llm)), collab.shape[0] * world_size(), collab.dtype)
 
 
 def uniformity_loss(*parts: torch.Tensor) -> torch.Tensor:
@@ -210,6 +210,25 @@ def test_global_similarity_matches_dense_matrices():
     assert fast.item() == pytest.approx(dense.item(), rel=1e-10)
     for got, want in zip(fast_grads, dense_grads):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_global_similarity_keeps_its_precision_near_collapse():
+    """Shared parts near collapse (mean cosine about 0.9999) leave a loss 1e-7 of the Gram's squared entries: float32
+    rows must still give the float64 loss and gradients (a float32 Gram gave a negative loss and 40% off gradients)."""
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(1, 32, generator=g, dtype=torch.float64)
+    c64, l64 = (direction + 0.01 * torch.randn(2, 2048, 32, generator=g, dtype=torch.float64)).unbind(0)
+    c, l = c64.float().requires_grad_(True), l64.float().requires_grad_(True)
+    fast = global_similarity_loss(c, l)
+    fast_grads = torch.autograd.grad(fast, (c, l))
+    c64, l64 = c.detach().double().requires_grad_(True), l.detach().double().requires_grad_(True)
+    cn, ln = torch.nn.functional.normalize(c64, dim=-1), torch.nn.functional.normalize(l64, dim=-1)
+    assert (cn @ cn.T).mean() > 0.999
+    dense = ((cn @ cn.T - ln @ ln.T) ** 2).mean()
+    dense_grads = torch.autograd.grad(dense, (c64, l64))
+    assert fast.dtype == torch.float32 and fast.item() == pytest.approx(dense.item(), rel=1e-4)
+    for got, want in zip(fast_grads, dense_grads):
+        assert (got.double() - want).norm() < 1e-3 * want.norm()
 
 
 def test_neighbourhood_loss_matches_explicit_distributions():

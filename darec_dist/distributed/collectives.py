@@ -64,12 +64,13 @@ def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def sum_many_with_grad(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`sum_with_grad` of several tensors by name, in one all-reduce (collectives, not arithmetic, are what
-    costs on CPU); tensors that need no gradient may ride along."""
+    costs on CPU); tensors that need no gradient may ride along. Each comes back in its own dtype (the one
+    buffer has the widest)."""
     if not parts:
         return {}
     flat = sum_with_grad(torch.cat([x.flatten() for x in parts.values()]))
     pieces = flat.split([x.numel() for x in parts.values()])
-    return {name: piece.view_as(x) for (name, x), piece in zip(parts.items(), pieces)}
+    return {name: piece.view_as(x).to(x.dtype) for (name, x), piece in zip(parts.items(), pieces)}
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

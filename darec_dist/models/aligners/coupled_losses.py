@@ -37,23 +37,23 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
 
 def similarity_gram(collab: torch.Tensor, llm: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of the global similarity loss: the Gram matrix of its rows [C | L] (2d x 2d), summed over
-    ranks; row i counted weight[i] times when given."""
-    both = torch.cat([F.normalize(collab, dim=-1), F.normalize(llm, dim=-1)], dim=1)
+    ranks; row i counted weight[i] times when given. In float64: the loss is the small difference of the Gram's
+    squared entries (near collapse, 1e-7 of them), which float32 entries have already lost."""
+    both = torch.cat([F.normalize(collab.double(), dim=-1), F.normalize(llm.double(), dim=-1)], dim=1)
     return both.T @ (both if weight is None else both * weight[:, None])
 
 
-def similarity_from_gram(gram: torch.Tensor, n: int) -> torch.Tensor:
+def similarity_from_gram(gram: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """mean((S_C - S_L)^2) over the n x n cosine-similarity matrices S = Z Z^T, from the global Gram of [C | L].
 
     ||C C^T - L L^T||_F^2 = ||C^T C||_F^2 - 2 ||C^T L||_F^2 + ||L^T L||_F^2, the blocks of the Gram:
     O(N d^2) instead of O(N^2 d), exact, and only a 2d x 2d matrix crosses the network, so N can span
-    the whole global batch. The squares are summed in float64 because the three terms are of similar
-    size and their difference is the loss.
+    the whole global batch. The Gram is float64 (similarity_gram) because the three terms are of similar
+    size and their difference is the loss; the loss returns in the model's dtype.
     """
     d = gram.shape[0] // 2
-    g = gram.double()
-    squared = g[:d, :d].square().sum() - 2 * g[:d, d:].square().sum() + g[d:, d:].square().sum()
-    return (squared / (n * n)).to(gram.dtype)
+    squared = gram[:d, :d].square().sum() - 2 * gram[:d, d:].square().sum() + gram[d:, d:].square().sum()
+    return (squared / (n * n)).to(dtype)
 
 
 def neighbourhood_loss(collab: torch.Tensor, llm: torch.Tensor, anchors: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -217,10 +217,10 @@ class DaRec(Aligner):
             out["darec_global"] = cfg.structure_weight * neighbourhood_loss(c_sh[rows], l_sh[rows], anchors, cfg.neighbourhood_temperature)
         elif same_kind:
             kind_rows = sample_rows * world_size() // 2
-            per_kind = similarity_from_gram(totals["gram_user"], kind_rows) + similarity_from_gram(totals["gram_item"], kind_rows)
+            per_kind = sum(similarity_from_gram(totals[f"gram_{kind}"], kind_rows, c.dtype) for kind in ("user", "item"))
             out["darec_global"] = cfg.structure_weight * per_kind / 2
         elif cfg.use_global:
-            out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size())
+            out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size(), c.dtype)
         if matched:
             local = matched_centre_loss(totals["collab_centres"], totals["centres"], self.collab_centres, self.centres)
             out["darec_local"] = cfg.structure_weight * local
