@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from darec_dist.distributed.collectives import sum_with_grad, world_size
+from darec_dist.distributed.collectives import rank, sum_with_grad, world_size
 from darec_dist.models.aligners.base import AlignInputs
 from darec_dist.models.aligners.coupled_losses import (
     centre_statistics,
@@ -111,8 +111,16 @@ def cases(x, mods):
         {"user": x["w"], "pos": x["w"], "neg": x["w"]},
     )
     masked = AlignInputs({"all": x["c"]}, {"all": x["l"]}, {"all": x["ego"]}, {"all": x["w"]})
+    # Node keys shared by rows on both ranks (a node's rows need not hold equal vectors for the sums to agree).
+    n = x["c"].shape[0]
+    keys = (rank() * n + torch.arange(n)) % 5
+    with_ids = AlignInputs(inputs.collab, inputs.llm, inputs.ego, inputs.self_weight, {"user": keys, "pos": keys + 5, "neg": keys + 10})
+    masked_ids = AlignInputs(masked.collab, masked.llm, masked.ego, masked.self_weight, {"all": keys})
     return {
         "info_nce": (info_nce(x["c"], x["c2"], 0.3), None),
+        "info_nce_repeated_nodes": (info_nce(x["c"], x["c2"], 0.3, keys), None),
+        "rlmrec_con_repeated_users": (mods["con"](with_ids)["rlmrec_con"], mods["con"]),
+        "rlmrec_gen_repeated_nodes": (mods["gen"].reconstruction_loss(masked_ids), mods["gen"]),
         "global_similarity": (global_similarity_loss(x["c"], x["c2"]), None),
         "neighbourhood": (neighbourhood_loss(x["c"], x["c2"], torch.arange(0, x["c"].shape[0], 2), 0.3), None),
         "uniformity": (uniformity_loss(x["c"]), None),
@@ -168,6 +176,9 @@ def outcomes(tmp_path_factory):
 
 NAMES = [
     "info_nce",
+    "info_nce_repeated_nodes",
+    "rlmrec_con_repeated_users",
+    "rlmrec_gen_repeated_nodes",
     "global_similarity",
     "neighbourhood",
     "uniformity",
@@ -395,6 +406,29 @@ def test_info_nce_matches_the_plain_formula():
     torch.testing.assert_close(fast, plain)
     for f, p_ in zip(fast_grads, plain_grads):
         torch.testing.assert_close(f, p_)
+
+
+def test_info_nce_counts_each_node_once_among_the_negatives():
+    """With node keys, -log of the own positive against each distinct node's positive once, written out: a node on
+    three rows is one negative, not three (two of them as close as the anchor's own positive)."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.tensor([0, 1, 0, 2, 3, 0, 1, 4])
+    anchors = torch.randn(5, 6, generator=g, dtype=torch.float64)[ids].requires_grad_(True)
+    positives = torch.randn(5, 6, generator=g, dtype=torch.float64)[ids].requires_grad_(True)
+    tau = 0.3
+    fast = info_nce(anchors, positives, tau, ids)
+    fast_grads = torch.autograd.grad(fast, (anchors, positives))
+    a = anchors / anchors.norm(dim=1, keepdim=True)
+    p = positives / positives.norm(dim=1, keepdim=True)
+    first = [ids.tolist().index(node) for node in range(5)]  # one row of each node
+    cos = a @ p[first].T / tau
+    plain = -(cos[torch.arange(8), ids] - torch.log(torch.exp(cos).sum(dim=1))).mean()
+    plain_grads = torch.autograd.grad(plain, (anchors, positives))
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(fast_grads[0], plain_grads[0])
+    per_node = [torch.zeros(5, 6, dtype=torch.float64).index_add_(0, ids, grad) for grad in (fast_grads[1], plain_grads[1])]
+    torch.testing.assert_close(*per_node)  # a node's rows share its positive: what matters is their sum
+    assert not torch.isclose(info_nce(anchors, positives, tau), plain)  # the rows as negatives: another loss
 
 
 def test_more_centres_than_sampled_rows_are_refused_by_name():

@@ -51,6 +51,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _ContiguousGrad.apply(torch.cat(dist_fn.all_gather(x), dim=0))
 
 
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally shaped `x` concatenated along dim 0, rank order, without gradient (ids, counts)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -185,7 +185,10 @@ class Trainer:
                 looked_up = self.llm.lookup(batch.llm.to(self.env.device))
             llm = {g: looked_up[LLM_FEATURES[EGO_TABLE[g]]][i.to(self.env.device)] for g, i in batch.llm_index.items()}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
-        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, node_index))
+        # Node keys equal across ranks, users' apart from items'.
+        items = self.dataset.num_users
+        ids = {g: k.to(self.env.device) for g, k in (("user", batch.users), ("pos", batch.pos + items), ("neg", batch.neg + items))}
+        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, ids))
 
     def train_step(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         """One step: forward, one backward through dense and sparse parts, optimizer steps."""

@@ -23,8 +23,9 @@ class AlignInputs:
     # The nodes' own input rows E_v and self weights P_vv (1 for MF), for aligners that mask inputs.
     ego: NodeEmbeddings
     self_weight: NodeEmbeddings
-    # Per group, a key per row, equal for rows of the same node: an aligner can run its per-node work
-    # (projections) once per distinct node. None: treat every row as distinct.
+    # Per group, a key per row, equal for rows of the same node on every rank and distinct between users and items
+    # (the trainer's: user id, or num_users + item id): an aligner can run its per-node work (projections) once per
+    # distinct node, and count a node once among contrastive negatives. None: treat every row as distinct.
     ids: NodeEmbeddings | None = None
 
     def nodes(self, groups: tuple[str, ...] = ("user", "pos")) -> "AlignInputs":

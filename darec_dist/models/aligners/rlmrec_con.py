@@ -2,9 +2,10 @@
 
 As in RLMRec's code: one projector shared by users and items, cosine InfoNCE with
 temperature tau; the positive of c_v is its own projected profile. The negatives
-are the projected profiles of the global batch's nodes of the same group (RLMRec
-takes all users' profiles for users, which does not scale; the global batch is
-the scalable stand-in and is computed across ranks).
+are the projected profiles of the global batch's nodes of the same group, computed
+across ranks: for users each distinct user once (RLMRec takes every user's profile
+once, which does not scale; the global batch's users are the scalable stand-in), for
+items the batch's rows, as RLMRec's code takes them.
 """
 
 from __future__ import annotations
@@ -39,5 +40,6 @@ class RLMRecCon(Aligner):
         loss = 0.0
         for group, c in inputs.collab.items():
             profiles = self.down(inputs.llm[group])
-            loss = loss + info_nce(c, profiles, self.cfg.temperature) * (c.shape[0] / inputs.collab["user"].shape[0])
+            once = inputs.ids["user"] if group == "user" and inputs.ids is not None else None
+            loss = loss + info_nce(c, profiles, self.cfg.temperature, once) * (c.shape[0] / inputs.collab["user"].shape[0])
         return {"rlmrec_con": self.cfg.weight * loss}

@@ -53,7 +53,9 @@ class RLMRecGen(Aligner):
         return {"rlmrec_gen": self.cfg.weight * self.reconstruction_loss(masked)}
 
     def reconstruction_loss(self, masked: AlignInputs) -> torch.Tensor:
-        return info_nce(self.up(self.masked_embeddings(masked)), masked.llm["all"], self.cfg.temperature)
+        # A node masked on two rows (an active user) is one node among the negatives.
+        ids = None if masked.ids is None else masked.ids["all"]
+        return info_nce(self.up(self.masked_embeddings(masked)), masked.llm["all"], self.cfg.temperature, ids)
 
     def masked_embeddings(self, masked: AlignInputs) -> torch.Tensor:
         """c~_v: each row block b of c holds P^b_vv E_v of the node's own input (one block but for GCCF)."""
