@@ -18,10 +18,10 @@ SETTINGS = [
 ]
 
 
-def _launch(launcher_flags, dataset, run_dir):
+def _launch(launcher_flags, dataset, run_dir, *extra):
     command = [
         sys.executable, "-m", "torch.distributed.run", *launcher_flags,
-        "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}", *SETTINGS,
+        "launch/train.py", "configs/train/default.yaml", f"data.path={dataset}", f"run_dir={run_dir}", *SETTINGS, *extra,
     ]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -49,3 +49,38 @@ def test_two_nodes_train_like_one_node_with_two_processes(small_dataset, tmp_pat
     losses = [[record["loss"] for record in run if record["kind"] == "train"] for run in records]
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_a_rank_killed_on_one_node_is_restarted_on_both(small_dataset, tmp_path):
+    """torchrun --max-restarts across nodes: the node of the rank killed restarts its worker (its restart count goes up),
+    rank 0's node restarts its own for the membership change (its count does not). Both ranks must still meet in one new
+    process group: they hung when each named the attempt by its own node's count."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from darec_dist.train import checkpoint
+
+    root, _ = small_dataset
+    finish(_launch(["--standalone", "--nproc_per_node=2"], root, tmp_path / "reference", "train.epochs=4"))
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                  "--rdzv-id=multinode-restart", "--max-restarts=1", "--monitor-interval=0.5"]
+    run_dir = tmp_path / "two-nodes"
+    extra = ("train.epochs=4", "checkpoint.every_steps=2", "--resume", "auto")
+    nodes = [_launch(rendezvous, root, run_dir, *extra) for _ in range(2)]
+    deadline = time.time() + 300
+    while checkpoint.latest(run_dir) is None:
+        assert all(node.poll() is None for node in nodes) and time.time() < deadline, "ended before its first checkpoint"
+        time.sleep(0.05)
+    workers = [p for node in nodes for p in psutil.Process(node.pid).children() if "launch/train.py" in " ".join(p.cmdline())]
+    os.kill(next(p for p in workers if p.environ()["RANK"] == "1").pid, signal.SIGKILL)  # its node's count goes up, rank 0's not
+    outputs = [finish(node) for node in nodes]
+    assert any("resumed from" in out for out in outputs), outputs[0][-3000:]
+    reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+    recovered = json.loads((run_dir / "results.json").read_text())
+    assert recovered["best_epoch"] == reference["best_epoch"]
+    for split in ("val", "test"):
+        for metric, value in reference[split].items():
+            assert recovered[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 import random
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -87,7 +88,7 @@ def distributed(device: str = "auto"):
             os.environ["MASTER_PORT"] = str(free_port())
         # Collectives wait this long for a slow peer (rank 0 writing a checkpoint or the export) before failing.
         timeout = timedelta(minutes=30)
-        dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
         created = True
     try:
         yield DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch_device)
@@ -101,35 +102,67 @@ def distributed(device: str = "auto"):
             dist.destroy_process_group()
 
 
-def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
-    """Under torchrun, the agent's store with a prefix per restart attempt; otherwise None (env://).
-
-    torchrun's default (static) rendezvous keeps one store across `--max-restarts` attempts and
-    env:// adds no prefix, so restarted ranks could read the killed attempt's gloo addresses and
-    fail with "connectFullMesh ... Connection refused" (seen as an intermittent resume failure).
-    """
+def _agent_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, a client of the agents' store (it outlives restarts); otherwise None."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    agent_store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
-    )
-    return dist.PrefixStore(f"darec_dist/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent_store)
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, the agents' store with a prefix that this attempt's processes agree on; otherwise None (env://).
+
+    The store outlives `--max-restarts` attempts and env:// adds no prefix, so restarted ranks could read the killed
+    attempt's gloo addresses and fail with "connectFullMesh ... Connection refused" (an intermittent resume failure),
+    or wait on them for good. The agents' restart counts cannot name the attempt across nodes: an agent restarted
+    only because another node's worker failed keeps its count (a membership change), and its rank 0 read the killed
+    attempt's keys while rank 1 wrote the new ones (every multi-node restart hung). Rank 0 numbers the attempt from
+    a counter in the store and answers each rank's token under that number; a rank that read the number of an
+    attempt whose rank 0 is gone gets no answer to its token and reads the number again.
+    """
+    store = _agent_store(world_size, timeout)
+    if store is None:
+        return None
+    if rank == 0:
+        attempt = store.add("darec_dist/attempts", 1)
+        store.set("darec_dist/attempt", str(attempt))
+        for other in range(1, world_size):  # each rank's token back: the answer a killed attempt's rank 0 gave is not it
+            here = f"darec_dist/{attempt}/here/{other}"
+            store.wait([here], timeout)
+            store.set(f"darec_dist/{attempt}/go/{other}", store.get(here))
+    else:
+        token, attempt, deadline = os.urandom(8).hex(), None, time.monotonic() + timeout.total_seconds()
+        while True:
+            store.wait(["darec_dist/attempt"], timeout)
+            current = int(store.get("darec_dist/attempt"))
+            if current != attempt:
+                attempt = current
+                store.set(f"darec_dist/{attempt}/here/{rank}", token)
+            answer = f"darec_dist/{attempt}/go/{rank}"
+            if store.check([answer]) and store.get(answer).decode() == token:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {rank}: no rank 0 of this attempt answered on torchrun's store within {timeout}")
+            time.sleep(0.05)
+    return dist.PrefixStore(f"darec_dist/{attempt}", store)
 
 
 def first_to_report(message: str) -> bool:
-    """Whether this process prints an error `message`: under torchrun, the first of this attempt's processes to meet
-    that message does (the agent's store counts them, by its text), so an error every rank meets alike (a bad config)
-    is printed once, not once per rank, and ranks with different errors each print theirs; outside torchrun, or where
-    the agent's store cannot be reached, always.
+    """Whether this process prints an error `message`: under torchrun, the first of this node's processes (this attempt's)
+    to meet that message does (the agents' store counts them, by its text), so an error every rank meets alike (a bad
+    config) is printed once per node, not once per rank, and ranks with different errors each print theirs; outside
+    torchrun, or where the agents' store cannot be reached, always.
 
     Not rank 0 alone: torchrun stops the other processes as soon as it sees one exit, so a rank 0 slower to meet the
     error than another was stopped before it printed (no message at all in 3 of 10 launches on 2 processes).
     """
     try:
-        store = _attempt_store(int(os.environ.get("WORLD_SIZE", "1")), timedelta(seconds=10))
+        store = _agent_store(int(os.environ.get("WORLD_SIZE", "1")), timedelta(seconds=10))
         if store is None:
             return True
-        return store.add(f"error/{hashlib.sha256(message.encode()).hexdigest()[:16]}", 1) == 1
+        # Per node and attempt (an agent's restart count is its own workers'): each node's log says why its job ended.
+        node = f"{os.environ.get('GROUP_RANK', '0')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return store.add(f"darec_dist/errors/{node}/{hashlib.sha256(message.encode()).hexdigest()[:16]}", 1) == 1
     except (RuntimeError, KeyError, ValueError):  # the store unreachable (or torchrun's variables incomplete): twice beats never
         return True
 
