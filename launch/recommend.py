@@ -36,6 +36,11 @@ from darec_dist.train.metrics import mask_rows, top_k
 def load_export(run_dir: Path, kind: str) -> tuple[np.ndarray, pd.Series]:
     """(vectors, original ids) of `kind`; row i of the vectors is contiguous id i."""
     vectors_path, ids = run_dir / "export" / f"{kind}_vectors.npy", run_dir / "export" / f"{kind}_ids.parquet"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a run directory (a run_dir written by launch/train.py)")
+    if not (run_dir / "results.json").is_file():
+        raise ConfigError(f"{run_dir}: no results.json, so not a finished run (the export is written at a run's end, "
+                          "and removed while a resume trains on)")
     if not vectors_path.exists() or not ids.exists():
         raise ConfigError(f"{run_dir}: no export/{kind}_vectors.npy and {kind}_ids.parquet (runs export them unless output.export_embeddings=false)")
     try:
@@ -115,7 +120,10 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
     seen = None
     if not keep_seen:
         path = data or run_data_path(run_dir)
-        dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
+        try:
+            dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
+        except DatasetError as err:  # its advice names the trainer's key
+            raise DatasetError(f"{err}".replace("data.path=DIR", "--data DIR")) from None
         for kind, raw in (("user", user_raw), ("item", item_raw)):
             # Another dataset's train items would be left out of the lists (or its ids would not fit them).
             theirs = raw_ids(dataset.root / layout.id_map(kind))

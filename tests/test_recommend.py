@@ -20,6 +20,7 @@ def write_export(run_dir, users=USERS, items=ITEMS, dim=DIM):
     """An export as launch/train.py writes it: row i of the vectors is contiguous id i of the id map (raw, id)."""
     export = run_dir / "export"
     export.mkdir(parents=True)
+    (run_dir / "results.json").write_text("{}")  # a finished run's
     rng = np.random.default_rng(0)
     for kind, count in (("user", users), ("item", items)):
         np.save(export / f"{kind}_vectors.npy", rng.normal(size=(count, dim)).astype(np.float32))
@@ -88,6 +89,20 @@ def test_a_damaged_export_is_named_with_what_was_expected(tmp_path, capsys, dama
     assert main([str(tmp_path), "--keep-seen"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'export'}") and message in err, err
+
+
+def test_what_is_not_a_finished_run_is_named_as_such(tmp_path, capsys):
+    """A missing directory, a file and an unfinished run were all reported as an export turned off by a setting."""
+    write_export(tmp_path / "run")
+    (tmp_path / "run" / "results.json").unlink()  # killed, or training on after a resume
+    for path, message in ((tmp_path / "nope", "not a run directory"), (tmp_path / "run" / "config.yaml", "not a run directory"),
+                          (tmp_path / "run", "no results.json, so not a finished run")):
+        assert main([str(path), "--keep-seen"]) == 2
+        assert f"error: {path}: {message}" in capsys.readouterr().err
+    (tmp_path / "run" / "config.yaml").write_text("data: {path: %s}\n" % (tmp_path / "moved"))
+    (tmp_path / "run" / "results.json").write_text("{}")
+    assert main([str(tmp_path / "run")]) == 2  # recommend.py's own flag, not the trainer's key
+    assert "give its directory as --data DIR" in capsys.readouterr().err
 
 
 def test_a_run_config_without_a_data_section_is_named(tmp_path, capsys):
