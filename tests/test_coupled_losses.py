@@ -429,6 +429,8 @@ def test_info_nce_counts_each_node_once_among_the_negatives():
     per_node = [torch.zeros(5, 6, dtype=torch.float64).index_add_(0, ids, grad) for grad in (fast_grads[1], plain_grads[1])]
     torch.testing.assert_close(*per_node)  # a node's rows share its positive: what matters is their sum
     assert not torch.isclose(info_nce(anchors, positives, tau), plain)  # the rows as negatives: another loss
+    # Rows of one node with different positives: the node is its first row's, still a cross-entropy (>= 0).
+    assert info_nce(torch.eye(3), torch.eye(3), 0.1, torch.tensor([0, 0, 1])) >= 0
 
 
 def test_more_centres_than_sampled_rows_are_refused_by_name():

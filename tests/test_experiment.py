@@ -91,6 +91,9 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
         trained = [json.loads(line)["epoch"] for line in (tmp_path / "exp" / variant / "seed-2" / "metrics.jsonl").open()
                    if json.loads(line)["kind"] == "train"]
         assert trained == [0, 1, 2], (variant, trained)
+    stamp = (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime
+    assert run_experiment(longer) == extended  # the runs now record the longer settings: counted, not trained again
+    assert (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp
 
 
 def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_dataset, tmp_path):

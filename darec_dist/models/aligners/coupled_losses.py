@@ -17,26 +17,24 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from darec_dist.distributed.collectives import gather, gather_with_grad, rank
+from darec_dist.models.aligners.base import distinct_rows
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over local anchors of -log softmax of cos(anchor, its positive) among cos(anchor, p) / tau for every
-    rank's positives p (in-batch negatives, gathered). With `ids` (a node key per row, rows of one node having one
-    positive) each node counts once among them: otherwise a node on k rows (an active user, a user's twice-masked
-    row) is k columns, k - 1 of them false negatives as close as its own positive."""
+    rank's positives p (in-batch negatives, gathered). With `ids` (a node key per row) each node is one column, its
+    first row's positive (rows of one node have one positive: a projected profile, an LLM row): otherwise a node on
+    k rows (an active user, a node masked on two rows) is k columns, k - 1 of them false negatives as close as the
+    anchor's own positive."""
     # The n x N logits are the step's cost (RLMRec-Con on Amazon-book: 4,096 x 8,192 per group): 1/tau scales the
     # n x d anchors instead, and cross-entropy's fused log-softmax passes over the logits fewer times than logsumexp.
     a = F.normalize(anchors, dim=-1) / temperature
     everyone = gather_with_grad(F.normalize(positives, dim=-1))
     own = rank() * anchors.shape[0] + torch.arange(anchors.shape[0], device=anchors.device)
-    logits = a @ everyone.T
     if ids is None:
-        return F.cross_entropy(logits, own)
-    # A node's k equal columns, each less log k, sum to one column; the own positive's log k is a constant
-    # (no gradient), given back.
-    _, column_node, counts = torch.unique(gather(ids), return_inverse=True, return_counts=True)
-    log_k = counts[column_node].to(logits.dtype).log()
-    return F.cross_entropy(logits - log_k, own) - log_k[own].mean()
+        return F.cross_entropy(a @ everyone.T, own)
+    first, node = distinct_rows(gather(ids))  # the same columns, in the same order, for every world size
+    return F.cross_entropy(a @ everyone[first].T, node[own])
 
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
