@@ -114,14 +114,15 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
         if env.is_main:
             print(f"{source} ({state['epoch']} epochs trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
             record = run_dir / f"eval-{source.name}.json"
-            if source.name == checkpoint.BEST and not still_in_place(source, state):
-                print(f"warning: the run replaced its best model while this evaluated it; {record} is not written "
-                      "(the table above is of the model it replaced)", file=sys.stderr, flush=True)
-                return results
             try:
                 write_text_atomic(record, json.dumps(results, indent=2))
             except OSError as err:  # a read-only run (an archive, another user's): the table above is the result
                 print(f"warning: could not write {record}: {err.strerror or err}", file=sys.stderr, flush=True)
+            # Checked after the write: the trainer drops the file after it replaces `best`, so one of the two removes it.
+            if source.name == checkpoint.BEST and not still_in_place(source, state):
+                record.unlink(missing_ok=True)
+                print(f"warning: the run replaced its best model while this evaluated it; {record} is not kept "
+                      "(the table above is of the model it replaced)", file=sys.stderr, flush=True)
     return results
 
 

@@ -33,7 +33,7 @@ from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import REPO_ROOT, TrainConfig, resolve_path, what_a_run_computes
 from darec_dist.train.trainer import dense_training_settings
-from launch.train import open_dataset
+from launch.train import RUN_LENGTH, open_dataset
 
 @dataclass
 class SweepConfig:
@@ -146,10 +146,6 @@ class RunFailed(RuntimeError):
 RESULTS_KEYS = ("test", "val", "best_epoch", "seconds_per_epoch", "monitor", "wall_seconds", "embedding_model", "dataset_fingerprint")
 
 
-# A run's settings that an experiment may change under it: how long it trains (launch/train.py's resume allows it).
-RUN_LENGTH = ("train.epochs:", "train.patience:", "train.min_epochs:")
-
-
 def run_settings(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> list[str]:
     """The overrides of the training config that make one run of the grid."""
     return [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
@@ -168,6 +164,18 @@ def read_results(run_dir: Path) -> dict:
     return record
 
 
+def trains_on_alike(ran: dict, asked: dict, changed: list[str]) -> bool:
+    """Whether a run given only these changes of how long it trains, trained on from its last checkpoint, ends as a
+    run trained under them from the start does: none may shrink (a resume does not untrain, nor unstop an early stop
+    a smaller patience would have made sooner), and more epochs only where the run's last epoch fell on an
+    evaluation anyway (the last epoch is always evaluated: with train.eval_every > 1 that one would be extra)."""
+    if not all(d.startswith(RUN_LENGTH) for d in changed):
+        return False
+    if any(asked[key] < ran[key] for key in ("epochs", "patience", "min_epochs")):
+        return False
+    return asked["epochs"] == ran["epochs"] or ran["epochs"] % ran["eval_every"] == 0
+
+
 def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> dict | None:
     """Everything one run of the grid can be refused for before torchrun starts (a bad key, a finished or interrupted
     run under other settings, a damaged one, its dataset); returns a finished run's results.json, else None."""
@@ -177,7 +185,9 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
     asked = to_dict(asked_cfg)
     finished = results.exists()
     has_checkpoints = bool(checkpoint.step_checkpoints(run_dir))
-    if not finished and has_checkpoints and checkpoint.latest(run_dir) is None:
+    # Once (it warns about each damaged checkpoint), and only where it is used: it reads the checkpoints to digest them.
+    latest = checkpoint.latest(run_dir) if has_checkpoints else None
+    if not finished and has_checkpoints and latest is None:
         raise ConfigError(f"{run_dir}: interrupted, and every checkpoint it holds is damaged (the trainer names why when "
                           "resuming one by path); delete that run to run it again")
     if finished or has_checkpoints:
@@ -192,14 +202,13 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
         ran_dense = report.read_dense_settings(run_dir)  # the file the config names may have been edited since
         if ran_dense is not None and not changed:
             changed = differences({"deepspeed": ran_dense}, {"deepspeed": dense_training_settings(asked_cfg)}, "dense.")
-        # Only how long it trains changed: the run goes on (or tests again) from its last checkpoint, as a resume may.
-        goes_on = bool(changed) and all(d.startswith(RUN_LENGTH) for d in changed) and checkpoint.latest(run_dir) is not None
+        goes_on = bool(changed) and latest is not None and trains_on_alike(ran["train"], asked["train"], changed)
         if changed and not goes_on:
             raise ConfigError(f"{run_dir}: {'finished' if finished else 'interrupted, and would be resumed,'} with other "
                               f"settings (ran -> asked now): {listed(changed)}; delete that run or give the "
                               "experiment another out_dir")
         if goes_on:
-            print(f"[experiment] {run_dir}: continued from its last checkpoint under {listed(changed)}", flush=True)
+            print(f"[experiment] {run_dir}: will train on from its last checkpoint under {listed(changed)}", flush=True)
         if finished:
             record = read_results(run_dir)
             check_trained_on(cfg, run_dir, record, asked_cfg)

@@ -68,7 +68,8 @@ def resume_settings(cfg: TrainConfig, tables: dict, zero_stage: int, dense: dict
 # What a resume may change (as differences() spells keys): how long the run goes on, where its data lies, how its
 # work is laid out, what it writes; not what it learns, or one run would hold epochs of two configs under the
 # last one's name (config.yaml, and an experiment's reuse of the run, read that name).
-RESUME_MAY_CHANGE = ("train.epochs:", "train.patience:", "train.min_epochs:", "loader.num_workers:", "data.", "device:",
+RUN_LENGTH = ("train.epochs:", "train.patience:", "train.min_epochs:")
+RESUME_MAY_CHANGE = (*RUN_LENGTH, "loader.num_workers:", "data.", "device:",
                      "sparse.sharding:", "sparse.llm_sharding:", "eval.user_chunk:", "eval.node_chunk:", "eval.item_block:",
                      "output.")
 

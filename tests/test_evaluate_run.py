@@ -131,3 +131,19 @@ def test_a_checkpoint_is_evaluated_with_its_own_run(tmp_path):
     other = tmp_path / "b" / checkpoint.CHECKPOINTS / checkpoint.BEST
     with pytest.raises(ConfigError, match=f"{other}: not a checkpoint of {tmp_path / 'a'}; evaluate it with the run it belongs to"):
         checkpoint_path(tmp_path / "a", str(other))
+
+
+def test_a_new_best_model_drops_the_evaluation_of_the_one_it_replaces(tmp_path, monkeypatch):
+    """launch/evaluate.py's eval-best.json of a running run described a best model the run had since replaced."""
+    import torch
+
+    import launch.train
+    from darec_dist.distributed.env import DistEnv
+
+    saved = []
+    monkeypatch.setattr(launch.train.checkpoint, "save", lambda trainer, run_dir, name, state: saved.append(name))
+    (tmp_path / "eval-best.json").write_text("{}")
+    launch.train.save_best(None, tmp_path, {}, DistEnv(rank=1, world_size=2, device=torch.device("cpu")))
+    assert saved == ["best"] and (tmp_path / "eval-best.json").exists()  # rank 0's to remove
+    launch.train.save_best(None, tmp_path, {}, DistEnv(rank=0, world_size=2, device=torch.device("cpu")))
+    assert not (tmp_path / "eval-best.json").exists()

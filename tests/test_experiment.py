@@ -15,11 +15,11 @@ import psutil
 import pytest
 import yaml
 
-from darec_dist.config import ConfigError, load_config, to_dict
+from darec_dist.config import ConfigError, differences, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.train import checkpoint
 from darec_dist.train.config import REPO_ROOT, TrainConfig
-from launch.experiment import ExperimentConfig, check_run, markdown, run_experiment, summarise
+from launch.experiment import ExperimentConfig, check_run, markdown, run_experiment, summarise, trains_on_alike
 
 
 def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
@@ -94,6 +94,23 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     stamp = (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime
     assert run_experiment(longer) == extended  # the runs now record the longer settings: counted, not trained again
     assert (tmp_path / "exp" / "base" / "seed-1" / "results.json").stat().st_mtime == stamp
+
+
+@pytest.mark.parametrize("ran, asked, alike", [
+    ({"epochs": 2}, {"epochs": 3}, True),
+    ({"epochs": 3}, {"epochs": 2}, False),  # a resume does not untrain: it would test epoch 2's best as a 2-epoch run's
+    ({"patience": 10}, {"patience": 5}, False),  # a smaller patience would have stopped it sooner
+    ({"min_epochs": 4}, {"min_epochs": 2}, False),
+    ({"patience": 5, "min_epochs": 2}, {"patience": 8, "min_epochs": 3}, True),
+    ({"epochs": 12, "eval_every": 5}, {"epochs": 20, "eval_every": 5}, False),  # epoch 11 was evaluated as the last
+    ({"epochs": 10, "eval_every": 5}, {"epochs": 20, "eval_every": 5}, True),
+])
+def test_only_longer_runs_train_on(ran, asked, alike):
+    base = {"epochs": 2, "patience": 10, "min_epochs": 0, "eval_every": 1}
+    ran, asked = base | ran, base | asked
+    changed = differences({"train": ran}, {"train": asked})
+    assert trains_on_alike(ran, asked, changed) is alike
+    assert not trains_on_alike(ran, asked, [*changed, "model.reg: 0.1 -> 0.2"])
 
 
 def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_dataset, tmp_path):

@@ -109,6 +109,10 @@ def _agent_store(world_size: int, timeout: timedelta) -> dist.Store | None:
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
 
 
+# The attempt number this process's group agreed on (_attempt_store); None before, or outside torchrun.
+_attempt: int | None = None
+
+
 def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store | None:
     """Under torchrun, the agents' store with a prefix that this attempt's processes agree on; otherwise None (env://).
 
@@ -144,6 +148,8 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank {rank}: no rank 0 of this attempt answered on torchrun's store within {timeout}")
             time.sleep(0.05)
+    global _attempt
+    _attempt = attempt
     return dist.PrefixStore(f"darec_dist/{attempt}", store)
 
 
@@ -160,8 +166,10 @@ def first_to_report(message: str) -> bool:
         store = _agent_store(int(os.environ.get("WORLD_SIZE", "1")), timedelta(seconds=10))
         if store is None:
             return True
-        # Per node and attempt (an agent's restart count is its own workers'): each node's log says why its job ended.
-        node = f"{os.environ.get('GROUP_RANK', '0')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        # Per node and attempt, so that each node's log says why its job ended: the attempt the group agreed on, or
+        # before the group exists (a bad config) the agent's restart count, which only its own workers share.
+        attempt = _attempt if _attempt is not None else f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        node = f"{attempt}/{os.environ.get('GROUP_RANK', '0')}"
         return store.add(f"darec_dist/errors/{node}/{hashlib.sha256(message.encode()).hexdigest()[:16]}", 1) == 1
     except (RuntimeError, KeyError, ValueError):  # the store unreachable (or torchrun's variables incomplete): twice beats never
         return True

@@ -66,7 +66,7 @@ def _table_state(trainer, optimizer: CombinedOptimizer) -> dict:
 class CheckpointWriteError(RuntimeError):
     """A checkpoint's files could not be written (a full disk, a read-only run_dir)."""
 
-    def __init__(self, message: str, staging: Path):
+    def __init__(self, message: str, staging: Path | None = None):  # a default: exceptions unpickle from their message
         super().__init__(message)
         self.staging = staging  # the same on every rank, unlike the cause and the free space each rank saw
 

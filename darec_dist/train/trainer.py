@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -84,13 +85,13 @@ def deepspeed_settings(cfg: TrainConfig, world_size: int) -> dict:
 
 def check_adam_step(optimizer: dict, path) -> None:
     """Adam's first step is lr / (1 - beta1), a float32 scalar: past float32's range torch raises in the middle of it."""
-    if optimizer.get("type", "").lower() not in ("adam", "adamw"):
-        return
-    params = optimizer.get("params", {})
+    params = optimizer.get("params")
+    if str(optimizer.get("type")).lower() not in ("adam", "adamw") or not isinstance(params, dict):
+        return  # DeepSpeed names a malformed section itself
     lr, betas = params.get("lr", 1e-3), params.get("betas", [0.9, 0.999])
     beta1 = betas[0] if isinstance(betas, list) and betas else None
-    if not all(isinstance(value, (int, float)) for value in (lr, beta1)):
-        return  # DeepSpeed names a malformed value itself
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in (lr, beta1)):
+        raise ConfigError(f"{path}: optimizer.params lr and betas must be finite numbers, got lr {lr!r}, betas {betas!r}")
     if beta1 < 1 and lr / (1 - beta1) > torch.finfo(torch.float32).max:
         raise ConfigError(f"the dense learning rate {lr} (dense.lr or {path}'s optimizer.params.lr) makes Adam's first step, "
                           f"lr / (1 - beta1) = {lr / (1 - beta1):g}, past float32's range")
