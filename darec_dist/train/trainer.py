@@ -187,8 +187,9 @@ class Trainer:
             llm = {g: looked_up[LLM_FEATURES[EGO_TABLE[g]]][i.to(self.env.device)] for g, i in batch.llm_index.items()}
         self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
         # Node keys equal across ranks, users' apart from items'.
-        items = self.dataset.num_users
-        ids = {g: k.to(self.env.device) for g, k in (("user", batch.users), ("pos", batch.pos + items), ("neg", batch.neg + items))}
+        after_users = self.dataset.num_users
+        keys = (("user", batch.users), ("pos", batch.pos + after_users), ("neg", batch.neg + after_users))
+        ids = {g: k.to(self.env.device) for g, k in keys}
         return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, ids))
 
     def train_step(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
