@@ -7,7 +7,8 @@ overrides: methods, ablations, or one value of a swept key) and the seeds. Every
 run goes to <out_dir>/<variant>/seed-<s> ('/' in a name becomes '_'; names that would share a directory are
 refused, as are repeated seeds or sweep values); a run whose results.json exists is not
 run again, so an interrupted experiment continues where it stopped (and one given a longer train.epochs, patience
-or min_epochs trains its runs on from their last checkpoints; any other change to a run's settings is refused). The summary
+or min_epochs trains its runs on from their last checkpoints, where that ends as a run trained so from the start;
+any other change to a run's settings is refused). The summary
 (table.md, summary.json, and for sweeps a plot) reports test metrics as mean and
 standard deviation over seeds; each run chose its best epoch on validation only.
 """
