@@ -187,7 +187,7 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
     finished = results.exists()
     has_checkpoints = bool(checkpoint.step_checkpoints(run_dir))
     # Once (it warns about each damaged checkpoint), and only where it is used: it reads the checkpoints to digest them.
-    latest = checkpoint.latest(run_dir) if has_checkpoints else None
+    latest = checkpoint.latest(run_dir) if has_checkpoints and not finished else None
     if not finished and has_checkpoints and latest is None:
         raise ConfigError(f"{run_dir}: interrupted, and every checkpoint it holds is damaged (the trainer names why when "
                           "resuming one by path); delete that run to run it again")
@@ -203,7 +203,10 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
         ran_dense = report.read_dense_settings(run_dir)  # the file the config names may have been edited since
         if ran_dense is not None and not changed:
             changed = differences({"deepspeed": ran_dense}, {"deepspeed": dense_training_settings(asked_cfg)}, "dense.")
-        goes_on = bool(changed) and latest is not None and trains_on_alike(ran["train"], asked["train"], changed)
+        goes_on = bool(changed) and trains_on_alike(ran["train"], asked["train"], changed)
+        if goes_on and finished:  # a finished run goes on from its last checkpoint
+            latest = checkpoint.latest(run_dir)
+        goes_on = goes_on and latest is not None
         if changed and not goes_on:
             raise ConfigError(f"{run_dir}: {'finished' if finished else 'interrupted, and would be resumed,'} with other "
                               f"settings (ran -> asked now): {listed(changed)}; delete that run or give the "

@@ -120,10 +120,7 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
     seen = None
     if not keep_seen:
         path = data or run_data_path(run_dir)
-        try:
-            dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
-        except DatasetError as err:  # its advice names the trainer's key
-            raise DatasetError(f"{err}".replace("data.path=DIR", "--data DIR")) from None
+        dataset = PreparedDataset.open(resolve_path(path), verify_checksums=False)
         for kind, raw in (("user", user_raw), ("item", item_raw)):
             # Another dataset's train items would be left out of the lists (or its ids would not fit them).
             theirs = raw_ids(dataset.root / layout.id_map(kind))

@@ -3,12 +3,17 @@ train exactly as one launcher with two processes, so data, tables and collective
 global rank, not by node-local rank."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from darec_dist.distributed.env import free_port
+from darec_dist.train import checkpoint
 from tests.conftest import REPO
 from tests.train_helpers import finish
 
@@ -55,14 +60,6 @@ def test_a_rank_killed_on_one_node_is_restarted_on_both(small_dataset, tmp_path)
     """torchrun --max-restarts across nodes: the node of the rank killed restarts its worker (its restart count goes up),
     rank 0's node restarts its own for the membership change (its count does not). Both ranks must still meet in one new
     process group: they hung when each named the attempt by its own node's count."""
-    import os
-    import signal
-    import time
-
-    import psutil
-
-    from darec_dist.train import checkpoint
-
     root, _ = small_dataset
     finish(_launch(["--standalone", "--nproc_per_node=2"], root, tmp_path / "reference", "train.epochs=4"))
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",

@@ -101,8 +101,8 @@ def test_what_is_not_a_finished_run_is_named_as_such(tmp_path, capsys):
         assert f"error: {path}: {message}" in capsys.readouterr().err
     (tmp_path / "run" / "config.yaml").write_text("data: {path: %s}\n" % (tmp_path / "moved"))
     (tmp_path / "run" / "results.json").write_text("{}")
-    assert main([str(tmp_path / "run")]) == 2  # recommend.py's own flag, not the trainer's key
-    assert "give its directory as --data DIR" in capsys.readouterr().err
+    assert main([str(tmp_path / "run")]) == 2  # recommend.py's own flag is named, not only the trainer's key
+    assert "launch/recommend.py's --data DIR" in capsys.readouterr().err
 
 
 def test_a_run_config_without_a_data_section_is_named(tmp_path, capsys):

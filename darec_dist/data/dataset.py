@@ -46,7 +46,7 @@ class PreparedDataset:
         path = root / layout.MANIFEST
         if not path.is_file():
             raise DatasetError(f"{root}: no {layout.MANIFEST}; not a finished dataset (run spark_jobs.prepare first, or, "
-                               "if the dataset moved, give its directory as data.path=DIR)")
+                               "if the dataset moved, give its directory: data.path=DIR, or launch/recommend.py's --data DIR)")
         try:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as err:
