@@ -444,3 +444,20 @@ def test_more_centres_than_sampled_rows_are_refused_by_name():
     assert darec.llm_rows(local_batch=2, world=2) == 2  # 2 users and 2 positives on each of 2 ranks: 8 rows
     with pytest.raises(ConfigError, match="align.darec.clusters=8: DaRec's sample holds 4 rows per step over 1 ranks"):
         darec.llm_rows(local_batch=2, world=1)
+
+
+def test_kmeans_starts_on_distinct_points_when_nodes_fill_several_rows():
+    """Rows repeat when a node fills several sample rows; two centres started on one node's rows would stay equal.
+    Without iterations the centres are the start itself: k distinct points of the input."""
+    from darec_dist.models.aligners.coupled_losses import kmeans
+
+    g = torch.Generator().manual_seed(3)
+    nodes = torch.nn.functional.normalize(torch.randn(4, D, generator=g, dtype=torch.float64), dim=-1)
+    points = nodes.repeat_interleave(torch.tensor([40, 30, 1, 1]), dim=0)  # two rare nodes among many repeats
+    for seed in range(20):
+        for iterations in (0, 5):
+            centres = kmeans(points, 4, iterations, seed)
+            cos = centres @ centres.T
+            assert (cos - torch.eye(4, dtype=cos.dtype)).max() < 1 - 1e-9, (seed, iterations)
+        start = kmeans(points, 4, 0, seed)
+        assert torch.cdist(start, nodes).min(1).values.max() < 1e-12, "the start must be input points"

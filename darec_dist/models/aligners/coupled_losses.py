@@ -184,7 +184,14 @@ def kmeans(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Te
     generator = torch.Generator().manual_seed(seed)
     projection = torch.randn(unit.shape[1], generator=generator, dtype=unit.dtype)
     unit = unit[torch.argsort(unit.cpu() @ projection).to(unit.device)]
-    centres = unit[torch.randperm(unit.shape[0], generator=generator)[:k].to(unit.device)].clone()
+    # Start on k distinct points: an active user or a popular item fills several rows, and two centres started on
+    # one node's rows stay equal (the separation term has no gradient at cos = 1), leaving K - 1 centres in use.
+    order = torch.randperm(unit.shape[0], generator=generator).to(unit.device)
+    _, inverse = torch.unique(unit[order], dim=0, return_inverse=True)
+    first, _ = distinct_rows(inverse)
+    is_first = torch.zeros(len(order), dtype=torch.bool, device=unit.device)
+    is_first[first] = True
+    centres = unit[torch.cat([order[is_first], order[~is_first]])[:k]].clone()  # repeats only when too few points are distinct
     for _ in range(iterations):
         assign = (unit @ centres.T).argmax(-1)
         for c in range(k):
