@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
 from darec_dist.data.dataset import DatasetError, PreparedDataset
-from darec_dist.data.loader import check_world_fits, epoch_batches, steps_per_epoch, uneven_shards_warning
+from darec_dist.data.loader import check_every_epoch_has_a_batch, check_world_fits, epoch_batches, steps_per_epoch, uneven_shards_warning
 from darec_dist.distributed import collectives
 from darec_dist.distributed.collectives import all_reduce_sum, decided_by_rank0, max_over_ranks
 from darec_dist.distributed.env import DistEnv, distributed, exit_without_finalisation, first_to_report, seed_everything
@@ -268,7 +268,7 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
             raise DatasetError(problem)
     if training:
         check_world_fits(dataset, world_size, cfg.loader.num_workers)
-        steps_per_epoch(dataset, cfg.loader, cfg.seed, 0, world_size)  # the first epoch has a batch (before any setup)
+        check_every_epoch_has_a_batch(dataset, cfg.loader, cfg.seed, cfg.train.epochs, world_size)
     # Test first: without it no setting helps, while eval.validate=false answers a missing validation split.
     if dataset.manifest["splits"]["test"] == 0:
         # Metrics over no users would read as a model that scores 0.

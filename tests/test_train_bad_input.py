@@ -9,7 +9,7 @@ import pytest
 
 from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
-from darec_dist.data.loader import LoaderConfig, check_world_fits, local_batch_size, steps_per_epoch, uneven_shards_warning
+from darec_dist.data.loader import LoaderConfig, check_every_epoch_has_a_batch, check_world_fits, local_batch_size, steps_per_epoch, uneven_shards_warning
 from darec_dist.models.aligners import build_aligner
 from darec_dist.train import checkpoint
 from darec_dist.train.config import TrainConfig
@@ -106,6 +106,40 @@ def test_world_size_the_shards_cannot_serve(small_dataset):
 
     with pytest.raises(DatasetError, match="fewer than one local batch"):
         open_dataset(load_config(TrainConfig, None, [f"data.path={small_dataset[0]}", "loader.batch_size=1000000"]), 2)
+
+
+def test_a_later_epoch_without_a_batch_is_refused_before_training(small_dataset):
+    """Shards that do not split evenly over the ranks are dealt anew each epoch: a batch size that the first epoch's
+    order serves can leave a later epoch's smallest rank without a batch. The whole run is checked up front."""
+    dataset = PreparedDataset.open(small_dataset[0])
+    shards = dataset.shards
+    world = next(w for w in (3, 5, 7) if len(shards) % w)
+
+    def steps(cfg, epoch):
+        try:
+            return steps_per_epoch(dataset, cfg, 0, epoch, world)
+        except DatasetError:
+            return 0
+
+    def first_case():
+        # Unequal shards (the fixture's are nearly equal): one large, the rest small, so which rank is dealt the large
+        # one decides whether the rank dealt the fewest interactions fills a batch.
+        for large in range(len(shards)):
+            dataset.manifest["shards"] = [dict(s, interactions=200 if i == large else 10) for i, s in enumerate(shards)]
+            for local in range(1, 250):
+                cfg = LoaderConfig(batch_size=world * local, num_workers=1)
+                if steps(cfg, 0) > 0:
+                    for epoch in range(1, 20):
+                        if steps(cfg, epoch) == 0:
+                            return cfg, epoch
+        return None
+
+    found = first_case()
+    assert found, "the skewed shards must give such a case"
+    cfg, epoch = found
+    check_every_epoch_has_a_batch(dataset, cfg, 0, epoch, world)  # the epochs before it are served
+    with pytest.raises(DatasetError, match=f"in epoch {epoch}'s shard order a worker's shards hold fewer than one local batch"):
+        check_every_epoch_has_a_batch(dataset, cfg, 0, epoch + 1, world)
 
 
 def test_unknown_keys_and_wrong_types():

@@ -75,10 +75,18 @@ def steps_per_epoch(dataset: PreparedDataset, cfg: LoaderConfig, seed: int, epoc
     steps = int((counts // local).sum(axis=1).min())
     if steps == 0:
         raise DatasetError(
-            f"{dataset.root}: a worker's shards hold fewer than one local batch ({local} interactions); "
-            "lower loader.batch_size or loader.num_workers"
+            f"{dataset.root}: in epoch {epoch}'s shard order a worker's shards hold fewer than one local batch ({local} "
+            "interactions); lower loader.batch_size or loader.num_workers"
         )
     return steps
+
+
+def check_every_epoch_has_a_batch(dataset: PreparedDataset, cfg: LoaderConfig, seed: int, epochs: int, world_size: int) -> None:
+    """Each epoch deals the shards anew: where they do not split evenly over the readers, a later epoch can leave a
+    rank less than one batch though the first did not. Checked for every epoch before any setup (a shuffle of the
+    shard list each), not found after hours of training."""
+    for epoch in range(epochs):
+        steps_per_epoch(dataset, cfg, seed, epoch, world_size)
 
 
 def uneven_shards_warning(dataset: PreparedDataset, cfg: LoaderConfig, seed: int, world_size: int) -> str | None:
