@@ -220,13 +220,22 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             "resume with the device and sparse.sharding that wrote it (on CPU, sparse.optimizer=adam runs the dense kernel), "
             "or start another run_dir"
         )
-    per_column_shard = sorted(t for t, kind in saved_tables["sharding"].items() if "column" in kind or kind == "grid_shard")
-    if tables["optimizer"] == "rowwise_adagrad" and per_column_shard and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
-        raise ConfigError(
-            f"{source}: its column-wise tables ({', '.join(per_column_shard)}) keep row-wise Adagrad state per column "
-            f"shard, which fits only the {written_by} processes and the sharding {saved_tables['sharding']} that wrote it; "
-            "resume with those"
-        )
+    def per_column_shard(sharding: dict) -> list[str]:
+        return sorted(t for t, kind in sharding.items() if "column" in kind or kind == "grid_shard")
+
+    if tables["optimizer"] == "rowwise_adagrad" and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
+        if per_column_shard(saved_tables["sharding"]):
+            raise ConfigError(
+                f"{source}: its column-wise tables ({', '.join(per_column_shard(saved_tables['sharding']))}) keep row-wise "
+                f"Adagrad state per column shard, which fits only the {written_by} processes and the sharding "
+                f"{saved_tables['sharding']} that wrote it; resume with those"
+            )
+        if per_column_shard(tables["sharding"]):  # the other way round: one state per row, where the shards want one each
+            raise ConfigError(
+                f"{source}: this run would shard {', '.join(per_column_shard(tables['sharding']))} column-wise, where row-wise "
+                f"Adagrad keeps a state per column shard, and the checkpoint holds one per row (sharding "
+                f"{saved_tables['sharding']}, {written_by} processes); resume with that sharding, or start another run_dir"
+            )
     # The loader's readers split each rank's shards, so a position inside an epoch counts their batches (the config
     # holds num_workers as read: 0 as 1; it may change at an epoch's end).
     readers = saved["config"]["loader"]["num_workers"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import socket
@@ -328,12 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    # py4j logs the traceback of a JVM call that Ctrl-C interrupts, on the root logger; the interrupt is said below.
+    logging.getLogger().addFilter(lambda record: not (record.exc_info and record.exc_info[0] is KeyboardInterrupt))
     try:
         cfg = load_config(PrepareConfig, argv[0], argv[1:])
         prepare(cfg)
     except (PrepareError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # prepare removed its staging directory on the way out: nothing half-written is left
+        print("interrupted: no dataset was written; the same command starts it again", file=sys.stderr)
+        return 130  # 128 + SIGINT, as the shell reports it
     return 0
 
 

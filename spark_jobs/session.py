@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from spark_jobs.config import SparkConfig
@@ -23,8 +26,6 @@ def effective_master(cfg: SparkConfig) -> str | None:
     """The master URL the session is (or was to be) started with: spark-submit's under it, else the config's."""
     if not launched_by_spark_submit():
         return cfg.master
-    from pyspark import SparkConf, SparkContext
-
     SparkContext._ensure_initialized()  # the gateway spark-submit started, whose JVM holds --master
     return SparkConf().get("spark.master", None)
 
@@ -34,10 +35,8 @@ def start_session(cfg: SparkConfig) -> SparkSession:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    builder = SparkSession.builder.appName(cfg.app_name)
-    if cfg.master and not launched_by_spark_submit():
-        builder = builder.master(cfg.master)
     settings = {
+        "spark.app.name": cfg.app_name,
         "spark.driver.memory": cfg.driver_memory,
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -50,12 +49,48 @@ def start_session(cfg: SparkConfig) -> SparkSession:
         # still order the interactions, which is all a temporal split asks of a timestamp.
         "spark.sql.legacy.parquet.nanosAsLong": "true",
     }
+    if cfg.master and not launched_by_spark_submit():
+        settings["spark.master"] = cfg.master
     settings.update(cfg.conf)
+    start_context(SparkConf().setAll(list(settings.items())))
+    builder = SparkSession.builder
     for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def start_context(conf: SparkConf) -> SparkContext:
+    """The Spark context, with Ctrl-C held until it has started, then cancelling its jobs.
+
+    Ctrl-C while the JVM starts leaves it running, orphaned (pyspark holds no handle on it yet); and pyspark's own
+    handler, installed with the context, cancels the jobs from inside the interrupted JVM call, which py4j cannot
+    re-enter (it logs a network error's traceback). Ours cancels from another thread and raises KeyboardInterrupt.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return SparkContext.getOrCreate(conf)
+    previous, held = signal.getsignal(signal.SIGINT), []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        context = SparkContext.getOrCreate(conf)
+    except BaseException:
+        signal.signal(signal.SIGINT, previous)
+        raise
+
+    def cancel_jobs() -> None:
+        with suppress(Exception):  # the interrupted job may stop the context first: nothing left to cancel
+            context.cancelAllJobs()
+
+    def cancel_and_stop(signum, frame):
+        threading.Thread(target=cancel_jobs, daemon=True).start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, cancel_and_stop)
+    if held:
+        context.stop()
+        raise KeyboardInterrupt
+    return context
 
 
 @dataclass

@@ -651,3 +651,30 @@ def test_repeated_pairs_of_a_csv_are_reported_when_dropped(spark, tmp_path, caps
     dataset = PreparedDataset.open(prepare(small_config(tmp_path / "out", source), spark=spark))
     assert "de-duplication dropped 10 repeated (user, item) interactions; each pair is kept once" in capsys.readouterr().out
     assert sum(dataset.manifest["splits"].values()) == len(rows)
+
+
+@pytest.mark.parametrize("delay", [0.5, 8.0])  # while the JVM starts; while Spark works (on this machine)
+def test_ctrl_c_leaves_no_staging_and_says_so_in_one_line(tmp_path, delay):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it): the staging directory is removed, nothing
+    is written, and the job says so in a line with the shell's exit status 130, not a traceback. A JVM left running
+    (Ctrl-C during its start once orphaned it) would hold the job's stderr open: communicate() would time out."""
+    import signal
+    import time
+
+    output = tmp_path / "out"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "spark_jobs.prepare", str(REPO / "configs/data/synthetic.yaml"), f"output={output}",
+         "source.synthetic.users=20000", "source.synthetic.items=20000", "source.synthetic.interactions=400000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".out.tmp-*")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(delay)
+    assert job.poll() is None, "the job must still be running when interrupted"
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "interrupted: no dataset was written; the same command starts it again"
+    assert "Traceback" not in err, err[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

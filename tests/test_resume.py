@@ -273,6 +273,13 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
         check_resumable(path, 1, settings(column_wise))  # another world size: another number of column shards
     with pytest.raises(ConfigError, match="per column shard"):
         check_resumable(path, 2, settings({**column_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
+    table_wise = {**column_wise, "sharding": {"user_id": "table_wise", "item_id": "table_wise"}}
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(table_wise, epoch=1)))
+    check_resumable(path, 2, settings({**table_wise, "sharding": {"user_id": "row_wise", "item_id": "table_wise"}}))
+    with pytest.raises(ConfigError, match=r"this run would shard user_id column-wise, where row-wise Adagrad keeps a state per "
+                                          r"column shard, and the checkpoint holds one per row"):
+        check_resumable(path, 2, settings(column_wise))  # QA: was DCP's size mismatch (943 saved, 1886 wanted)
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1)))
     # Another kernel keeps the optimizer state in another form (Adam moved between CPU and GPU, a table made data-parallel):
     # refused by name, where DCP's load failed with a traceback of missing keys.
     dense_kernels = {**column_wise, "kernel": {"user_id": "dense", "item_id": "fused"}}
