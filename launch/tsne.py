@@ -29,7 +29,7 @@ from darec_dist.data.dataset import DatasetError
 from darec_dist.distributed.env import distributed
 from darec_dist.files import atomic_path
 from darec_dist.models.aligners.coupled_losses import soft_assignments
-from launch.evaluate import load_run_model, run_config
+from launch.evaluate import checkpoint_path, load_run_model, run_config
 
 
 def representations(
@@ -38,6 +38,7 @@ def representations(
     cfg = run_config(run_dir, (*overrides, "device=cpu"))
     if cfg.align.method != "darec":
         raise ConfigError(f"{run_dir}: align.method is {cfg.align.method}; only a darec run has shared and specific parts")
+    checkpoint_path(run_dir, "best")  # refused before the dataset and model are built
     with distributed("cpu") as env:
         trainer, _, _ = load_run_model(cfg, env, run_dir, "best", verify_checksums=False)
         dataset = trainer.dataset

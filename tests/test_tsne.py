@@ -54,6 +54,11 @@ def test_a_run_whose_dataset_moved_is_pointed_at_it_with_data_path(small_dataset
     assert done.returncode == 0 and "c_sh: mean pairwise cosine" in done.stdout, done.stderr[-2000:]
     assert picture.stat().st_size > 0
 
+    # Without its best checkpoint the run is refused as such before the dataset is opened (it is not where the run says).
+    (run_dir / "checkpoints" / "best").rename(tmp_path / "best-elsewhere")
+    done = tsne(str(run_dir), "--nodes", "8", "--out", str(tmp_path / "again.png"))
+    assert done.returncode != 0 and "checkpoints/best" in done.stderr and "manifest.json" not in done.stderr, done.stderr
+
 
 def test_matched_centres_assign_each_side_to_its_own():
     """c_sh was assigned to the LLM side's centres under align.darec.centres=matched, where each side has its own."""
