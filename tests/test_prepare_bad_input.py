@@ -135,6 +135,16 @@ def test_text_row_with_the_wrong_number_of_fields(spark, tmp_path, bad_row):
           **{"embedding.encoder": "sentence-transformers"})
 
 
+def test_a_text_table_that_mixes_line_ends_is_said_to(spark, tmp_path):
+    """CRLF lines with LF-only rows appended (QA: a csv.writer file extended by `echo >>`): Spark's multi-line reader
+    takes the first line's kind, so the LF rows merge into one; the error said to quote commas."""
+    source, _ = csv_with_lines(tmp_path, [], item_text=True)
+    items = tmp_path / "raw" / "items.csv"
+    items.write_bytes(items.read_text().replace("\n", "\r\n").encode() + b"i90,Extra 90\ni91,Extra 91\n")
+    fails(spark, tmp_path, source, r"items.csv: row\(s\) without exactly 2 fields .* the file mixes CRLF and LF line ends",
+          **{"embedding.encoder": "sentence-transformers"})
+
+
 def test_missing_text_for_some_items(spark, tmp_path, capsys):
     source, _ = csv_with_lines(tmp_path, [], item_text=True)
     items = tmp_path / "raw" / "items.csv"

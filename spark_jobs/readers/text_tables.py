@@ -45,7 +45,8 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
         lines = _starting_lines(path, bad)
         listing = ", ".join(f"line {lines[row]}: {row!r}" if row in lines else repr(row) for row in bad)
         raise PrepareError(
-            f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {listing}; quote text that holds commas"
+            f"{path}: row(s) without exactly {len(columns)} fields ({', '.join(columns)}): {listing}; "
+            + (_MIXED_LINE_ENDS if any("\n" in row for row in bad) and _mixes_line_ends(path) else "quote text that holds commas")
         )
     # An id never spans lines (the interactions are read line by line): one that does took the rows after its row,
     # from a double quote opened in its id field and closed only in a later row.
@@ -72,6 +73,21 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     result = table.select(ids.alias(out_id), F.coalesce(F.col(text_col), F.lit("")).alias("text"))
     fail_on_duplicate_ids(result, out_id, path, id_col)
     return result
+
+
+_MIXED_LINE_ENDS = ("the file mixes CRLF and LF line ends, and Spark's multi-line reader splits rows at the first "
+                    "line's kind only (rows appended by another tool?): write every line with one kind")
+
+
+def _mixes_line_ends(path: str) -> bool:
+    """Whether a local file holds both CRLF and bare LF line ends (read only on the error path)."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError:
+        return False
+    crlf = data.count(b"\r\n")
+    return 0 < crlf < data.count(b"\n")
 
 
 def _starting_lines(path: str, rows: list[str]) -> dict[str, int]:
