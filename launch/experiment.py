@@ -316,7 +316,8 @@ def markdown(cfg: ExperimentConfig, summary: dict) -> str:
         ref = summary[baseline]["test_mean"]
         for name, s in summary.items():
             if name != baseline:
-                gains = [f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" if m in s["test_mean"] and m in ref else "-" for m in reported]
+                gains = [f"{100 * (s['test_mean'][m] / ref[m] - 1):+.2f}%" if m in s["test_mean"] and ref.get(m) else "-"
+                         for m in reported]  # (no gain over a baseline at 0)
                 lines.append(f"| {name} | " + " | ".join(gains) + " |")
     # Variants may train on different datasets (data.path among their overrides): each model is named with its variants.
     variants_of_model: dict[str, list[str]] = {}
@@ -364,6 +365,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     out = Path(cfg.out_dir).expanduser()
     if not out.is_absolute():
         out = REPO_ROOT / out
+    # Its variants' directories and its table would land among the sources (a variant named launch, in launch/).
+    if out.resolve() == REPO_ROOT.resolve():
+        raise ConfigError(f"out_dir {cfg.out_dir!r} is the repository itself; give the experiment a directory of its own "
+                          "(runs/experiments/NAME)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file; give the experiment a directory")
     variants = variants_of(cfg)
     # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
     grid = [(name, overrides, seed, out / variant_dir(name) / f"seed-{seed}")

@@ -548,9 +548,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         results = test_best(trainer, cfg, env, run_dir, state)
         results["wall_seconds"] = earlier + time.perf_counter() - run_started
         if env.is_main:
-            table = report.write_results(run_dir, results, cfg.eval.ks)
             if cfg.output.plot:
                 report.plot_curves(run_dir, cfg.eval.monitor)
+            table = report.write_results(run_dir, results, cfg.eval.ks)  # results.json last: it marks the run finished
             print(table, flush=True)
         return results
 

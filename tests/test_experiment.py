@@ -320,6 +320,9 @@ def test_runs_without_validation_are_tabulated_by_their_final_epoch():
     table = markdown(ExperimentConfig(seeds=[1, 2]), summary)
     assert "the final epoch's model (no validation)" in table and "| base | - | 0.2500 ± 0.0707 | 0.1250 ± 0.0354 |" in table
     assert "| darec | +20.00% | +20.00% |" in table
+    # A baseline at 0 (QA: a run over one user that missed) has no gain over it: "-", not a ZeroDivisionError.
+    zero = markdown(ExperimentConfig(seeds=[1, 2]), summarise({"base": [record(0.0), record(0.0)], "darec": [record(0.3), record(0.3)]}))
+    assert "| darec | - | - |" in zero
 
 
 def test_one_seed_reports_no_std_and_no_empty_gain_table(tmp_path):
@@ -354,3 +357,14 @@ def test_a_sweep_is_plotted_with_the_metrics_its_runs_computed(tmp_path):
     assert sweep_metrics(summary) == ["recall@10", "ndcg@10"]
     plot_sweep(cfg, summary, tmp_path / "sweep.png")
     assert Image.open(tmp_path / "sweep.png").size[0] > 0
+
+
+@pytest.mark.parametrize("out_dir", ["", ".", "a-file"])
+def test_an_out_dir_that_is_the_repository_or_a_file_is_refused_before_any_run(tmp_path, out_dir):
+    """QA: an empty out_dir wrote the runs and the table into the repository root; a file gave a traceback."""
+    if out_dir == "a-file":
+        out_dir = str(tmp_path / "a-file")
+        Path(out_dir).write_text("")
+    cfg = ExperimentConfig(overrides=["data.path=/no/dataset"], variants={"base": []}, seeds=[1], nproc=1, out_dir=out_dir)
+    with pytest.raises(ConfigError, match="is the repository itself|is a file; give the experiment a directory"):
+        run_experiment(cfg)
