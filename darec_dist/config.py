@@ -59,6 +59,23 @@ def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
 _Loader.add_constructor(_INT, _decimal_int)
 
 
+def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    """A key given twice in one mapping: PyYAML keeps the last silently (an experiment's first variant of a name vanished)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            continue  # construct_mapping names an unhashable key
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (first on line {seen[key] + 1})",
+                                                    key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from darec_dist.config import ConfigError, from_dict, load_config, parse_override
+from darec_dist.config import ConfigError, from_dict, load_config, parse_override, read_yaml
 from darec_dist.train.config import TrainConfig
 from spark_jobs.config import PrepareConfig
 
@@ -164,3 +164,13 @@ def test_integers_beyond_64_bits_are_refused_at_load():
     with pytest.raises(ConfigError, match=re.escape("key 'graph.layer_weights[1]': expected a finite number, got nan")):
         load_config(PrepareConfig, None, ["graph.layers=2", "graph.layer_weights=[1, .nan, 1]"])
     assert load_config(PrepareConfig, None, ["graph.top_k=1e3"]).graph.top_k == 1000
+
+
+def test_a_key_given_twice_is_refused_naming_it(tmp_path):
+    """PyYAML keeps the last of two equal keys silently (QA: an experiment's first variant of a name vanished)."""
+    path = tmp_path / "experiment.yaml"
+    path.write_text("seeds: [1]\nvariants:\n  a: []\n  a: [model.backbone=mf]\n")
+    with pytest.raises(ConfigError, match=r"experiment.yaml: not valid YAML \(key 'a' given twice \(first on line 3\)"):
+        read_yaml(path)
+    path.write_text("variants:\n  a: []\n  b: [model.backbone=mf]\nnested: {a: 1, b: {a: 2}}\n")
+    assert read_yaml(path) == {"variants": {"a": [], "b": ["model.backbone=mf"]}, "nested": {"a": 1, "b": {"a": 2}}}
