@@ -82,11 +82,11 @@ def start_context(conf: SparkConf) -> SparkContext:
         with suppress(Exception):  # the interrupted job may stop the context first: nothing left to cancel
             context.cancelAllJobs()
 
-    def cancel_and_stop(signum, frame):
+    def cancel_and_interrupt(signum, frame):
         threading.Thread(target=cancel_jobs, daemon=True).start()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, cancel_and_stop)
+    signal.signal(signal.SIGINT, cancel_and_interrupt)
     if held:
         context.stop()
         raise KeyboardInterrupt

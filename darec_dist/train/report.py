@@ -93,7 +93,7 @@ def markdown_table(results: dict, ks: list[int]) -> str:
 
 def write_results(run_dir: Path, results: dict, ks: list[int]) -> str:
     """results.md, then results.json: a run with a results.json is finished (launch/experiment.py skips it), so
-    nothing of its output may come after it (an experiment stopped in between left a run without its table)."""
+    nothing of its output may come after it (an experiment stopped in between left a run without its curves)."""
     table = markdown_table(results, ks)
     write_text_atomic(run_dir / "results.md", table)
     write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2))
