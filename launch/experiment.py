@@ -10,7 +10,8 @@ run again, so an interrupted experiment continues where it stopped (and one give
 or min_epochs trains its runs on from their last checkpoints, where that ends as a run trained so from the start;
 any other change to a run's settings is refused). The summary
 (table.md, summary.json, and for sweeps a plot) reports test metrics as mean and
-standard deviation over seeds; each run chose its best epoch on validation only.
+standard deviation over seeds; each run chose its best epoch on validation only. out_dir also keeps the resolved
+experiment (experiment.yaml); an out_dir holding another experiment, by name, is refused.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import yaml
 
-from darec_dist.config import ConfigError, differences, listed, load_config, to_dict
+from darec_dist.config import ConfigError, differences, listed, load_config, read_yaml, to_dict
 from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train import checkpoint, report
@@ -339,18 +341,24 @@ def sweep_metrics(summary: dict) -> list[str]:
     return [m for m in reported if m.endswith(f"@{largest}")]
 
 
+def sweep_points(cfg: ExperimentConfig, summary: dict, metric: str) -> tuple[list[float], list[float], list]:
+    """The swept values in increasing order (a line through them in the listed order would zigzag), with the mean
+    and std of `metric` at each."""
+    values = sorted(cfg.sweep.values)
+    rows = [summary[f"{cfg.sweep.key}={_fmt(v)}"] for v in values]
+    return values, [r["test_mean"][metric] for r in rows], [r["test_std"][metric] for r in rows]
+
+
 def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = cfg.sweep.values
     metrics = sweep_metrics(summary)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        means = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_mean"][metric] for v in values]
-        stds = [summary[f"{cfg.sweep.key}={_fmt(v)}"]["test_std"][metric] for v in values]
+        values, means, stds = sweep_points(cfg, summary, metric)
         ax.errorbar(values, means, yerr=None if None in stds else stds, marker="o", capsize=3)  # (None: one seed)
         ax.set(xlabel=cfg.sweep.key, ylabel=f"test {metric}", title=metric)
         if min(values) > 0 and max(values) / min(values) >= 10:
@@ -359,6 +367,21 @@ def plot_sweep(cfg: ExperimentConfig, summary: dict, out: Path) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+
+EXPERIMENT_FILE = "experiment.yaml"
+
+
+def check_out_dir_is_its_own(cfg: ExperimentConfig, out: Path) -> None:
+    """An out_dir that holds another experiment (by the name in its experiment.yaml) is refused: that one's table.md
+    and summary.json would be replaced by this one's without a word. The same experiment, edited (a variant or a seed
+    added), keeps its out_dir."""
+    record = out / EXPERIMENT_FILE
+    held = read_yaml(record).get("name") if record.is_file() else cfg.name
+    if held != cfg.name:
+        raise ConfigError(f"out_dir {out} holds the experiment {held!r} ({record}), not {cfg.name!r}; its table.md and "
+                          "summary.json would be replaced. Give this experiment another out_dir (or that name, if it is "
+                          "the same experiment renamed)")
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -372,6 +395,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file; give the experiment a directory")
     variants = variants_of(cfg)
+    check_out_dir_is_its_own(cfg, out)
     # Seed-major, so that an interrupted experiment already holds every variant for its first seeds.
     grid = [(name, overrides, seed, out / variant_dir(name) / f"seed-{seed}")
             for seed in cfg.seeds for name, overrides in variants.items()]
@@ -383,6 +407,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             finished.append(check_run(cfg, run_dir, overrides, seed))
         except (ConfigError, DatasetError) as err:
             raise type(err)(f"variant {name}, seed {seed}: {err}") from err
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / EXPERIMENT_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
     for (name, overrides, seed, run_dir), results in zip(grid, finished):

@@ -40,6 +40,7 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
     assert set(summary) == {"base", "rlmrec-con"} and summary["base"]["seeds"] == 2
     table = (tmp_path / "exp" / "table.md").read_text()
     assert "| base |" in table and "Relative gain over base" in table
+    assert yaml.safe_load((tmp_path / "exp" / "experiment.yaml").read_text())["name"] == "tiny"  # what out_dir holds
     assert "id-hash" in table  # the embedding model is named next to the numbers
     # The metrics the runs computed (eval.ks) and the one they chose epochs by (eval.monitor).
     assert "| variant | val ndcg@10 | recall@5 | recall@10 | ndcg@5 | ndcg@10 | s/epoch |" in table
@@ -368,3 +369,24 @@ def test_an_out_dir_that_is_the_repository_or_a_file_is_refused_before_any_run(t
     cfg = ExperimentConfig(overrides=["data.path=/no/dataset"], variants={"base": []}, seeds=[1], nproc=1, out_dir=out_dir)
     with pytest.raises(ConfigError, match="is the repository itself|is a file; give the experiment a directory"):
         run_experiment(cfg)
+
+
+def test_a_sweep_is_plotted_in_increasing_order_of_its_values():
+    """QA: the plot joined its points in the listed order, so values given out of order drew a zigzag."""
+    from launch.experiment import SweepConfig, sweep_points
+
+    cfg = ExperimentConfig(sweep=SweepConfig(key="align.darec.clusters", values=[8, 2, 4]))
+    summary = {f"align.darec.clusters={k}": {"test_mean": {"recall@20": k / 10}, "test_std": {"recall@20": None}} for k in (2, 4, 8)}
+    assert sweep_points(cfg, summary, "recall@20") == ([2, 4, 8], [0.2, 0.4, 0.8], [None, None, None])
+
+
+def test_an_out_dir_holding_another_experiment_is_refused(small_dataset, tmp_path):
+    """QA: a second experiment given the same out_dir replaced the first one's table.md and summary.json silently."""
+    root, _ = small_dataset
+    cfg = ExperimentConfig(name="first", overrides=[f"data.path={root}", "train.epochs=1"], variants={"base": []},
+                           seeds=[1], nproc=1, out_dir=str(tmp_path / "exp"))
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "experiment.yaml").write_text(yaml.safe_dump(to_dict(dataclasses.replace(cfg, name="other"))))
+    with pytest.raises(ConfigError, match=r"holds the experiment 'other' .*not 'first'"):
+        run_experiment(cfg)
+    assert not (tmp_path / "exp" / "base").exists()

@@ -122,11 +122,15 @@ def plot_curves(run_dir: Path, monitor: str) -> None:
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    # Without validation (eval.validate=false) there is no curve to draw beside the loss: one panel, not an empty one.
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5, 4), squeeze=False)
+    left = axes[0][0]
     left.plot([r["epoch"] for r in train], [r["loss"] for r in train], marker=".")
     left.set(xlabel="epoch", ylabel="train loss (total)", title="loss")
-    right.plot([r["epoch"] for r in val], [r[monitor] for r in val], marker=".")
-    right.set(xlabel="epoch", ylabel=f"validation {monitor}", title=monitor)
+    if val:
+        right = axes[0][1]
+        right.plot([r["epoch"] for r in val], [r[monitor] for r in val], marker=".")
+        right.set(xlabel="epoch", ylabel=f"validation {monitor}", title=monitor)
     fig.tight_layout()
     with atomic_path(run_dir / "curves.png") as tmp:
         fig.savefig(tmp, dpi=100)
