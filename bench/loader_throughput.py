@@ -26,13 +26,14 @@ from bench.cli import at_least  # noqa: E402  (needs the path above)
 def measure(args: argparse.Namespace, workers: int) -> float:
     from darec_dist.config import load_config
     from darec_dist.data.dataset import PreparedDataset
-    from darec_dist.data.loader import epoch_batches
+    from darec_dist.data.loader import check_world_fits, epoch_batches
     from darec_dist.models.aligners import build_aligner
     from darec_dist.train.config import TrainConfig, resolve_path
     from darec_dist.train.trainer import feature_builder
 
     cfg = load_config(TrainConfig, args.train_config, [f"data.path={args.data}", f"loader.num_workers={workers}", *args.override])
     dataset = PreparedDataset.open(resolve_path(cfg.data.path), verify_checksums=False)
+    check_world_fits(dataset, args.world_size, workers)  # as training does: too many ranks for the shards, by name
     aligner = build_aligner(cfg.align, cfg.model.dim, dataset.embedding_dim)
     features = feature_builder(cfg, dataset, aligner, args.world_size)
     # This process plays rank 0 of the world: split_by_node reads these.

@@ -22,6 +22,8 @@ class MemoryPeaks:
     per_process: dict[int, tuple[str, int]] = field(default_factory=dict)
     # pid -> peak private bytes (RSS minus resident shared and file-backed pages)
     private: dict[int, int] = field(default_factory=dict)
+    # pid -> (parent pid, the RANK in its environment or None): which process is which torchrun rank
+    origin: dict[int, tuple[int, str | None]] = field(default_factory=dict)
 
     def largest(self, contains: str = "") -> int:
         return max((rss for cmd, rss in self.per_process.values() if contains in cmd), default=0)
@@ -57,6 +59,11 @@ def run_measured(command: list[str], interval: float = 0.2, **popen) -> tuple[in
             first_cmd, previous = peaks.per_process.get(proc.pid, (cmd, 0))
             peaks.per_process[proc.pid] = (first_cmd or cmd, max(previous, rss))
             peaks.private[proc.pid] = max(peaks.private.get(proc.pid, 0), private)
+            if proc.pid not in peaks.origin:
+                try:
+                    peaks.origin[proc.pid] = (proc.ppid(), proc.environ().get("RANK"))
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
         peaks.total_bytes = max(peaks.total_bytes, total)
         time.sleep(interval)
     reader.join()

@@ -5,7 +5,7 @@
 For each prepared dataset this runs bench/scale_bench.py's 2-process LightGCN epoch (cut to
 --steps steps: memory is flat after the first steps) and its validation, and prints per rank:
 the share of the sharded tables, private memory (RSS minus shared and file-backed pages) after
-setup, training and evaluation, and the peak private memory sampled every 0.2 s. The last
+setup, training and evaluation, and the peak private memory sampled every 0.2 s, all in MiB. The last
 column is what is left once the table share is taken away: it should not grow with the data.
 """
 
@@ -36,7 +36,8 @@ def main() -> None:
         if not (Path(data) / "manifest.json").is_file():
             parser.error(f"{data}: no manifest.json; not a dataset written by spark_jobs.prepare")
     rows = []
-    print("| dataset | nodes | interactions | rank's table share | private after setup | after training | after evaluation | sampled peak private, ranks | peak minus table share |")
+    print("MiB per rank, in rank order (rank 0, rank 1)")
+    print("| dataset | nodes | interactions | rank's table share | private after setup | after training | after evaluation | sampled peak private | peak minus table share |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for data in args.datasets:
         manifest = json.loads((Path(data) / "manifest.json").read_text())
@@ -45,7 +46,7 @@ def main() -> None:
         memory = epoch["rank_memory_mib"]
         private = {stage: [m["private"] for m in memory[stage]] for stage in ("after_setup", "after_train", "after_eval")}
         tables = memory["tables"]
-        ranks = epoch["peak_private_per_process_mib"][-2:]  # the two ranks; their loader workers are smaller
+        ranks = epoch["peak_private_per_rank_mib"]
         interactions = sum(manifest["splits"].values())
         rows.append({"dataset": data, "nodes": nodes, "interactions": interactions, **epoch})
         print(

@@ -21,7 +21,7 @@ import torch
 
 from bench.cli import at_least
 from bench.full_graph_lightgcn import normalised_graph
-from darec_dist.data.dataset import PreparedDataset
+from darec_dist.data.dataset import DatasetError, PreparedDataset
 
 
 def main() -> None:
@@ -29,7 +29,10 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--sample", type=at_least(1), default=200)
     args = parser.parse_args()
-    dataset = PreparedDataset.open(args.data, verify_checksums=False)
+    try:
+        dataset = PreparedDataset.open(args.data, verify_checksums=False)
+    except DatasetError as err:
+        parser.error(str(err))
     # The exact rows to compare with are the dataset's own: another layer count measures other rows.
     graph_cfg = dataset.manifest["config"]["graph"]
     layers = graph_cfg["layers"]

@@ -98,7 +98,17 @@ def full_epoch(data: str, overrides: tuple[str, ...] = ()) -> dict:
         # Ranks and their loader workers (forked, same command line).
         "peak_rss_per_process_mib": sorted(peaks.per_process[pid][1] / 2**20 for pid in trainers),
         "peak_private_per_process_mib": sorted(peaks.private[pid] / 2**20 for pid in trainers),
+        # The ranks' own (not their workers'), in rank order: beside each rank's table share.
+        "peak_private_per_rank_mib": [peaks.private[pid] / 2**20 for pid in ranks_in_order(peaks, trainers)],
     }
+
+
+def ranks_in_order(peaks, trainers: list[int]) -> list[int]:
+    """The trainer processes torchrun started, by their RANK; loader workers (forked by a rank: same command line
+    and RANK) are left out by their parent."""
+    ranks = {int(peaks.origin[pid][1]): pid for pid in trainers
+             if pid in peaks.origin and peaks.origin[pid][1] is not None and peaks.origin[pid][0] not in trainers}
+    return [ranks[r] for r in sorted(ranks)]
 
 
 def full_graph(data: str) -> dict:

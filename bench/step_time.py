@@ -88,6 +88,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    repeated = sorted({m for m in args.methods if args.methods.count(m) > 1})
+    if repeated:  # each would run (and be printed) twice, as if two methods
+        parser.error(f"--methods: {', '.join(repeated)} given more than once")
     check_before_launch(args)
     # A profile is a second pass over the timed steps: only the last round takes it.
     rounds = [[run_method(args, method, profile=r == args.repeat - 1) for method in args.methods] for r in range(args.repeat)]

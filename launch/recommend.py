@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data is read only to leave the users' train items out, which --keep-seen keeps; give one of them")
     if args.out is not None and args.out.is_dir():
         parser.error(f"--out {args.out} is a directory; give a file name such as {args.out / 'recs.parquet'}")
+    # (mkdir would say only "File exists", after the ranking)
+    blocking = next((parent for parent in (args.out.parents if args.out is not None else []) if parent.is_file()), None)
+    if blocking is not None:
+        parser.error(f"--out {args.out}: {blocking} is a file, not a directory to write into")
     # The suffix names the format: recs.csv written as Parquet was unreadable to whoever opened it as CSV.
     if args.out is not None and args.out.suffix.lower() not in WRITERS:
         parser.error(f"--out {args.out}: expected a file ending in {' or '.join(WRITERS)} (the suffix names the format)")
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.out is None:
-        print(table.to_string(index=False))
+        if len(table):  # (an empty one printed pandas' "Empty DataFrame"; the note above says why it is empty)
+            print(table.to_string(index=False))
     else:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -142,3 +142,23 @@ def test_the_train_items_left_out_are_those_of_the_dataset_the_export_came_from(
     (export / "dataset.json").write_text("{")
     with pytest.raises(ConfigError, match=f"{export / 'dataset.json'}: expected JSON with the dataset's fingerprint"):
         recommend(tmp_path, None, k=3, data=data)
+
+
+def test_out_under_a_file_is_refused_naming_the_file(tmp_path, capsys):
+    """QA: --out under a file said only "File exists", after the ranking."""
+    write_export(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path), "--keep-seen", "--out", str(tmp_path / "a-file" / "recs.csv")])
+    assert stopped.value.code == 2
+    assert f"{tmp_path / 'a-file'} is a file, not a directory to write into" in capsys.readouterr().err
+
+
+def test_an_empty_list_prints_nothing_on_stdout(tmp_path, capsys, monkeypatch):
+    """QA: users with nothing to recommend printed pandas' "Empty DataFrame" (the note on stderr says why)."""
+    import launch.recommend
+
+    write_export(tmp_path)
+    monkeypatch.setattr(launch.recommend, "recommend", lambda *args: pd.DataFrame(columns=["user", "rank", "item", "score"]))
+    assert main([str(tmp_path), "--keep-seen", "--users", "user1"]) == 0
+    assert capsys.readouterr().out == ""
