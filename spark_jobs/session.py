@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -84,6 +85,10 @@ def start_context(conf: SparkConf) -> SparkContext:
 
     def cancel_and_interrupt(signum, frame):
         threading.Thread(target=cancel_jobs, daemon=True).start()
+        # py4j logs the broken connection of the interrupted JVM call with a traceback, on its own loggers (which a
+        # filter on the root logger does not see): the interrupt is the cause, and the job says so in one line.
+        for name in [n for n in logging.root.manager.loggerDict if n == "py4j" or n.startswith("py4j.")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, cancel_and_interrupt)

@@ -686,5 +686,6 @@ def test_ctrl_c_leaves_no_staging_and_says_so_in_one_line(tmp_path, delay):
     _, err = job.communicate(timeout=180)
     assert job.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "interrupted: no dataset was written; the same command starts it again"
-    # (py4j may still log a traceback of its own while it closes the interrupted connection: not asserted, seen once in CI.)
+    # No traceback: py4j logged one while closing the interrupted connection (seen once in CI), now silenced.
+    assert "Traceback" not in err, err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
