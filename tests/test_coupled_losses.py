@@ -461,3 +461,25 @@ def test_kmeans_starts_on_distinct_points_when_nodes_fill_several_rows():
             assert (cos - torch.eye(4, dtype=cos.dtype)).max() < 1 - 1e-9, (seed, iterations)
         start = kmeans(points, 4, 0, seed)
         assert torch.cdist(start, nodes).min(1).values.max() < 1e-12, "the start must be input points"
+
+
+@pytest.mark.parametrize("method", ["rlmrec-con", "rlmrec-gen", "darec"])
+def test_xavier_projector_init_draws_every_projection_as_rlmrec_does(method):
+    """align.projector_init=xavier: RLMRec's xavier_uniform_ weights (variance 2 / (fan_in + fan_out)) on every
+    projection, biases left at PyTorch's default; the default keeps PyTorch's weights (bound 1 / sqrt(fan_in))."""
+    from darec_dist.models.aligners import AlignConfig, build_aligner
+
+    def linears(init):
+        torch.manual_seed(0)
+        aligner = build_aligner(AlignConfig(method=method, projector_init=init), 64, 384, input_dim=64)
+        return [m for m in aligner.modules() if isinstance(m, torch.nn.Linear)]
+
+    xavier, default = linears("xavier"), linears("torch")
+    assert len(xavier) == len(default) >= 2
+    for drawn, kept in zip(xavier, default):
+        fan_out, fan_in = drawn.weight.shape
+        assert drawn.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5
+        assert drawn.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.1)
+        assert kept.weight.abs().max() <= 1 / fan_in**0.5
+        if drawn.bias is not None:
+            assert drawn.bias.abs().max() <= 1 / fan_in**0.5
