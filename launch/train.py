@@ -200,7 +200,7 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             f"stage (dense.deepspeed_config=configs/deepspeed/zero{zero_stage}.json) or start another run_dir"
         )
     # A key added to the config since the checkpoint was written is not a change of this run's.
-    changed = [d for d in differences(with_defaults(saved["config"], settings["config"]), settings["config"])
+    changed = [d for d in differences(with_defaults(checkpoint.with_implied(saved["config"]), settings["config"]), settings["config"])
                if not d.startswith(RESUME_MAY_CHANGE)]
     if changed:
         where = "config.yaml" + (" and deepspeed.json" if any(d.startswith("dense.deepspeed.") for d in changed) else "")

@@ -450,6 +450,13 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
     (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": older}))
     with pytest.raises(ConfigError, match=r"written by an earlier darec-dist \(its identity lacks dataset.fingerprint\)"):
         checkpoint.check_identity(path, identity())
+    # Written before align.projector_init existed: trained under what is now its default, so read as such.
+    older = identity()
+    del older["align"]["projector_init"]
+    (path / checkpoint.STATE).write_text(json.dumps({"epoch": 1, "step_in_epoch": 0, "identity": older}))
+    checkpoint.check_identity(path, identity())
+    with pytest.raises(ConfigError, match="align.projector_init: 'torch' -> 'xavier'"):
+        checkpoint.check_identity(path, identity("align.projector_init=xavier"))
 
 
 def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_path):

@@ -229,9 +229,27 @@ def identity(cfg, dataset) -> dict:
     }))
 
 
+# Config keys added since checkpoints were first written, with the value every checkpoint written before them was
+# trained under: one that lacks such a key is read as holding that value (any other key it lacks is refused).
+IMPLIED_WHEN_ABSENT = {"align.projector_init": "torch"}
+
+
+def with_implied(saved: dict) -> dict:
+    """A copy of a checkpoint's identity or config with IMPLIED_WHEN_ABSENT's keys filled in where absent."""
+    filled = json.loads(json.dumps(saved))
+    for dotted, value in IMPLIED_WHEN_ABSENT.items():
+        *parents, last = dotted.split(".")
+        node = filled
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(last, value)
+    return filled
+
+
 def check_identity(path: str | Path, current: dict) -> None:
     """Refuse a checkpoint written for another model config or dataset, naming the keys that differ."""
-    saved = loop_state(path)["identity"]
+    saved = with_implied(loop_state(path)["identity"])
     lacking = _absent(saved, current)
     if lacking:  # a key identity() has gained since: nothing tells what this checkpoint's value was
         raise ConfigError(f"{path}: written by an earlier darec-dist (its identity lacks {listed(lacking)}), so it cannot be "
