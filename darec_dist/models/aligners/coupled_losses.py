@@ -109,8 +109,12 @@ def orthogonality_loss(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | 
     return weighted_mean(F.cosine_similarity(a, b, dim=-1).pow(2), weight)
 
 
+def log_soft_assignments(x: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(F.normalize(x, dim=-1) @ F.normalize(centres, dim=-1).T / temperature, dim=-1)
+
+
 def soft_assignments(x: torch.Tensor, centres: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(F.normalize(x, dim=-1) @ F.normalize(centres, dim=-1).T / temperature, dim=-1)
+    return log_soft_assignments(x, centres, temperature).exp()
 
 
 def cluster_alignment_loss(
@@ -118,11 +122,11 @@ def cluster_alignment_loss(
 ) -> torch.Tensor:
     """Symmetric KL between the two sides' soft assignments to the shared preference centres, mean over local rows
     (weighted by weight when given)."""
-    q_c = soft_assignments(collab, centres, temperature).clamp_min(1e-12)
-    q_l = soft_assignments(llm, centres, temperature).clamp_min(1e-12)
-    kl_cl = (q_c * (q_c.log() - q_l.log())).sum(-1)
-    kl_lc = (q_l * (q_l.log() - q_c.log())).sum(-1)
-    return weighted_mean(kl_cl + kl_lc, weight)
+    # KL(q_c || q_l) + KL(q_l || q_c) = sum (q_c - q_l)(log q_c - log q_l), from log-probabilities: the log of a
+    # softmax underflows at low temperatures (a clamp there capped the loss and cut its gradient).
+    log_c = log_soft_assignments(collab, centres, temperature)
+    log_l = log_soft_assignments(llm, centres, temperature)
+    return weighted_mean(((log_c.exp() - log_l.exp()) * (log_c - log_l)).sum(-1), weight)
 
 
 def centre_statistics(x: torch.Tensor, centres: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
