@@ -112,7 +112,7 @@ def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = (
         for split in splits:
             results[split] = evaluate(trainer, split, env.world_size, env.rank)
         if env.is_main:
-            print(f"{source} ({state['epoch']} epochs trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
+            print(f"{source} ({state['epoch']} epoch{'' if state['epoch'] == 1 else 's'} trained)\n\n" + report.metrics_table({s: results[s] for s in splits}, cfg.eval.ks), flush=True)
             record = run_dir / f"eval-{source.name}.json"
             try:
                 write_text_atomic(record, json.dumps(results, indent=2))

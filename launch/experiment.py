@@ -412,7 +412,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     runs: dict[str, list[dict]] = {}
     started = time.perf_counter()
     for (name, overrides, seed, run_dir), results in zip(grid, finished):
-        print(f"[experiment] {name} seed {seed}", flush=True)
+        print(f"[experiment] {name} seed {seed}" + (" (finished before: not run again)" if results is not None else ""), flush=True)
         runs.setdefault(name, []).append(results if results is not None else run_one(cfg, run_dir, overrides, seed))
     summary = summarise(runs)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))

@@ -1,6 +1,6 @@
 """Sharding plan for a hypothetical cluster: which device holds which table shard, and memory per device.
 
-    python launch/plan.py --nodes 8 --gpus-per-node 8 --hbm-gb 80 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096 --llm-dtype fp16
+    python launch/plan.py --nodes 16 --gpus-per-node 8 --hbm-gb 80 --ddr-gb 256 --users 1e9 --items 1e8 --dim 128 --llm-dim 4096 --llm-dtype fp16
 
 Builds the trainer's four tables (user_id, item_id trainable; user_llm, item_llm frozen) with the
 trainer's own table modules on the meta device, asks TorchRec's EmbeddingShardingPlanner for a

@@ -585,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"error: {where}{err.strerror or err} (rank {os.environ.get('RANK', 0)})", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank, wherever it is (a collective's traceback says nothing)
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted: the run's complete checkpoints are kept; the same command with --resume auto continues it",
+                  file=sys.stderr)
+        return 130  # 128 + SIGINT, as the shell reports it
     return 0
 
 

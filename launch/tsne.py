@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out {args.out}: expected a file name ending in an image format's suffix, one of {', '.join(image_formats())}")
     try:
         parts, entropy = representations(args.run_dir, args.nodes, args.seed, tuple(args.overrides))
-    except (ConfigError, DatasetError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ConfigError, DatasetError) as err:  # (exit status 2, as evaluate.py and recommend.py give it)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     from sklearn.manifold import TSNE
 
     names = list(parts)

@@ -701,3 +701,23 @@ def test_a_resume_with_no_epoch_left_and_no_model_to_test_is_refused(tmp_path):
                                                     "train.epochs), and train.epochs=3 asks for no more; resume with "
                                                     "train.epochs greater than 4")):
         check_best_reachable(tmp_path, source, 3)
+
+
+def test_ctrl_c_ends_a_training_run_in_one_line_keeping_its_checkpoints(small_dataset, tmp_path):
+    """QA: Ctrl-C printed the traceback of wherever the step was (a DeepSpeed collective); now one line, exit 130."""
+    root, _ = small_dataset
+    command = [sys.executable, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
+               *SETTINGS, "model.backbone=mf", "align.method=rlmrec-con", "train.epochs=400", "train.patience=400",
+               "train.progress_bar=false", "--resume", "auto"]
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.step_checkpoints(tmp_path) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert job.poll() is None, "the run must still be training when interrupted"
+    os.killpg(job.pid, signal.SIGINT)  # as a terminal sends it
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: the run's complete checkpoints are kept")
+    assert "Traceback" not in err, err[-3000:]
+    assert checkpoint.latest(tmp_path) is not None  # what --resume auto continues from

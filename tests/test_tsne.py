@@ -42,14 +42,14 @@ def test_a_run_whose_dataset_moved_is_pointed_at_it_with_data_path(small_dataset
 
     # Where it was: the error says how to point at where it went, as launch/evaluate.py's does.
     done = tsne(str(run_dir), "--nodes", "8", "--out", str(picture))
-    assert done.returncode != 0 and f"{dataset}: no manifest.json; not a finished dataset" in done.stderr and "data.path=DIR" in done.stderr, done.stderr
+    assert done.returncode == 2 and f"{dataset}: no manifest.json; not a finished dataset" in done.stderr and "data.path=DIR" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not picture.exists()
     evaluated = subprocess.run([sys.executable, "launch/evaluate.py", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 2 and "data.path=DIR" in evaluated.stderr, evaluated.stderr
 
     # The overrides of evaluate.py, model keys refused alike (the checkpoint holds the run's model).
     done = tsne(str(run_dir), "--nodes", "8", "--out", str(picture), "model.dim=16")
-    assert done.returncode != 0 and "['model.dim=16']: these keys shape the model" in done.stderr, done.stderr
+    assert done.returncode == 2 and "['model.dim=16']: these keys shape the model" in done.stderr, done.stderr
     done = tsne(str(run_dir), f"data.path={moved}", "--nodes", "8", "--out", str(picture))
     assert done.returncode == 0 and "c_sh: mean pairwise cosine" in done.stdout, done.stderr[-2000:]
     assert picture.stat().st_size > 0
@@ -57,7 +57,7 @@ def test_a_run_whose_dataset_moved_is_pointed_at_it_with_data_path(small_dataset
     # Without its best checkpoint the run is refused as such before the dataset is opened (it is not where the run says).
     (run_dir / "checkpoints" / "best").rename(tmp_path / "best-elsewhere")
     done = tsne(str(run_dir), "--nodes", "8", "--out", str(tmp_path / "again.png"))
-    assert done.returncode != 0 and "checkpoints/best" in done.stderr and "manifest.json" not in done.stderr, done.stderr
+    assert done.returncode == 2 and "checkpoints/best" in done.stderr and "manifest.json" not in done.stderr, done.stderr
 
 
 def test_matched_centres_assign_each_side_to_its_own():
