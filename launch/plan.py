@@ -90,19 +90,19 @@ def table_plans(plan: ShardingPlan):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--nodes", type=int, default=1, help="hosts (default: %(default)s)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="devices per host (default: %(default)s)")
     parser.add_argument("--hbm-gb", type=float, default=80.0, help="memory per device for tables (GiB)")
     parser.add_argument("--ddr-gb", type=float, default=0.0, help="host memory per device the planner may use through UVM (GiB)")
-    parser.add_argument("--users", type=float, required=True)
-    parser.add_argument("--items", type=float, required=True)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--users", type=float, required=True, help="rows of the user tables, e.g. 1e9")
+    parser.add_argument("--items", type=float, required=True, help="rows of the item tables, e.g. 1e8")
+    parser.add_argument("--dim", type=int, default=64, help="width of the trainable tables (default: %(default)s)")
     parser.add_argument("--llm-dim", type=int, default=0, help="width of the frozen LLM tables (0: none)")
     parser.add_argument("--llm-dtype", choices=["fp32", "fp16"], default=SparseConfig.llm_dtype,
                         help="the trainer's sparse.llm_dtype (fp16 halves the largest tables at scale)")
     parser.add_argument("--llm-sharding", choices=["row_wise", "table_wise", "column_wise", "auto"], default=SparseConfig.llm_sharding,
                         help="the trainer's sparse.llm_sharding, which fixes the LLM tables' sharding (auto: the planner's choice)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="rowwise_adagrad")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="rowwise_adagrad", help="the tables' fused optimizer, whose state counts (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4096, help="local batch per device")
     args = parser.parse_args(argv)
     positive = {"--nodes": args.nodes, "--gpus-per-node": args.gpus_per_node, "--hbm-gb": args.hbm_gb, "--users": args.users,

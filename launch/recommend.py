@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run directory written by launch/train.py")
     parser.add_argument("--users", nargs="+", help="original user ids (default: every user); an id given again is "
                         "listed once, where it was first given")
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=int, default=10, help="items per user (default: %(default)s; at most the catalogue)")
     parser.add_argument("--keep-seen", action="store_true", help="do not leave out the user's train items")
     parser.add_argument("--data", help="the prepared dataset, if it moved since the run (default: the run's data.path)")
     parser.add_argument("--out", type=Path, help="write the table here instead of printing: FILE.parquet or FILE.csv")

@@ -81,10 +81,10 @@ def image_formats() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, help="a DaRec run directory written by launch/train.py")
     parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the run's config, e.g. data.path=DIR")
-    parser.add_argument("--nodes", type=int, default=800)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nodes", type=int, default=800, help="nodes sampled, each giving its four parts (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of the t-SNE (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="the picture: a file name whose suffix names its format (.png, .pdf, .svg ...)")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides may follow the options
     if args.nodes < 8:  # t-SNE's perplexity (30) needs more than 30 points; each node gives four (its parts)
