@@ -14,7 +14,11 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +94,30 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C is taken when the block ends: inside torch.distributed.checkpoint's collectives it came out wrapped in
+    a CheckpointException (a traceback, not an interruption), and every rank finishes the save alike."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
+    with ctrl_c_held():
+        return _save(trainer, run_dir, name, state, keep)
+
+
+def _save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     final, staging = root / name, root / f".tmp-{name}"
     rank = collectives.rank()
