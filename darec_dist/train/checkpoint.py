@@ -14,11 +14,7 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ from darec_dist.config import ConfigError, differences, listed, to_dict
 from darec_dist.data.layout import sha256_of
 from darec_dist.distributed import collectives
 from darec_dist.files import exclusive_lock, reading_lock, replace_dir
+from darec_dist.signals import ctrl_c_held
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -94,25 +91,10 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-@contextmanager
-def ctrl_c_held() -> Iterator[None]:
-    """Ctrl-C is taken when the block ends: inside torch.distributed.checkpoint's collectives it came out wrapped in
-    a CheckpointException (a traceback, not an interruption), and every rank finishes the save alike."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        yield
-        return
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
-
-
 def save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
+    # Ctrl-C inside torch.distributed.checkpoint's collectives came out wrapped in a CheckpointException (a traceback,
+    # not an interruption); held, it is taken once every rank has finished the save alike.
     with ctrl_c_held():
         return _save(trainer, run_dir, name, state, keep)
 
