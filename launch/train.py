@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -316,29 +316,31 @@ def train_epoch(trainer: Trainer, cfg: TrainConfig, env: DistEnv, state: dict, r
     carried = state["epoch_loss_sums"] if env.is_main else {}
     sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in carried.items()}
     trainer.set_train(True)
-    batches = epoch_batches(trainer.dataset, cfg.loader, trainer.features, cfg.seed, epoch, env.world_size, skip=state["step_in_epoch"])
     bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"epoch {epoch}", disable=not (env.is_main and cfg.train.progress_bar), leave=False)
-    for batch in batches:
-        if state["step_in_epoch"] >= steps:
-            break
-        losses = trainer.train_step(batch)
-        # A non-finite loss stops every rank together, before a checkpoint keeps the weights it made: told to all by
-        # the next step's lookup (trainer.nonfinite) or by the sums below. A rank stopping alone left the others in a collective.
-        if trainer.nonfinite:
-            raise diverged(epoch, state)
-        trainer.nonfinite = not torch.isfinite(losses["total"]).item()
-        for name, value in losses.items():
-            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
-        state["step_in_epoch"] += 1
-        state["global_step"] += 1
-        if state["step_in_epoch"] % cfg.train.log_every == 0:
-            bar.set_postfix(loss=f"{losses['total'].item():.4f}")
-        bar.update(1)
-        every = cfg.checkpoint.every_steps
-        if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps:
-            state["epoch_loss_sums"] = finite_sums(summed_over_ranks(sums, env), epoch, state)
-            check_weights_finite(trainer, epoch, state)
-            checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
+    # Closed on leaving, by an exception too: the epoch's loader workers end with it, not at garbage collection.
+    with closing(epoch_batches(trainer.dataset, cfg.loader, trainer.features, cfg.seed, epoch, env.world_size,
+                               skip=state["step_in_epoch"])) as batches:
+        for batch in batches:
+            if state["step_in_epoch"] >= steps:
+                break
+            losses = trainer.train_step(batch)
+            # A non-finite loss stops every rank together, before a checkpoint keeps the weights it made: told to all by
+            # the next step's lookup (trainer.nonfinite) or by the sums below. A rank stopping alone left the others in a collective.
+            if trainer.nonfinite:
+                raise diverged(epoch, state)
+            trainer.nonfinite = not torch.isfinite(losses["total"]).item()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
+            state["step_in_epoch"] += 1
+            state["global_step"] += 1
+            if state["step_in_epoch"] % cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{losses['total'].item():.4f}")
+            bar.update(1)
+            every = cfg.checkpoint.every_steps
+            if every and state["global_step"] % every == 0 and state["step_in_epoch"] < steps:
+                state["epoch_loss_sums"] = finite_sums(summed_over_ranks(sums, env), epoch, state)
+                check_weights_finite(trainer, epoch, state)
+                checkpoint.save(trainer, run_dir, checkpoint.step_name(state["global_step"]), state, keep=cfg.checkpoint.keep)
     bar.close()
     totals = finite_sums(summed_over_ranks(sums, env), epoch, state)
     check_weights_finite(trainer, epoch, state)  # the last update, which no loss has seen: before it is validated or saved

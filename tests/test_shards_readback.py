@@ -1,14 +1,20 @@
 """Shards read back by 2 ranks x 2 DataLoader workers yield every training interaction exactly once; the
-loader's negatives avoid the user's train positives unless told not to."""
+loader's negatives avoid the user's train positives unless told not to; its workers leave Ctrl-C to the main
+process and end with the epoch."""
 
 import json
+import multiprocessing
+import os
 import pickle
+import signal
+import time
 
+import pytest
 import torch
 
 from darec_dist.data.dataset import PreparedDataset
 from darec_dist.data.features import FeatureBuilder
-from darec_dist.data.loader import LoaderConfig, epoch_batches
+from darec_dist.data.loader import LoaderConfig, epoch_batches, steps_per_epoch
 from darec_dist.data.shards import interaction_blocks
 from tests.dist_helpers import run_distributed
 
@@ -61,3 +67,47 @@ def test_negatives_are_train_positives_only_when_rejection_is_off(small_dataset)
     assert total >= 1000 and hits > total // 10
     hits, total = negatives_that_are_train_positives(root, reject=True)
     assert total >= 1000 and hits == 0
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process(small_dataset):
+    """A terminal's Ctrl-C reaches the workers too: one that ended on it failed the main process's next batch."""
+    root, _ = small_dataset
+    dataset = PreparedDataset.open(root)
+    cfg = LoaderConfig(batch_size=2, num_negatives=1, num_workers=1)
+    batches = epoch_batches(dataset, cfg, FeatureBuilder(dataset.num_users, None), seed=1, epoch=0, world_size=1)
+    got = [next(batches)]
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, signal.SIGINT)
+    got += list(batches)  # the rest of the epoch, well past what the worker had prefetched
+    assert len(got) == steps_per_epoch(dataset, cfg, 1, 0, 1) > 20
+    assert multiprocessing.active_children() == []  # ended with the epoch
+
+
+class CtrlCWhileBuilding(FeatureBuilder):
+    """Sends the main process SIGINT from the worker while it builds its first batch: the main process is then
+    waiting to receive it."""
+
+    sent = False
+
+    def build(self, *args):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getppid(), signal.SIGINT)
+            time.sleep(0.2)
+        return super().build(*args)
+
+
+def test_ctrl_c_while_a_batch_is_received_ends_the_workers_with_the_epoch(small_dataset):
+    """Ctrl-C in the main process is held while it forks the workers or receives a batch (cut there, it was lost in
+    Python's after-fork hooks, or a worker printed a ConnectionResetError); the KeyboardInterrupt then leaves the
+    epoch, whose workers end at once, though its traceback keeps the epoch's frame (after os._exit they printed a
+    BrokenPipeError, CI)."""
+    root, _ = small_dataset
+    dataset = PreparedDataset.open(root)
+    cfg = LoaderConfig(batch_size=8, num_negatives=1, num_workers=1)
+    batches = epoch_batches(dataset, cfg, CtrlCWhileBuilding(dataset.num_users, None), seed=1, epoch=0, world_size=1)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        next(batches)
+    where = [entry.name for entry in interrupted.traceback]
+    assert where[-1] == "ctrl_c_held" and "epoch_batches" in where, where  # where the hold ends, not inside the DataLoader
+    assert multiprocessing.active_children() == []

@@ -10,6 +10,7 @@ the same number of steps and collectives never wait on a rank that ran dry.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -22,6 +23,7 @@ from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.features import BatchFeatures, FeatureBuilder
 from darec_dist.data.sampling import sample_negatives
 from darec_dist.data.shards import epoch_shard_order, interaction_blocks
+from darec_dist.signals import ctrl_c_held
 
 
 @dataclass
@@ -173,9 +175,29 @@ def epoch_batches(
         # after the checkpoint's RNG state was restored, and the model's own draws (RLMRec-Gen's masks) would shift.
         # (The batches' randomness is the rank's numpy generator above.)
         generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        worker_init_fn=_ignore_ctrl_c,
     )
-    for step, batch in enumerate(loader):
-        if step >= steps:
-            break
-        if step >= skip:
-            yield batch
+    # Ctrl-C is held while workers fork (taken inside Python's after-fork hooks it was printed as "Exception ignored"
+    # and lost, and the run went on) and while a batch is received (cut mid-way, the worker serving its tensors'
+    # file descriptors printed a ConnectionResetError traceback).
+    with ctrl_c_held():
+        received = iter(loader)
+    try:
+        for step in range(steps):
+            with ctrl_c_held():
+                batch = next(received, None)
+            if batch is None:
+                return
+            if step >= skip:
+                yield batch
+    finally:
+        # The last reference: the workers are ended now, also when an exception passes through here (whose traceback
+        # keeps this frame), not left to find the main process gone (os._exit) and print a BrokenPipeError. Held:
+        # a Ctrl-C taken inside the DataLoader's __del__ would be printed as "Exception ignored" and lost.
+        with ctrl_c_held():
+            del received
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the workers too; the main process alone answers it and ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
