@@ -127,14 +127,25 @@ def test_ctrl_c_stops_the_experiment_as_an_interruption_not_a_failure(small_data
     # Its own session, so that the signal goes to the runner and its torchrun together, as Ctrl-C in a terminal does.
     runner = subprocess.Popen([sys.executable, "launch/experiment.py", str(experiment)], cwd=REPO_ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not (out / "base" / "seed-1" / "config.yaml").exists():  # the run has started
-        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
-        time.sleep(0.2)
-    os.killpg(runner.pid, signal.SIGINT)
-    _, stderr = runner.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "base" / "seed-1" / "config.yaml").exists():  # the run has started
+            assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+            time.sleep(0.2)
+        os.killpg(runner.pid, signal.SIGINT)
+        _, stderr = runner.communicate(timeout=300)
+    finally:  # not left training beside the next tests after a failure here
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
     assert runner.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "error:" not in stderr
+
+
+def ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # reaped between is_running and status
+        return True
 
 
 def test_sigterm_stops_the_torchrun_job_and_a_rerun_resumes_it(small_dataset, tmp_path):
@@ -156,11 +167,16 @@ def test_sigterm_stops_the_torchrun_job_and_a_rerun_resumes_it(small_dataset, tm
         assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
         time.sleep(0.1)
     # The torchrun launcher, its workers (and theirs), with their command lines.
-    job = {p: " ".join(p.cmdline()) for p in psutil.Process(runner.pid).children(recursive=True)}
+    job = {}
+    for p in psutil.Process(runner.pid).children(recursive=True):
+        try:
+            job[p] = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:  # (an epoch's loader worker, ended since the listing)
+            pass
     assert sum("launch/train.py" in line for line in job.values()) >= 3, list(job.values())
     runner.send_signal(signal.SIGTERM)  # to the runner alone, as scancel or timeout send it
     _, stderr = runner.communicate(timeout=90)
-    survivors = [p for p in job if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    survivors = [p for p in job if p.is_running() and not ended(p)]
     for process in survivors:  # (not left training after a failure here)
         process.kill()
     assert not survivors, [job[p] for p in survivors]

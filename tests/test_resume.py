@@ -711,13 +711,17 @@ def test_ctrl_c_ends_a_training_run_in_one_line_keeping_its_checkpoints(small_da
                "checkpoint.every_steps=1", "train.progress_bar=false", "--resume", "auto"]
     # (A checkpoint every step: Ctrl-C often lands inside a save, where DCP's collectives wrapped it in an exception.)
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint.step_checkpoints(tmp_path) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    assert job.poll() is None, "the run must still be training when interrupted"
-    os.killpg(job.pid, signal.SIGINT)  # as a terminal sends it
-    _, err = job.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.step_checkpoints(tmp_path) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert job.poll() is None, "the run must still be training when interrupted"
+        os.killpg(job.pid, signal.SIGINT)  # as a terminal sends it
+        _, err = job.communicate(timeout=120)
+    finally:  # not left training beside the next tests after a failure here
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: the run's complete checkpoints are kept")
     assert "Traceback" not in err, err[-3000:]

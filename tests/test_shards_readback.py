@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import time
 
 import pytest
 import torch
@@ -83,21 +82,7 @@ def test_loader_workers_leave_ctrl_c_to_the_main_process(small_dataset):
     assert multiprocessing.active_children() == []  # ended with the epoch
 
 
-class CtrlCWhileBuilding(FeatureBuilder):
-    """Sends the main process SIGINT from the worker while it builds its first batch: the main process is then
-    waiting to receive it."""
-
-    sent = False
-
-    def build(self, *args):
-        if not self.sent:
-            self.sent = True
-            os.kill(os.getppid(), signal.SIGINT)
-            time.sleep(0.2)
-        return super().build(*args)
-
-
-def test_ctrl_c_while_a_batch_is_received_ends_the_workers_with_the_epoch(small_dataset):
+def test_ctrl_c_while_a_batch_is_received_ends_the_workers_with_the_epoch(small_dataset, monkeypatch):
     """Ctrl-C in the main process is held while it forks the workers or receives a batch (cut there, it was lost in
     Python's after-fork hooks, or a worker printed a ConnectionResetError); the KeyboardInterrupt then leaves the
     epoch, whose workers end at once, though its traceback keeps the epoch's frame (after os._exit they printed a
@@ -105,7 +90,14 @@ def test_ctrl_c_while_a_batch_is_received_ends_the_workers_with_the_epoch(small_
     root, _ = small_dataset
     dataset = PreparedDataset.open(root)
     cfg = LoaderConfig(batch_size=8, num_negatives=1, num_workers=1)
-    batches = epoch_batches(dataset, cfg, CtrlCWhileBuilding(dataset.num_users, None), seed=1, epoch=0, world_size=1)
+    receive = torch.utils.data.dataloader._MultiProcessingDataLoaderIter._get_data
+
+    def ctrl_c_then_receive(self):  # a terminal's Ctrl-C while the main process waits for a batch
+        os.kill(os.getpid(), signal.SIGINT)
+        return receive(self)
+
+    monkeypatch.setattr(torch.utils.data.dataloader._MultiProcessingDataLoaderIter, "_get_data", ctrl_c_then_receive)
+    batches = epoch_batches(dataset, cfg, FeatureBuilder(dataset.num_users, None), seed=1, epoch=0, world_size=1)
     with pytest.raises(KeyboardInterrupt) as interrupted:
         next(batches)
     where = [entry.name for entry in interrupted.traceback]

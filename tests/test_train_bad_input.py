@@ -16,6 +16,11 @@ from darec_dist.train.config import TrainConfig
 from darec_dist.train.trainer import feature_builder
 from tests.conftest import REPO
 
+# torchrun stops (SIGTERM, exit code -15) the ranks still running when a poll finds one failed. Polled every 5 s
+# instead of 0.1 s, ranks that stop on their own at the same step all reach their exit first: at the default, a
+# 1.5 ms window was measured open in 1 of 5 runs on a loaded machine.
+TORCHRUN_LETTING_RANKS_EXIT = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=5"]
+
 
 @pytest.fixture
 def dataset_copy(small_dataset, tmp_path):
@@ -169,7 +174,7 @@ def test_values_out_of_range(override, message):
 def test_cli_reports_errors_before_training(dataset_copy, processes):
     """With 2 processes each digests half of the files: a corrupted one stops both, named once."""
     (dataset_copy / "train" / "shard-00000.tar").write_bytes(b"not a tar")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = [*TORCHRUN_LETTING_RANKS_EXIT, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     done = subprocess.run(
         [*launcher, "launch/train.py", "configs/train/default.yaml", f"data.path={dataset_copy}", "device=cpu"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
@@ -259,7 +264,7 @@ def test_deepspeed_settings_the_trainer_cannot_honour_are_refused(tmp_path, chan
 def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path, processes, extra, stopped_by, kept):
     """Every rank stops at the same step, the error printed once: a rank stopping alone left the others in a collective."""
     root, _ = small_dataset
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launcher = [*TORCHRUN_LETTING_RANKS_EXIT, f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     command = [*launcher, "launch/train.py", "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}",
                "device=cpu", "model.backbone=mf", "model.dim=8", "loader.batch_size=64", "train.progress_bar=false",
                "sparse.optimizer=sgd", "sparse.lr=1e30", "model.reg=1e30", "checkpoint.every_steps=1", *extra]
@@ -318,8 +323,7 @@ def test_a_bad_override_under_torchrun_is_reported_once(tmp_path):
     import re
 
     bad = ["launch/train.py", "configs/train/default.yaml", "model.layers=3", "device=cpu", f"run_dir={tmp_path}"]
-    # torchrun stops the other ranks when it sees one fail; polled every 5 s, both ranks usually reach their exit first.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=5"]
+    torchrun = [*TORCHRUN_LETTING_RANKS_EXIT, "--nproc_per_node=2"]
     done = subprocess.run([*torchrun, *bad], capture_output=True, text=True, cwd=REPO, timeout=300)
     out = done.stdout + done.stderr
     assert done.returncode != 0 and out.count("unknown key(s) model.layers") == 1, out[-3000:]

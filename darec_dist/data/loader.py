@@ -180,9 +180,10 @@ def epoch_batches(
     # Ctrl-C is held while workers fork (taken inside Python's after-fork hooks it was printed as "Exception ignored"
     # and lost, and the run went on) and while a batch is received (cut mid-way, the worker serving its tensors'
     # file descriptors printed a ConnectionResetError traceback).
-    with ctrl_c_held():
-        received = iter(loader)
+    received = None
     try:
+        with ctrl_c_held():
+            received = iter(loader)
         for step in range(steps):
             with ctrl_c_held():
                 batch = next(received, None)
@@ -195,7 +196,7 @@ def epoch_batches(
         # keeps this frame), not left to find the main process gone (os._exit) and print a BrokenPipeError. Held:
         # a Ctrl-C taken inside the DataLoader's __del__ would be printed as "Exception ignored" and lost.
         with ctrl_c_held():
-            del received
+            received = None
 
 
 def _ignore_ctrl_c(worker_id: int) -> None:
