@@ -69,7 +69,8 @@ class DaRecConfig:
     # (also keeps the shared projections from collapsing to a constant, which would align trivially).
     uniformity_on: Literal["specific", "all"] = "specific"
     # Nodes of the global sample whose pairs estimate the uniformity term (every stride-th row): its
-    # cost is quadratic in this, unlike the other terms, which are linear in N.
+    # cost is quadratic in this, unlike the other terms, which are linear in N (the whole sample read no better on
+    # validation: docs/results.md, "The uniformity subsample").
     uniformity_sample: int = 512
     # Form of the global structure term. "similarity": mean((S_C - S_L)^2) of the N x N cosine matrices (the
     # method note's default). "neighbourhood": per anchor (the uniformity subsample's rows), the symmetric KL
