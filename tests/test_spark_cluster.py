@@ -3,6 +3,7 @@ and Python workers) writes the same dataset as the local session."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,13 +38,14 @@ def start(tmp_path, name, *args, ready):
 
 @pytest.fixture
 def standalone_cluster(tmp_path):
-    port = free_port()
-    master = start(tmp_path, "master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+    master = start(tmp_path, "master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(free_port()),
                    "--webui-port", str(free_port()), ready="elected leader")
-    worker = start(tmp_path, "worker", "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host", "127.0.0.1",
+    # The port it bound, which is the next one where another process took the free one meanwhile.
+    url = re.search(r"Starting Spark master at (spark://\S+)", (tmp_path / "master.log").read_text()).group(1)
+    worker = start(tmp_path, "worker", "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
                    "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / "work"),
                    ready="Successfully registered with master")
-    yield f"spark://127.0.0.1:{port}"
+    yield url
     for process in (worker, master):
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
