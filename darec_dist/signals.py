@@ -11,12 +11,20 @@ from contextlib import contextmanager
 @contextmanager
 def ctrl_c_held() -> Iterator[None]:
     """SIGINT during the block is taken as KeyboardInterrupt when it ends (after the previous handler is back), unless
-    the block raised. Outside the main thread, which alone may set signal handlers, the block runs unprotected."""
+    the block raised; a second one is taken at once (a block that never ends, such as a wait on a hung DataLoader
+    worker, would otherwise leave Ctrl-C without effect). Outside the main thread, which alone may set signal
+    handlers, the block runs unprotected."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:

@@ -179,7 +179,7 @@ def epoch_batches(
     )
     # Ctrl-C is held while workers fork (taken inside Python's after-fork hooks it was printed as "Exception ignored"
     # and lost, and the run went on) and while a batch is received (cut mid-way, the worker serving its tensors'
-    # file descriptors printed a ConnectionResetError traceback).
+    # file descriptors printed a ConnectionResetError traceback). A second Ctrl-C is taken at once (a hung worker).
     received = None
     try:
         with ctrl_c_held():
