@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
+from darec_dist.signals import ctrl_c_held
 from spark_jobs.config import SparkConfig
 
 
@@ -63,7 +64,7 @@ def start_session(cfg: SparkConfig) -> SparkSession:
 
 
 def start_context(conf: SparkConf) -> SparkContext:
-    """The Spark context, with Ctrl-C held until it has started, then cancelling its jobs.
+    """The Spark context, with Ctrl-C held until it has started (a second one is taken at once), then cancelling its jobs.
 
     Ctrl-C while the JVM starts leaves it running, orphaned (pyspark holds no handle on it yet); and pyspark's own
     handler, installed with the context, cancels the jobs from inside the interrupted JVM call, which py4j cannot
@@ -71,12 +72,13 @@ def start_context(conf: SparkConf) -> SparkContext:
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
         return SparkContext.getOrCreate(conf)
-    previous, held = signal.getsignal(signal.SIGINT), []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    context = None
     try:
-        context = SparkContext.getOrCreate(conf)
-    except BaseException:
-        signal.signal(signal.SIGINT, previous)
+        with ctrl_c_held():
+            context = SparkContext.getOrCreate(conf)
+    except KeyboardInterrupt:
+        if context is not None:  # held until the JVM had started: stopped, not left running
+            context.stop()
         raise
 
     def cancel_jobs() -> None:
@@ -92,9 +94,6 @@ def start_context(conf: SparkConf) -> SparkContext:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, cancel_and_interrupt)
-    if held:
-        context.stop()
-        raise KeyboardInterrupt
     return context
 
 
