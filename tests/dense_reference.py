@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from darec_dist.data.dataset import PreparedDataset
+from darec_dist.models.masking import masked_nodes, step_salt
 from darec_dist.train.trainer import Trainer
 from tests.dist_helpers import cpu_env, full_table
 from tests.train_helpers import global_batch, local_part, train_config
@@ -27,12 +28,20 @@ def run_trainer(rank, world_size, root, out_dir, *overrides):
     dim = cfg.model.dim
     before = {t: full_table(trainer.tables, t, n, dim) for t, n in (("user_id", dataset.num_users), ("item_id", dataset.num_items))}
     outputs = trainer.node_embeddings(np.arange(dataset.num_nodes, dtype=np.int64), calls=1)
+    masking = {}
+    if trainer.aligner.input_mask_ratio:  # RLMRec-Gen: a mask token that is not zero, and the salt the step draws
+        with torch.no_grad():
+            trainer.aligner.mask_token.copy_(torch.randn(trainer.aligner.mask_token.shape, generator=torch.Generator().manual_seed(1)))
+        state = torch.get_rng_state()
+        masking = {"salt": step_salt(), "mask_token": trainer.aligner.mask_token.detach().clone()}
+        torch.set_rng_state(state)
     users, pos, neg = global_batch(dataset.num_users, dataset.num_items, BATCH, seed=9)
     loss = trainer.train_step(trainer.features.build(*local_part(users, pos, neg, rank, world_size)))["total"].clone()
     torch.distributed.all_reduce(loss)  # each rank's loss is its slice's mean: the global batch's is their mean
     after = {t: full_table(trainer.tables, t, v.shape[0], dim) for t, v in before.items()}
     if rank == 0:
-        run = {"before": before, "after": after, "outputs": outputs, "loss": loss.item() / world_size, "batch": (users, pos, neg)}
+        run = {"before": before, "after": after, "outputs": outputs, "loss": loss.item() / world_size, "batch": (users, pos, neg),
+               **masking}
         (out_dir / "run.pkl").write_bytes(pickle.dumps(run))
 
 
@@ -64,14 +73,20 @@ def powers(norm: torch.Tensor, e0: torch.Tensor, layers: int) -> list[torch.Tens
     return out
 
 
-def check_run(tmp_path, dataset: PreparedDataset, backbone) -> None:
-    """The run's outputs, loss and SGD-updated tables equal the dense `backbone(e0)`'s on the same batch."""
+def check_run(tmp_path, dataset: PreparedDataset, backbone, mask_ratio: float = 0.0) -> None:
+    """The run's outputs, loss and SGD-updated tables equal the dense `backbone(e0)`'s on the same batch. With
+    mask_ratio (RLMRec-Gen's masked forward), BPR is checked on the backbone run with the step's masked nodes'
+    inputs replaced by the mask token; the L2 penalty stays on the nodes' own rows."""
     got = pickle.loads((tmp_path / "run.pkl").read_bytes())
     u_count = dataset.num_users
     e0 = torch.cat([got["before"]["user_id"], got["before"]["item_id"]]).double().requires_grad_(True)
     final = backbone(e0)
     assert got["outputs"].shape == final.shape
     np.testing.assert_allclose(got["outputs"].numpy(), final.detach().numpy(), rtol=1e-5, atol=1e-6)
+    if mask_ratio:
+        masked = masked_nodes(torch.arange(dataset.num_nodes), got["salt"], mask_ratio)
+        assert 0 < masked.sum() < dataset.num_nodes
+        final = backbone(torch.where(masked[:, None], got["mask_token"].double(), e0))
 
     users, pos, neg = (torch.from_numpy(a) for a in got["batch"])
     # BPR and LightGCN's L2 written out pair by pair (not the trainer's losses.py): each user's negatives follow it.

@@ -30,7 +30,7 @@ CASES = {
     # LLM tables stored in fp16 (rows come back as float32).
     "lightgcn-sgd-row_wise-darec-llm_fp16": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "sparse.llm_dtype=fp16", "align.method=darec", "align.darec.sample_size=64", "align.darec.structure_weight=1.0", "align.darec.regulariser_weight=1.0"],
     "mf-sgd-row_wise-rlmrec_con": ["model.backbone=mf", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=row_wise", "align.method=rlmrec-con", "align.con.weight=1.0"],
-    "lightgcn-sgd-table_wise-rlmrec_gen": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=table_wise", "align.method=rlmrec-gen", "align.gen.mask_ratio=1.0", "align.gen.weight=1.0"],
+    "lightgcn-sgd-table_wise-rlmrec_gen": ["model.backbone=lightgcn", "sparse.optimizer=sgd", "sparse.lr=5.0", "sparse.sharding=table_wise", "align.method=rlmrec-gen", "align.gen.mask_ratio=0.5", "align.gen.weight=1.0"],
     "lightgcn-adam-planner": ["model.backbone=lightgcn", "sparse.optimizer=adam", "sparse.lr=0.05", "sparse.sharding=auto"],
 }
 GLOBAL_BATCH = 16

@@ -58,21 +58,18 @@ class NodeRows:
             return _single(nodes.astype(np.int64))
         return gather_rows(self.graph, nodes)
 
-    def split_by_table(self, nodes: np.ndarray) -> tuple[dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
-        """Per (table, block): (bag lengths, table-local ids, weights) of the nodes' rows in that block;
-        and each node's self weight P_vv per block, shape (nodes, blocks)."""
-        parts, self_weight = {}, np.zeros((len(nodes), self.blocks), np.float32)
+    def split_by_table(self, nodes: np.ndarray) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per (table, block): (bag lengths, table-local ids, weights) of the nodes' rows in that block."""
+        parts = {}
         for block in range(self.blocks):
             rows = nodes if block == 0 else nodes + block * self.num_nodes
             lengths, columns, weights = self.gather(rows)
             is_user = columns < self.num_users
             row_of_entry = np.repeat(np.arange(len(nodes)), lengths)
             user_lengths = np.bincount(row_of_entry[is_user], minlength=len(nodes)).astype(np.int64)
-            is_self = columns == np.repeat(nodes, lengths)
-            self_weight[:, block] = np.bincount(row_of_entry[is_self], weights=weights[is_self], minlength=len(nodes))
             parts["user", block] = (user_lengths, columns[is_user], weights[is_user])
             parts["item", block] = (lengths - user_lengths, columns[~is_user] - self.num_users, weights[~is_user])
-        return parts, self_weight
+        return parts
 
 
 @dataclass
@@ -84,9 +81,6 @@ class BatchFeatures:
     neg: torch.Tensor
     sparse: KeyedJaggedTensor
     llm: KeyedJaggedTensor | None
-    # P_vv per group and row block, (nodes, blocks): how much of a node's own input row each block of its
-    # embedding holds (used by masking aligners).
-    self_weight: dict[str, torch.Tensor]
     # Per group: the position of each of its nodes among the distinct nodes that `sparse` looks up.
     node_index: dict[str, torch.Tensor]
     # Per group the aligner reads: the position of each of its first `llm_rows` nodes among the distinct
@@ -166,24 +160,23 @@ class FeatureBuilder:
 
     def node_features(
         self, nodes: dict[str, np.ndarray], ego: dict[str, np.ndarray] | None = None
-    ) -> tuple[KeyedJaggedTensor, dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The trainable-table KJT for node ids per group (and table-local ego ids per group), the self
-        weights per group, and per group the index of each node among the distinct nodes looked up."""
+    ) -> tuple[KeyedJaggedTensor, dict[str, np.ndarray]]:
+        """The trainable-table KJT for node ids per group (and table-local ego ids per group), and per group
+        the index of each node among the distinct nodes looked up."""
         empty = np.zeros(0, np.int64)
         distinct, index = _distinct([nodes.get(g, empty) for g in GROUPS])
         node_index = dict(zip(GROUPS, index))
-        by_table, distinct_self_weight = self.rows.split_by_table(distinct)
+        by_table = self.rows.split_by_table(distinct)
         parts = {node_feature(table, block): part for (table, block), part in by_table.items()}
         if self.with_ego:
             for group in GROUPS:
                 parts[EGO_FEATURES[group]] = _single((ego or {}).get(group, empty))
-        self_weight = {g: distinct_self_weight[index] for g, index in node_index.items()}
-        return _kjt(parts, self.keys), self_weight, node_index
+        return _kjt(parts, self.keys), node_index
 
     def build(self, users: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> BatchFeatures:
         local_ids = {"user": users, "pos": pos, "neg": neg}
         nodes = {"user": users, "pos": pos + self.num_users, "neg": neg + self.num_users}
-        sparse, self_weight, node_index = self.node_features(nodes, ego=local_ids)
+        sparse, node_index = self.node_features(nodes, ego=local_ids)
         llm, llm_index, llm_parts = None, {}, {}
         for table in TABLES:
             groups = self.llm_groups_on(table)
@@ -199,7 +192,6 @@ class FeatureBuilder:
             torch.from_numpy(neg),
             sparse,
             llm,
-            {g: torch.from_numpy(w) for g, w in self_weight.items()},
             {g: torch.from_numpy(i) for g, i in node_index.items()},
             {g: torch.from_numpy(i) for g, i in llm_index.items()},
         )

@@ -17,6 +17,7 @@ class DenseArch(nn.Module):
         self.aligner, self.reg = aligner, reg
 
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
+        inputs = self.aligner.training_inputs(inputs)
         collab, ego = inputs.collab, inputs.ego
         # BPR trains the vectors that rank items (the backbone's c unless the aligner scores with others).
         score = self.aligner.scoring_vectors

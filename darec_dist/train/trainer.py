@@ -18,6 +18,7 @@ from darec_dist.distributed.env import DistEnv, rank_seed
 from darec_dist.models.aligners import AlignInputs, build_aligner
 from darec_dist.models.backbones import output_dim, propagation_rows
 from darec_dist.models.dense import DenseArch
+from darec_dist.models.masking import masked_nodes, step_salt, without_masked_entries
 from darec_dist.models.tables import ShardedTables, llm_tables, trainable_tables
 from darec_dist.train.config import TrainConfig, resolve_path
 
@@ -143,6 +144,12 @@ class Trainer:
         torch.manual_seed(rank_seed(cfg.seed, 0))
         self.aligner = build_aligner(cfg.align, self.dim, dataset.embedding_dim, cfg.seed, input_dim=cfg.model.dim)
         self.features = feature_builder(cfg, dataset, self.aligner, env.world_size)
+        # Node key of a row entry = its table-local id + this offset, per propagation-row feature (for masking).
+        self.row_key_offsets = {
+            node_feature(kind, b): offset
+            for kind, offset in (("user", 0), ("item", dataset.num_users))
+            for b in range(self.features.rows.blocks)
+        }
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
             dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed
@@ -172,9 +179,24 @@ class Trainer:
         # Whether any rank's previous loss was not finite rides along, so that every rank stops on it at the same step.
         stride, nonfinite = max_over_ranks(batch.sparse.stride(), int(self.nonfinite))
         self.nonfinite = bool(nonfinite)
-        pooled = self.tables.lookup(pad_bags(batch.sparse, stride).to(self.env.device))
-        nodes = self.combine_blocks(pooled)
+        sparse = pad_bags(batch.sparse, stride).to(self.env.device)
         node_index = {g: i.to(self.env.device) for g, i in batch.node_index.items()}
+        # Node keys equal across ranks, users' apart from items'.
+        after_users = self.dataset.num_users
+        keys = (("user", batch.users), ("pos", batch.pos + after_users), ("neg", batch.neg + after_users))
+        ids = {g: k.to(self.env.device) for g, k in keys}
+        mask = {}
+        ratio = self.aligner.input_mask_ratio
+        if ratio:
+            salt = step_salt()
+            sparse, weight = without_masked_entries(sparse, self.row_key_offsets, salt, ratio)
+            per_node = torch.stack(
+                [weight[node_feature("user", b)] + weight[node_feature("item", b)] for b in range(self.features.rows.blocks)], dim=1
+            )
+            mask = {"masked_weight": {g: per_node[node_index[g]] for g in GROUPS},
+                    "masked": {g: masked_nodes(ids[g], salt, ratio) for g in GROUPS}}
+        pooled = self.tables.lookup(sparse)
+        nodes = self.combine_blocks(pooled)
         collab = {g: nodes[node_index[g]] for g in GROUPS}
         if self.features.with_ego:
             ego = {g: pooled[EGO_FEATURES[g]][: sizes[g]] for g in GROUPS}
@@ -185,12 +207,7 @@ class Trainer:
             with torch.no_grad():
                 looked_up = self.llm.lookup(batch.llm.to(self.env.device))
             llm = {g: looked_up[LLM_FEATURES[EGO_TABLE[g]]][i.to(self.env.device)] for g, i in batch.llm_index.items()}
-        self_weight = {g: w.to(self.env.device) for g, w in batch.self_weight.items()}
-        # Node keys equal across ranks, users' apart from items'.
-        after_users = self.dataset.num_users
-        keys = (("user", batch.users), ("pos", batch.pos + after_users), ("neg", batch.neg + after_users))
-        ids = {g: k.to(self.env.device) for g, k in keys}
-        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, self_weight, ids))
+        return (self.engine or self.dense)(AlignInputs(collab, llm, ego, ids, **mask))
 
     def train_step(self, batch: BatchFeatures) -> dict[str, torch.Tensor]:
         """One step: forward, one backward through dense and sparse parts, optimizer steps."""
@@ -220,7 +237,7 @@ class Trainer:
         with self.tables.optimizer_step_kept():
             for c in range(calls):
                 part = nodes[c * chunk : (c + 1) * chunk]
-                features, _, index = self.features.node_features({"user": part})
+                features, index = self.features.node_features({"user": part})
                 pooled = self.tables.lookup(features.to(self.env.device))
                 out.append(self.combine_blocks(pooled)[torch.from_numpy(index["user"]).to(self.env.device)])
         return torch.cat(out)[: len(nodes)] if out else torch.zeros(0, self.dim)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from darec_dist.distributed.collectives import gather, gather_with_grad, rank
+from darec_dist.distributed.collectives import gather, gather_with_grad, rank, world_size
 from darec_dist.models.aligners.base import distinct_rows
 
 
@@ -35,6 +35,28 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
         return F.cross_entropy(a @ everyone.T, own)
     first, node = distinct_rows(gather(ids))  # the same columns, in the same order, for every world size
     return F.cross_entropy(a @ everyone[first].T, node[own])
+
+
+def info_nce_to_frozen(anchors: torch.Tensor, targets: torch.Tensor, temperature: float, ids: torch.Tensor) -> torch.Tensor:
+    """InfoNCE of each anchor against every rank's targets, like `info_nce` with ids, where ranks hold different
+    numbers of anchors (RLMRec-Gen's masked nodes) and the targets are frozen (LLM rows). The targets need no
+    gradient, so they are gathered plainly, padded to the largest rank's count. Returns this rank's share, its
+    anchors' terms summed x W / (all ranks' anchors): the mean over ranks is the mean over all anchors."""
+    if targets.requires_grad:
+        raise ValueError("info_nce_to_frozen gathers its targets without gradient: pass frozen rows")
+    counts = gather(torch.tensor([anchors.shape[0]], device=anchors.device))
+    most, total = int(counts.max()), int(counts.sum())
+    if total == 0:
+        return anchors.sum()  # zero, and a gradient (of zeros) for every parameter that made the anchors
+    pad = most - anchors.shape[0]
+    everyone = gather(F.pad(F.normalize(targets, dim=-1), (0, 0, 0, pad)))
+    keys = gather(F.pad(ids, (0, pad), value=-1))  # node keys are >= 0: -1 marks padding
+    real = keys >= 0
+    first, node = distinct_rows(keys[real])  # the same columns, in the same order, for every world size
+    position = torch.cumsum(real, 0) - 1  # a gathered row's index among the real ones
+    own = position[rank() * most + torch.arange(anchors.shape[0], device=anchors.device)]
+    logits = (F.normalize(anchors, dim=-1) / temperature) @ everyone[real][first].T
+    return F.cross_entropy(logits, node[own], reduction="sum") * world_size() / total
 
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

@@ -1,24 +1,32 @@
 """RLMRec-Gen: masked reconstruction of LLM embeddings from collaborative context (Ren et al., WWW 2024).
 
-A fraction of the batch's nodes is masked: the node's own input row is replaced
-by a learnable mask token inside its embedding, c~_v = c_v - P_vv (E_v - m), so it
-must be explained by its graph context; sigma_up maps c~_v to the LLM space and an
-InfoNCE over the masked set (all ranks) pulls it to l_v. RLMRec masks inputs of
-the whole graph and propagates again; with precomputed rows the node's own input
-is what can be masked exactly, at the cost of a batch. With MF rows (P_vv = 1)
-the masked embedding is the mask token alone, which trains nothing but this module
-(measured on ML-100K: base MF to the last digit), so it declares `needs_graph_context`.
+As RLMRec runs it: at every training step a fraction of all nodes is masked, their
+input rows replaced by a learnable mask token m throughout the graph, and the model
+trained on that masked forward: BPR as well as the reconstruction, in which
+sigma_up maps each masked node's embedding to the LLM space and an InfoNCE over
+the masked nodes (all ranks) pulls it to the node's LLM embedding l_v.
+
+With precomputed rows a node's masked embedding is exact without propagating again:
+c~_v = sum_j P_vj (E_j, or m where j is masked) = (c_v pooled without the masked
+entries) + (the weight of the masked entries) m, per row block. The trainer pools the
+batch without this step's masked entries (`input_mask_ratio`); this module adds the
+mask-token term. The masked set is a hash of the node and a per-step salt
+(darec_dist/models/masking.py), the same on every rank, and the reconstruction runs
+over the batch's masked users and positives (RLMRec's over every masked node of the
+graph, which needs a forward of the whole graph). With MF rows a masked node is the
+mask token alone, so the reconstruction trains nothing but this module; the aligner
+declares `needs_graph_context`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from darec_dist.models.aligners.base import Aligner, AlignInputs, projector, sample_count, sample_index
-from darec_dist.models.aligners.coupled_losses import info_nce
+from darec_dist.models.aligners.base import Aligner, AlignInputs, projector
+from darec_dist.models.aligners.coupled_losses import info_nce_to_frozen
 
 
 @dataclass
@@ -42,22 +50,25 @@ class RLMRecGen(Aligner):
     def __init__(self, cfg: GenConfig, collab_dim: int, llm_dim: int, input_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
+        self.input_mask_ratio = cfg.mask_ratio
         # The mask token replaces a node's input row, so it has the tables' width.
         self.mask_token = nn.Parameter(torch.zeros(input_dim or collab_dim))
         self.up = projector(collab_dim, llm_dim)
 
+    def training_inputs(self, inputs: AlignInputs) -> AlignInputs:
+        """c~: each row block b of c gains (the weight of its masked entries) x m."""
+        if inputs.masked_weight is None:
+            raise ValueError("RLMRec-Gen trains on the masked forward: AlignInputs.masked_weight is missing")
+        token = self.mask_token
+        collab = {g: c + (inputs.masked_weight[g].unsqueeze(-1) * token).flatten(1) for g, c in inputs.collab.items()}
+        return replace(inputs, collab=collab)
+
     def forward(self, inputs: AlignInputs) -> dict[str, torch.Tensor]:
         nodes = inputs.nodes()
-        available = nodes.collab["all"].shape[0]
-        masked = nodes.rows(sample_index(available, sample_count(available, round(self.cfg.mask_ratio * available)), self.mask_token.device))
+        masked = nodes.rows(nodes.masked["all"].nonzero().squeeze(1))
         return {"rlmrec_gen": self.cfg.weight * self.reconstruction_loss(masked)}
 
     def reconstruction_loss(self, masked: AlignInputs) -> torch.Tensor:
-        # A node masked on two rows (an active user) is one node among the negatives.
-        ids = None if masked.ids is None else masked.ids["all"]
-        return info_nce(self.up(self.masked_embeddings(masked)), masked.llm["all"], self.cfg.temperature, ids)
-
-    def masked_embeddings(self, masked: AlignInputs) -> torch.Tensor:
-        """c~_v: each row block b of c holds P^b_vv E_v of the node's own input (one block but for GCCF)."""
-        c, ego, w = masked.collab["all"], masked.ego["all"], masked.self_weight["all"]
-        return c - (w.view(len(w), -1, 1) * (ego - self.mask_token).unsqueeze(1)).flatten(1)
+        """InfoNCE of sigma_up(c~_v) against l_v over the masked rows of every rank; a node on two rows (an active
+        user) is one node among the negatives."""
+        return info_nce_to_frozen(self.up(masked.collab["all"]), masked.llm["all"], self.cfg.temperature, masked.ids["all"])
