@@ -64,20 +64,6 @@ def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
-def sample_count(available: int, requested: int) -> int:
-    return min(available, max(1, requested))
-
-
-def sample_index(available: int, count: int, device: torch.device) -> torch.Tensor:
-    """`count` distinct rows, drawn from the global torch RNG (saved in checkpoints, so a resume redraws alike).
-
-    Taking every row needs no draw, which keeps such a step independent of the world size.
-    """
-    if count >= available:
-        return torch.arange(available, device=device)
-    return torch.randperm(available)[:count].to(device)
-
-
 class Aligner(nn.Module):
     # The batch groups whose frozen LLM embeddings this aligner reads (the trainer looks up only these).
     llm_groups: tuple[str, ...] = ("user", "pos", "neg")
