@@ -13,7 +13,7 @@ def test_rows_match_dense_full_graph_outputs_and_gradients(exact_dataset, tmp_pa
     run_distributed(run_trainer, 1, exact_dataset, tmp_path, "model.backbone=lightgcn")
     dataset = PreparedDataset.open(exact_dataset)
     norm = normalised_graph(dataset)
-    # LightGCN as RLMRec runs it: E^{k+1} = A E^k, mean over layers 0..L.
+    # LightGCN as its paper and RecBole run it: E^{k+1} = A E^k, mean over layers 0..L (RLMRec sums them: graph.layer_weights).
     check_run(tmp_path, dataset, lambda e0: torch.stack(powers(norm, e0, LAYERS)).mean(0))
 
 
