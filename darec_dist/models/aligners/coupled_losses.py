@@ -7,7 +7,9 @@ loss, see darec_dist/distributed/collectives.py) then equals the one-process los
 that is not (the uniformity's log of a mean, the global similarity in Gram form, the centres' statistics) is
 split into this rank's partial sums (`*_sums`, `similarity_gram`, `centre_statistics`), which the caller sums
 over ranks with one differentiable all-reduce, and a function of the global sums (`*_from_*`) that gives the
-same value on every rank. Per-row terms (orthogonality, the soft assignments' KL) need no collective.
+same value on every rank. Per-row terms (orthogonality, the soft assignments' KL) need no collective. Where the
+ranks hold different numbers of anchors (RLMRec-Gen's masked nodes), `info_nce_to_frozen` weights each rank's sum so
+that the mean over ranks is still the mean over all anchors.
 """
 
 from __future__ import annotations

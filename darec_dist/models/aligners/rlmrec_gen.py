@@ -50,10 +50,13 @@ class RLMRecGen(Aligner):
     def __init__(self, cfg: GenConfig, collab_dim: int, llm_dim: int, input_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.input_mask_ratio = cfg.mask_ratio
         # The mask token replaces a node's input row, so it has the tables' width.
         self.mask_token = nn.Parameter(torch.zeros(input_dim or collab_dim))
         self.up = projector(collab_dim, llm_dim)
+
+    @property
+    def input_mask_ratio(self) -> float:
+        return self.cfg.mask_ratio
 
     def training_inputs(self, inputs: AlignInputs) -> AlignInputs:
         """c~: each row block b of c gains (the weight of its masked entries) x m."""
