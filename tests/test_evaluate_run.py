@@ -41,14 +41,16 @@ def test_checkpoint_and_export_reproduce_the_runs_metrics(small_dataset, exact_d
     trained = json.loads((run_dir / "results.json").read_text())
     assert {"user_id", "item_id", "user_llm", "item_llm"} <= set(trained["sharding_plan"])  # the LLM tables' plan too
 
-    for nproc in (1, 2, 3):  # 3: a world size that the training batch (64) does not suit
-        out = finish(launch(nproc, "launch/evaluate.py", str(run_dir), "--split", "val,test"))
+    # 3: a world size that the training batch (64) does not suit. Row- and column-wise: plans that training under
+    # CPU Adam refuses (its optimizer state cannot be checkpointed per shard), which ranking needs none of.
+    for nproc, sharding in ((1, "auto"), (2, "auto"), (3, "auto"), (2, "row_wise"), (2, "column_wise")):
+        out = finish(launch(nproc, "launch/evaluate.py", str(run_dir), "--split", "val,test", f"sparse.sharding={sharding}"))
         assert "| test |" in out, out[-2000:]
         evaluated = json.loads((run_dir / "eval-best.json").read_text())
         assert evaluated["world_size"] == nproc and evaluated["epochs_trained"] == trained["best_epoch"] + 1
         for split in ("val", "test"):
             for metric, value in trained[split].items():
-                assert evaluated[split][metric] == pytest.approx(value, abs=1e-6), (nproc, split, metric)
+                assert evaluated[split][metric] == pytest.approx(value, abs=1e-6), (nproc, sharding, split, metric)
 
     # Evaluating a running run's best model: no eval-best.json when the run replaced that model meanwhile.
     best = run_dir / "checkpoints" / "best"

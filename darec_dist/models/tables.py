@@ -396,11 +396,13 @@ def llm_table_configs(shapes: dict[str, tuple[int, int]], features: dict[str, li
 
 
 def trainable_tables(
-    num_users: int, num_items: int, dim: int, features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv, seed: int
+    num_users: int, num_items: int, dim: int, features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv, seed: int,
+    frozen: bool = False,
 ) -> ShardedTables:
-    """The user and item tables (names user_id / item_id), sharded, initialised from the seed."""
+    """The user and item tables (names user_id / item_id), sharded, initialised from the seed. frozen: for a model
+    that only ranks, without optimizer state, so that any sharding serves whatever optimizer trained them."""
     sizes = {"user": num_users, "item": num_items}
-    tables = shard(TableModule(trainable_table_configs(sizes, dim, features)), cfg.sharding, cfg, env)
+    tables = shard(TableModule(trainable_table_configs(sizes, dim, features)), cfg.sharding, cfg, env, frozen=frozen)
     for kind, count in sizes.items():
         tables.fill(f"{kind}_id", init_rows(seed, f"{kind}_id", count, dim, cfg))
     return tables

@@ -152,7 +152,7 @@ class Trainer:
         }
         table_features = {kind: self.features.feature_names(kind) for kind in ("user", "item")}
         self.tables: ShardedTables = trainable_tables(
-            dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed
+            dataset.num_users, dataset.num_items, cfg.model.dim, table_features, cfg.sparse, env, cfg.seed, frozen=ranking_only
         )
         self.llm: ShardedTables | None = None
         if self.aligner.uses_llm and not ranking_only:
