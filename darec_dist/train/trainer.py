@@ -135,7 +135,8 @@ def check_deepspeed_settings(settings: dict, path) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, dataset: PreparedDataset, ranking_only: bool = False):
         """ranking_only: a model that only ranks (an evaluation): without the frozen LLM tables, which only the
-        alignment losses read and which are the largest tables at scale (launch/plan.py)."""
+        alignment losses read and which are the largest tables at scale (launch/plan.py), and without the trainable
+        tables' optimizer state (so any sharding serves)."""
         self.cfg, self.env, self.dataset = cfg, env, dataset
         self.dim = output_dim(cfg.model, dataset)
         # The dense initialisation: the same on every rank and for every world size, whatever drew from torch's
