@@ -77,10 +77,13 @@ RESUME_MAY_CHANGE = (*RUN_LENGTH, "loader.num_workers:", "data.", "device:",
 def table_layout(cfg: TrainConfig, trainer: Trainer) -> dict:
     """What the shape of the trainable tables' optimizer state depends on, beyond the world size: the optimizer,
     each table's sharding, and its kernel (fbgemm's fused kernel keeps the optimizer state in its own form, the
-    dense kernel in torch's optimizer)."""
+    dense kernel in torch's optimizer), and how many shards split a column-wise table's columns (row-wise Adagrad
+    keeps a state per column shard)."""
+    plans = trainer.tables.plan.items()
     return {"optimizer": cfg.sparse.optimizer,
-            "sharding": {table: plan[0] for table, plan in trainer.tables.plan.items()},
-            "kernel": {table: plan[1] for table, plan in trainer.tables.plan.items()}}
+            "sharding": {table: plan[0] for table, plan in plans},
+            "kernel": {table: plan[1] for table, plan in plans},
+            "column_shards": {table: len(plan[2]) for table, plan in plans if "column" in plan[0]}}
 
 
 def seconds_per_epoch(state: dict, world_size: int) -> float | None:
@@ -185,7 +188,7 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
     Inside an epoch its step count is a position in each rank's stream of shards, which another world size or
     reader count splits differently (the epoch would skip or repeat interactions); DeepSpeed's ZeRO stages 1 and 2
     partition the optimizer state by world size and cannot load it at another, and so does row-wise Adagrad
-    on column-wise tables (each column shard keeps its own per-row state).
+    on tables split into several column shards (each keeps its own per-row state).
     """
     saved = checkpoint.loop_state(source)
     missing = sorted({*fresh_state(world_size, {}, settings), checkpoint.TABLE_STEPS} - set(saved))
@@ -220,19 +223,24 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
             "resume with the device and sparse.sharding that wrote it (on CPU, sparse.optimizer=adam runs the dense kernel), "
             "or start another run_dir"
         )
-    def per_column_shard(sharding: dict) -> list[str]:
-        return sorted(t for t, kind in sharding.items() if "column" in kind or kind == "grid_shard")
+    def per_column_shard(layout: dict) -> list[str]:
+        """The tables whose row-wise Adagrad state is kept per column shard, several per row. One column shard (a
+        column-wise table on one process) keeps one per row, as the other shardings do; a checkpoint written before
+        the count was recorded is taken to have several."""
+        shards = layout.get("column_shards", {})
+        return sorted(t for t, kind in layout["sharding"].items()
+                      if kind == "grid_shard" or ("column" in kind and shards.get(t, 2) > 1))
 
     if tables["optimizer"] == "rowwise_adagrad" and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
-        if per_column_shard(saved_tables["sharding"]):
+        if per_column_shard(saved_tables):
             raise ConfigError(
-                f"{source}: its column-wise tables ({', '.join(per_column_shard(saved_tables['sharding']))}) keep row-wise "
+                f"{source}: its column-wise tables ({', '.join(per_column_shard(saved_tables))}) keep row-wise "
                 f"Adagrad state per column shard, which fits only the {written_by} processes and the sharding "
                 f"{saved_tables['sharding']} that wrote it; resume with those"
             )
-        if per_column_shard(tables["sharding"]):  # the other way round: one state per row, where the shards want one each
+        if per_column_shard(tables):  # the other way round: one state per row, where the shards want one each
             raise ConfigError(
-                f"{source}: this run would shard {', '.join(per_column_shard(tables['sharding']))} column-wise, where row-wise "
+                f"{source}: this run would shard {', '.join(per_column_shard(tables))} column-wise, where row-wise "
                 f"Adagrad keeps a state per column shard, and the checkpoint holds one per row (sharding "
                 f"{saved_tables['sharding']}, {written_by} processes); resume with that sharding, or start another run_dir"
             )

@@ -279,6 +279,16 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     with pytest.raises(ConfigError, match=r"this run would shard user_id column-wise, where row-wise Adagrad keeps a state per "
                                           r"column shard, and the checkpoint holds one per row"):
         check_resumable(path, 2, settings(column_wise))  # QA: was DCP's size mismatch (943 saved, 1886 wanted)
+    # One column shard (column-wise on one process) keeps one state per row, as the other shardings do: both ways.
+    one_shard = {**column_wise, "column_shards": {"user_id": 1}}
+    check_resumable(path, 1, settings(one_shard))
+    with pytest.raises(ConfigError, match="this run would shard user_id column-wise"):
+        check_resumable(path, 1, settings({**column_wise, "column_shards": {"user_id": 2}}))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state(one_shard, epoch=1, world_size=1)))
+    check_resumable(path, 2, settings(table_wise))
+    (path / checkpoint.STATE).write_text(json.dumps(saved_state({**column_wise, "column_shards": {"user_id": 2}}, epoch=1)))
+    with pytest.raises(ConfigError, match=r"column-wise tables \(user_id\) keep row-wise Adagrad state per column shard"):
+        check_resumable(path, 1, settings(table_wise))
     (path / checkpoint.STATE).write_text(json.dumps(saved_state(column_wise, epoch=1)))
     # Another kernel keeps the optimizer state in another form (Adam moved between CPU and GPU, a table made data-parallel):
     # refused by name, where DCP's load failed with a traceback of missing keys.
@@ -294,6 +304,31 @@ def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape
     (path / checkpoint.STATE).write_text(json.dumps(saved_state({k: v for k, v in column_wise.items() if k != "kernel"}, epoch=1)))
     check_resumable(path, 2, settings(dense_kernels))
 
+
+def test_row_wise_adagrad_state_moves_from_two_table_wise_processes_to_one_column_shard(small_dataset, tmp_path):
+    """A 2-process table-wise run under row-wise Adagrad, resumed by 1 process column-wise (one column shard per
+    table, one state per row), trains on as the same checkpoint resumed table-wise does."""
+    root, _ = small_dataset
+    common = ["launch/train.py", "configs/train/default.yaml", f"data.path={root}", "device=cpu", "model.dim=8",
+              "loader.batch_size=64", "loader.num_workers=1", "train.progress_bar=false", "output.plot=false",
+              "train.min_epochs=1", "sparse.optimizer=rowwise_adagrad", "sparse.lr=0.1"]
+    first = tmp_path / "column_wise"
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    finish(subprocess.Popen([*runner, *common, f"run_dir={first}", "sparse.sharding=table_wise", "train.epochs=1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    shutil.copytree(first, tmp_path / "table_wise")
+    results = {}
+    for sharding in ("column_wise", "table_wise"):
+        run_dir = tmp_path / sharding
+        finish(subprocess.Popen([sys.executable, *common, f"run_dir={run_dir}", f"sparse.sharding={sharding}", "train.epochs=2",
+                                 "--resume", "auto"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results[sharding] = [r["loss"] for r in records if r["kind"] == "train"], json.loads((run_dir / "results.json").read_text())
+        assert results[sharding][1]["sharding_plan"]["user_id"][0] == sharding
+    (column_losses, column), (table_losses, table) = results["column_wise"], results["table_wise"]
+    assert len(column_losses) == 2 and column_losses == pytest.approx(table_losses, rel=1e-6)
+    for split in ("val", "test"):
+        assert column[split] == pytest.approx(table[split], abs=1e-6)
 
 def test_tables_that_do_not_fit_the_checkpoint_are_refused_naming_it(tmp_path):
     """torch.distributed.checkpoint raises a BaseException holding every rank's traceback, which no handler caught."""
