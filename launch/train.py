@@ -229,7 +229,7 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
         the count was recorded is taken to have several."""
         shards = layout.get("column_shards", {})
         return sorted(t for t, kind in layout["sharding"].items()
-                      if kind == "grid_shard" or ("column" in kind and shards.get(t, 2) > 1))
+                      if kind == "grid_shard" or ("column" in kind and (t not in shards or shards[t] > 1)))
 
     if tables["optimizer"] == "rowwise_adagrad" and (written_by, saved_tables["sharding"]) != (world_size, tables["sharding"]):
         if per_column_shard(saved_tables):

@@ -330,6 +330,7 @@ def test_row_wise_adagrad_state_moves_from_two_table_wise_processes_to_one_colum
     for split in ("val", "test"):
         assert column[split] == pytest.approx(table[split], abs=1e-6)
 
+
 def test_tables_that_do_not_fit_the_checkpoint_are_refused_naming_it(tmp_path):
     """torch.distributed.checkpoint raises a BaseException holding every rank's traceback, which no handler caught."""
     import torch
