@@ -39,7 +39,7 @@ from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_row
 from spark_jobs.ids import apply_id_maps, build_id_map
 from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
 from spark_jobs.readers.formats import check_source_paths, read_source
-from spark_jobs.session import StageLog, effective_master, start_session
+from spark_jobs.session import CTRL_C_PRESSED, StageLog, effective_master, start_session, wait_for_jvm_exit
 from spark_jobs.split import split_interactions
 from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
 
@@ -334,12 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PrepareConfig, argv[0], argv[1:])
         prepare(cfg)
-    except (PrepareError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # prepare removed its staging directory on the way out: nothing half-written is left
-        print("interrupted: no dataset was written; the same command starts it again", file=sys.stderr)
-        return 130  # 128 + SIGINT, as the shell reports it
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) or CTRL_C_PRESSED.is_set():
+            # prepare removed its staging directory on the way out: nothing half-written is left
+            wait_for_jvm_exit()
+            print("interrupted: no dataset was written; the same command starts it again", file=sys.stderr)
+            return 130  # 128 + SIGINT, as the shell reports it
+        if isinstance(err, (PrepareError, ConfigError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

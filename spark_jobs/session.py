@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -63,6 +64,11 @@ def start_session(cfg: SparkConfig) -> SparkSession:
     return spark
 
 
+# Set by Ctrl-C once the context runs. The KeyboardInterrupt it raises inside a JVM call does not always come out as
+# such: pyspark's error wrapper calls the JVM again on the broken connection and raises py4j's network error instead.
+CTRL_C_PRESSED = threading.Event()
+
+
 def start_context(conf: SparkConf) -> SparkContext:
     """The Spark context, with Ctrl-C held until it has started (a second one is taken at once), then cancelling its jobs.
 
@@ -83,9 +89,11 @@ def start_context(conf: SparkConf) -> SparkContext:
 
     def cancel_jobs() -> None:
         with suppress(Exception):  # the interrupted job may stop the context first: nothing left to cancel
+            context.setLogLevel("OFF")  # else each cancelled or refused task logs an error, after the interrupt's line
             context.cancelAllJobs()
 
     def cancel_and_interrupt(signum, frame):
+        CTRL_C_PRESSED.set()
         threading.Thread(target=cancel_jobs, daemon=True).start()
         # py4j logs the broken connection of the interrupted JVM call with a traceback, on its own loggers (which a
         # filter on the root logger does not see): the interrupt is the cause, and the job says so in one line.
@@ -95,6 +103,19 @@ def start_context(conf: SparkConf) -> SparkContext:
 
     signal.signal(signal.SIGINT, cancel_and_interrupt)
     return context
+
+
+def wait_for_jvm_exit(timeout: float = 60.0) -> None:
+    """Let the JVM this process started finish exiting, so that the job's own last line really is its last: its
+    executors log the tasks that Ctrl-C cancelled (Java stack traces) a moment later. Under spark-submit the JVM is
+    not ours."""
+    proc = getattr(SparkContext._gateway, "proc", None)
+    if proc is None:
+        return
+    with suppress(OSError):
+        proc.stdin.close()  # the gateway server exits at the end of its stdin
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
 
 
 @dataclass
