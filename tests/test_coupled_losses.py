@@ -74,6 +74,8 @@ def modules():
     darec_neighbourhood = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_form="neighbourhood"), D, DL, seed=1).double()
     torch.manual_seed(3)
     darec_same_kind = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_pairs="same_kind"), D, DL, seed=1).double()
+    torch.manual_seed(3)
+    darec_cross = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_form="cross"), D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
@@ -84,6 +86,7 @@ def modules():
         "darec_matched": darec_matched,
         "darec_neighbourhood": darec_neighbourhood,
         "darec_same_kind": darec_same_kind,
+        "darec_cross": darec_cross,
         "con": con,
         "gen": gen,
     }
@@ -99,6 +102,19 @@ def darec_on_repeated_nodes(x, darec):
 
     inputs = AlignInputs(
         {"user": twice(x["c"]), "pos": twice(x["c2"])}, {"user": twice(x["l"]), "pos": twice(x["l2"])}, {}, {"user": ids, "pos": ids + N}
+    )
+    return sum(darec(inputs).values())
+
+
+def darec_on_users_shared_by_ranks(x, darec):
+    """DaRec where the same users fill rows on both ranks (users 0 to 4, each on several rows of the global sample, so
+    a node's count spans ranks) and every positive is its own node; a user's vectors come from one shared table."""
+    n = x["c"].shape[0]
+    row = rank() * n + torch.arange(n)
+    users = row % 5
+    shared = global_data()
+    inputs = AlignInputs(
+        {"user": shared["c"][users], "pos": x["c2"]}, {"user": shared["l"][users], "pos": x["l2"]}, {}, {"user": users, "pos": 5 + row}
     )
     return sum(darec(inputs).values())
 
@@ -148,6 +164,8 @@ def cases(x, mods):
         "darec_matched_centres": (darec_on_repeated_nodes(x, mods["darec_matched"]), mods["darec_matched"]),
         "darec_neighbourhood": (darec_on_repeated_nodes(x, mods["darec_neighbourhood"]), mods["darec_neighbourhood"]),
         "darec_same_kind": (darec_on_repeated_nodes(x, mods["darec_same_kind"]), mods["darec_same_kind"]),
+        "darec_cross": (darec_on_repeated_nodes(x, mods["darec_cross"]), mods["darec_cross"]),
+        "darec_cross_users_on_both_ranks": (darec_on_users_shared_by_ranks(x, mods["darec_cross"]), mods["darec_cross"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (rlmrec_gen_on_masked_nodes(x, mods["gen"], rank() * n + torch.arange(n), N), mods["gen"]),
     }
@@ -206,6 +224,8 @@ NAMES = [
     "darec_matched_centres",
     "darec_neighbourhood",
     "darec_same_kind",
+    "darec_cross",
+    "darec_cross_users_on_both_ranks",
     "rlmrec_con",
     "rlmrec_gen",
 ]
@@ -342,6 +362,42 @@ def test_same_kind_global_term_matches_the_explicit_blocks():
     everything = DaRec(DaRecConfig(sample_size=N, use_local=False, use_regularisers=False), D, DL).double()
     everything.load_state_dict(darec.state_dict())
     assert everything(AlignInputs(c, l, {}))["darec_global"].item() != pytest.approx(fast.item(), rel=1e-3)
+
+
+def test_cross_view_global_term_matches_the_explicit_matrix():
+    """global_form=cross equals the explicit cross-view matrix S = cos(c_sh, l_sh) of the sample's rows against the
+    identity of nodes (the mean of (1 - S)^2 over same-node pairs plus the mean of S^2 over the others), with
+    gradients, where nodes repeat in the sample; and, unlike the similarity form, a rotation of the LLM side moves it."""
+    g = torch.Generator().manual_seed(5)
+    users, items = torch.randint(0, 5, (N,), generator=g), torch.randint(5, 12, (N,), generator=g)
+    node_c = torch.randn(12, D, generator=g, dtype=torch.float64).requires_grad_(True)
+    node_l = torch.randn(12, DL, generator=g, dtype=torch.float64)
+    torch.manual_seed(3)
+    config = DaRecConfig(sample_size=N, global_form="cross", use_local=False, use_regularisers=False)
+    darec = DaRec(config, D, DL).double()
+
+    def fast(darec):
+        inputs = AlignInputs({"user": node_c[users], "pos": node_c[items]}, {"user": node_l[users], "pos": node_l[items]}, {}, {"user": users, "pos": items})
+        return darec(inputs)["darec_global"]
+
+    keys = torch.cat([users, items])
+    cn = torch.nn.functional.normalize(darec.collab_shared(node_c[keys]), dim=-1)
+    ln = torch.nn.functional.normalize(darec.llm_shared(node_l[keys]), dim=-1)
+    s = cn @ ln.T
+    same = keys[:, None] == keys[None, :]
+    explicit = config.structure_weight * ((1 - s[same]).square().mean() + s[~same].square().mean())
+    got = fast(darec)
+    assert got.item() == pytest.approx(explicit.item(), rel=1e-10)
+    np.testing.assert_allclose(
+        torch.autograd.grad(got, node_c)[0].numpy(), torch.autograd.grad(explicit, node_c)[0].numpy(), rtol=1e-8, atol=1e-12
+    )
+    rotated = DaRec(config, D, DL).double()
+    rotated.load_state_dict(darec.state_dict())
+    rotation = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0]
+    with torch.no_grad():
+        rotated.llm_shared[-1].weight.copy_(rotation @ darec.llm_shared[-1].weight)
+        rotated.llm_shared[-1].bias.copy_(rotation @ darec.llm_shared[-1].bias)
+    assert fast(rotated).item() != pytest.approx(got.item(), rel=1e-3)
 
 
 def test_bpr_trains_the_vectors_that_rank_items():

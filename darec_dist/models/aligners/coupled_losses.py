@@ -87,6 +87,34 @@ def similarity_from_gram(gram: torch.Tensor, n: int, dtype: torch.dtype = torch.
     return (squared / (n * n)).to(dtype)
 
 
+def cross_view_sums(collab: torch.Tensor, llm: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the cross-view term's same-node sums (float64, summed over ranks): over the pairs (i, j)
+    of global sample rows that hold the same node, [sum of (1 - S_ij)^2, sum of S_ij^2, count], S_ij = cos(c_i, l_j).
+    Row i of this rank stands for weight[i] sample rows, each paired with the counts[i] rows of its node in the
+    global sample."""
+    cosine = (F.normalize(collab.double(), dim=-1) * F.normalize(llm.double(), dim=-1)).sum(-1)
+    pairs = (weight * counts).double()
+    return torch.stack([(pairs * (1 - cosine).square()).sum(), (pairs * cosine.square()).sum(), pairs.sum()])
+
+
+def cross_view_from_sums(gram: torch.Tensor, same_node: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The cross-view similarity S_ij = cos(c_i, l_j) of the n global sample rows made to agree with the identity of
+    nodes: the mean of (1 - S_ij)^2 over pairs of rows that hold the same node plus the mean of S_ij^2 over the other
+    pairs, the two halves weighted alike (the pairs of one node are a few among n^2: in a plain mean((S - I)^2)
+    their pull is lost). From the Gram of [C | L]: sum_ij S_ij^2 = <C^T C, L^T L>_F, so no n x n matrix either."""
+    d = gram.shape[0] // 2
+    pull, same_squared, same = same_node
+    other = n * n - same
+    spread = (gram[:d, :d] * gram[d:, d:]).sum() - same_squared
+    return (pull / same + (spread / other if other > 0 else 0.0)).to(dtype)
+
+
+def global_counts(keys: torch.Tensor) -> torch.Tensor:
+    """For every row, how many rows of every rank (all gathered, equal counts per rank) hold its node key."""
+    distinct, count = torch.unique(gather(keys), return_counts=True)
+    return count[torch.searchsorted(distinct, keys)]
+
+
 def neighbourhood_loss(collab: torch.Tensor, llm: torch.Tensor, anchors: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over this rank's anchor rows of the symmetric KL between the two sides' neighbourhoods: each side's
     softmax over cos(anchor, every other row of the global pool) / tau.

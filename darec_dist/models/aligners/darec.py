@@ -4,7 +4,8 @@ Components (Yang et al., ICDE 2025, as far as public summaries state them; every
 four projections f_C_sp, f_C_sh, f_L_sp, f_L_sh; orthogonality of specific and
 shared parts on each side and uniformity of the specific parts (weight beta);
 global structure alignment of the shared parts' cosine-similarity matrices (or of
-each node's softmax neighbourhood in them) over a sample of N nodes spanning all
+each node's softmax neighbourhood in them, or of the cross-view matrix cos(c_sh, l_sh)
+against the identity of nodes) over a sample of N nodes spanning all
 ranks, and local structure alignment through K shared preference centres
 initialised by k-means on l_sh, learned or following l_sh, or K centres per side
 paired by matching (weight lambda).
@@ -19,12 +20,15 @@ import torch
 from torch import nn
 
 from darec_dist.config import ConfigError
-from darec_dist.distributed.collectives import gather_with_grad, sum_many_with_grad, world_size
+from darec_dist.distributed.collectives import gather_with_grad, rank, sum_many_with_grad, world_size
 from darec_dist.models.aligners.base import Aligner, AlignInputs, distinct_rows, projector
 from darec_dist.models.aligners.coupled_losses import (
     centre_separation_loss,
     centre_statistics,
     cluster_alignment_loss,
+    cross_view_from_sums,
+    cross_view_sums,
+    global_counts,
     kmeans,
     matched_centre_loss,
     moving_centres,
@@ -76,7 +80,11 @@ class DaRecConfig:
     # method note's default). "neighbourhood": per anchor (the uniformity subsample's rows), the symmetric KL
     # between the two sides' softmax over cosines to the other N rows at this temperature: it weighs each
     # node's nearest neighbours, the part of the structure that ranking uses, where the MSE weighs all pairs alike.
-    global_form: Literal["similarity", "neighbourhood"] = "similarity"
+    # "cross": the cross-view matrix S_ij = cos(c_sh_i, l_sh_j) made to agree with the identity of nodes (1 for two
+    # rows of the same node, 0 otherwise; the two halves' means weighted alike), the form of the DaRec authors'
+    # earlier cross-view correlation reduction (DCRN). Unlike the other two it is not invariant to a rotation of one
+    # side: it aligns each node's shared parts as well as the structure.
+    global_form: Literal["similarity", "neighbourhood", "cross"] = "similarity"
     neighbourhood_temperature: float = 0.2
     # Which pairs of the sample the global term ("similarity" form) compares. "all": every pair, user-item
     # pairs included (the method note's default). "same_kind": user-user and item-item pairs, each kind's
@@ -165,16 +173,21 @@ class DaRec(Aligner):
         # An active user or a popular item fills several sample rows: project each distinct node once (without ids,
         # every row is its own node).
         if inputs.ids is None:
-            keys = torch.arange(2 * rows, device=c.device)
+            keys = rank() * 2 * rows + torch.arange(2 * rows, device=c.device)
         else:
             keys = torch.cat([inputs.ids["user"][:rows], inputs.ids["pos"][:rows]])
         first, inverse = distinct_rows(keys)
-        return self.losses(c[first], l[first], inverse, None if is_item is None else is_item[first])
+        # Only the cross-view global term asks how many rows each node fills on every rank.
+        counts = global_counts(keys)[first] if self.cfg.use_global and self.cfg.global_form == "cross" else None
+        return self.losses(c[first], l[first], inverse, None if is_item is None else is_item[first], counts)
 
-    def losses(self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor, is_item: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def losses(
+        self, c: torch.Tensor, l: torch.Tensor, rows: torch.Tensor, is_item: torch.Tensor | None = None, counts: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The DaRec losses of this rank's sample, whose rows are c[rows], l[rows] (c and l hold each distinct node
         once); coupled terms span every rank's sample. is_item marks c's item rows (needed by global_pairs=same_kind;
-        the sample holds as many user rows as item rows)."""
+        the sample holds as many user rows as item rows). counts: each node's rows in every rank's sample (for
+        global_form=cross; by default its rows here, as if no other rank's sample held it)."""
         cfg = self.cfg
         c_sp, c_sh = self.collab_specific(c), self.collab_shared(c)
         l_sp, l_sh = self.llm_specific(l), self.llm_shared(l)
@@ -203,6 +216,8 @@ class DaRec(Aligner):
                 shares[f"gram_{kind}"] = similarity_gram(c_sh[mask], l_sh[mask], weight[mask])
         elif cfg.use_global and not neighbourhood:
             shares["gram"] = similarity_gram(c_sh, l_sh, weight)
+        if cfg.use_global and cfg.global_form == "cross":
+            shares["same_node"] = cross_view_sums(c_sh, l_sh, weight, weight if counts is None else counts)
         if cfg.use_regularisers:
             picked = rows[anchors]
             parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
@@ -220,6 +235,9 @@ class DaRec(Aligner):
             kind_rows = sample_rows * world_size() // 2
             per_kind = sum(similarity_from_gram(totals[f"gram_{kind}"], kind_rows, c.dtype) for kind in ("user", "item"))
             out["darec_global"] = cfg.structure_weight * per_kind / 2
+        elif cfg.use_global and cfg.global_form == "cross":
+            cross = cross_view_from_sums(totals["gram"], totals["same_node"], sample_rows * world_size(), c.dtype)
+            out["darec_global"] = cfg.structure_weight * cross
         elif cfg.use_global:
             out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size(), c.dtype)
         if matched:
