@@ -76,6 +76,9 @@ def modules():
     darec_same_kind = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_pairs="same_kind"), D, DL, seed=1).double()
     torch.manual_seed(3)
     darec_cross = DaRec(DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_form="cross"), D, DL, seed=1).double()
+    torch.manual_seed(3)
+    cross_same_kind = DaRecConfig(clusters=K, sample_size=N, uniformity_sample=N // 2, global_form="cross", global_pairs="same_kind")
+    darec_cross_same_kind = DaRec(cross_same_kind, D, DL, seed=1).double()
     con = RLMRecCon(ConConfig(), D, DL).double()
     gen = RLMRecGen(GenConfig(), D, DL).double()
     with torch.no_grad():
@@ -87,6 +90,7 @@ def modules():
         "darec_neighbourhood": darec_neighbourhood,
         "darec_same_kind": darec_same_kind,
         "darec_cross": darec_cross,
+        "darec_cross_same_kind": darec_cross_same_kind,
         "con": con,
         "gen": gen,
     }
@@ -166,6 +170,7 @@ def cases(x, mods):
         "darec_same_kind": (darec_on_repeated_nodes(x, mods["darec_same_kind"]), mods["darec_same_kind"]),
         "darec_cross": (darec_on_repeated_nodes(x, mods["darec_cross"]), mods["darec_cross"]),
         "darec_cross_users_on_both_ranks": (darec_on_users_shared_by_ranks(x, mods["darec_cross"]), mods["darec_cross"]),
+        "darec_cross_same_kind": (darec_on_users_shared_by_ranks(x, mods["darec_cross_same_kind"]), mods["darec_cross_same_kind"]),
         "rlmrec_con": (mods["con"](inputs)["rlmrec_con"], mods["con"]),
         "rlmrec_gen": (rlmrec_gen_on_masked_nodes(x, mods["gen"], rank() * n + torch.arange(n), N), mods["gen"]),
     }
@@ -226,6 +231,7 @@ NAMES = [
     "darec_same_kind",
     "darec_cross",
     "darec_cross_users_on_both_ranks",
+    "darec_cross_same_kind",
     "rlmrec_con",
     "rlmrec_gen",
 ]
@@ -364,28 +370,33 @@ def test_same_kind_global_term_matches_the_explicit_blocks():
     assert everything(AlignInputs(c, l, {}))["darec_global"].item() != pytest.approx(fast.item(), rel=1e-3)
 
 
-def test_cross_view_global_term_matches_the_explicit_matrix():
+@pytest.mark.parametrize("pairs", ["all", "same_kind"])
+def test_cross_view_global_term_matches_the_explicit_matrix(pairs):
     """global_form=cross equals the explicit cross-view matrix S = cos(c_sh, l_sh) of the sample's rows against the
-    identity of nodes (the mean of (1 - S)^2 over same-node pairs plus the mean of S^2 over the others), with
-    gradients, where nodes repeat in the sample; and, unlike the similarity form, a rotation of the LLM side moves it."""
+    identity of nodes (the mean of (1 - S)^2 over same-node pairs plus the mean of S^2 over the others; with
+    same_kind, the mean of that over the user block and the item block), with gradients, where nodes repeat in the
+    sample; and, unlike the similarity form, a rotation of the LLM side moves it."""
     g = torch.Generator().manual_seed(5)
     users, items = torch.randint(0, 5, (N,), generator=g), torch.randint(5, 12, (N,), generator=g)
     node_c = torch.randn(12, D, generator=g, dtype=torch.float64).requires_grad_(True)
     node_l = torch.randn(12, DL, generator=g, dtype=torch.float64)
     torch.manual_seed(3)
-    config = DaRecConfig(sample_size=N, global_form="cross", use_local=False, use_regularisers=False)
+    config = DaRecConfig(sample_size=N, global_form="cross", global_pairs=pairs, use_local=False, use_regularisers=False)
     darec = DaRec(config, D, DL).double()
 
     def fast(darec):
         inputs = AlignInputs({"user": node_c[users], "pos": node_c[items]}, {"user": node_l[users], "pos": node_l[items]}, {}, {"user": users, "pos": items})
         return darec(inputs)["darec_global"]
 
-    keys = torch.cat([users, items])
-    cn = torch.nn.functional.normalize(darec.collab_shared(node_c[keys]), dim=-1)
-    ln = torch.nn.functional.normalize(darec.llm_shared(node_l[keys]), dim=-1)
-    s = cn @ ln.T
-    same = keys[:, None] == keys[None, :]
-    explicit = config.structure_weight * ((1 - s[same]).square().mean() + s[~same].square().mean())
+    def block(keys):
+        cn = torch.nn.functional.normalize(darec.collab_shared(node_c[keys]), dim=-1)
+        ln = torch.nn.functional.normalize(darec.llm_shared(node_l[keys]), dim=-1)
+        s = cn @ ln.T
+        same = keys[:, None] == keys[None, :]
+        return (1 - s[same]).square().mean() + s[~same].square().mean()
+
+    blocks = [block(torch.cat([users, items]))] if pairs == "all" else [block(users), block(items)]
+    explicit = config.structure_weight * sum(blocks) / len(blocks)
     got = fast(darec)
     assert got.item() == pytest.approx(explicit.item(), rel=1e-10)
     np.testing.assert_allclose(

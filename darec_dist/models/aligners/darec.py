@@ -86,7 +86,7 @@ class DaRecConfig:
     # side: it aligns each node's shared parts as well as the structure.
     global_form: Literal["similarity", "neighbourhood", "cross"] = "similarity"
     neighbourhood_temperature: float = 0.2
-    # Which pairs of the sample the global term ("similarity" form) compares. "all": every pair, user-item
+    # Which pairs of the sample the global term ("similarity" and "cross" forms) compares. "all": every pair, user-item
     # pairs included (the method note's default). "same_kind": user-user and item-item pairs, each kind's
     # mean weighted alike. A text-side user-item cosine compares a user's profile with an item's
     # description, two kinds of text, while the collaborative user-item cosine is what BPR ranks by.
@@ -116,8 +116,8 @@ class DaRecConfig:
                              f"{self.neighbourhood_temperature} and {self.cluster_temperature}")
         if min(self.structure_weight, self.regulariser_weight, self.separation_weight) < 0:  # a negative weight pushes apart
             raise ValueError("align.darec.structure_weight, regulariser_weight and separation_weight must be >= 0")
-        if self.global_pairs == "same_kind" and self.global_form != "similarity":
-            raise ValueError("align.darec.global_pairs=same_kind needs align.darec.global_form=similarity")
+        if self.global_pairs == "same_kind" and self.global_form == "neighbourhood":
+            raise ValueError("align.darec.global_pairs=same_kind needs align.darec.global_form=similarity or cross")
         if self.kmeans_iterations < 0:
             raise ValueError(f"align.darec.kmeans_iterations must be >= 0, got {self.kmeans_iterations}")
         if self.use_local and self.centres != "matched" and self.clusters < 2:
@@ -208,16 +208,20 @@ class DaRec(Aligner):
         # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
         # over ranks: one all-reduce carries them all.
         shares = {}
-        same_kind = cfg.use_global and cfg.global_pairs == "same_kind"
-        if same_kind and is_item is None:
-            raise ValueError("DaRec.losses: global_pairs=same_kind needs is_item (which rows are items)")
-        if same_kind:
-            for kind, mask in (("user", ~is_item), ("item", is_item)):
-                shares[f"gram_{kind}"] = similarity_gram(c_sh[mask], l_sh[mask], weight[mask])
+        # The groups of rows whose pairs the global term compares (similarity and cross forms), each weighted alike.
+        pair_groups = {}
+        if cfg.use_global and cfg.global_pairs == "same_kind":
+            if is_item is None:
+                raise ValueError("DaRec.losses: global_pairs=same_kind needs is_item (which rows are items)")
+            pair_groups = {"user": ~is_item, "item": is_item}
         elif cfg.use_global and not neighbourhood:
-            shares["gram"] = similarity_gram(c_sh, l_sh, weight)
-        if cfg.use_global and cfg.global_form == "cross":
-            shares["same_node"] = cross_view_sums(c_sh, l_sh, weight, weight if counts is None else counts)
+            pair_groups = {"all": torch.ones_like(weight, dtype=torch.bool)}
+        if cfg.global_form == "cross" and counts is None:
+            counts = weight
+        for group, mask in pair_groups.items():
+            shares[f"gram_{group}"] = similarity_gram(c_sh[mask], l_sh[mask], weight[mask])
+            if cfg.global_form == "cross":
+                shares[f"same_node_{group}"] = cross_view_sums(c_sh[mask], l_sh[mask], weight[mask], counts[mask])
         if cfg.use_regularisers:
             picked = rows[anchors]
             parts = [c_sp, l_sp] + ([c_sh, l_sh] if cfg.uniformity_on == "all" else [])
@@ -231,15 +235,15 @@ class DaRec(Aligner):
         out = {}
         if neighbourhood:
             out["darec_global"] = cfg.structure_weight * neighbourhood_loss(c_sh[rows], l_sh[rows], anchors, cfg.neighbourhood_temperature)
-        elif same_kind:
-            kind_rows = sample_rows * world_size() // 2
-            per_kind = sum(similarity_from_gram(totals[f"gram_{kind}"], kind_rows, c.dtype) for kind in ("user", "item"))
-            out["darec_global"] = cfg.structure_weight * per_kind / 2
-        elif cfg.use_global and cfg.global_form == "cross":
-            cross = cross_view_from_sums(totals["gram"], totals["same_node"], sample_rows * world_size(), c.dtype)
-            out["darec_global"] = cfg.structure_weight * cross
-        elif cfg.use_global:
-            out["darec_global"] = cfg.structure_weight * similarity_from_gram(totals["gram"], sample_rows * world_size(), c.dtype)
+        elif pair_groups:
+            group_rows = sample_rows * world_size() // len(pair_groups)  # the sample holds as many user rows as item rows
+
+            def global_term(group: str) -> torch.Tensor:
+                if cfg.global_form == "cross":
+                    return cross_view_from_sums(totals[f"gram_{group}"], totals[f"same_node_{group}"], group_rows, c.dtype)
+                return similarity_from_gram(totals[f"gram_{group}"], group_rows, c.dtype)
+
+            out["darec_global"] = cfg.structure_weight * sum(global_term(group) for group in pair_groups) / len(pair_groups)
         if matched:
             local = matched_centre_loss(totals["collab_centres"], totals["centres"], self.collab_centres, self.centres)
             out["darec_local"] = cfg.structure_weight * local
