@@ -208,14 +208,15 @@ class DaRec(Aligner):
         # The global similarity's Gram, the uniformity's kernel sums and the centres' statistics are sums
         # over ranks: one all-reduce carries them all.
         shares = {}
-        # The groups of rows whose pairs the global term compares (similarity and cross forms), each weighted alike.
-        pair_groups = {}
+        # The groups of rows whose pairs the global term compares (similarity and cross forms), each weighted alike;
+        # all pairs are one group of every row (a slice: a view, no copy of the sample).
+        pair_groups: dict[str, torch.Tensor | slice] = {}
         if cfg.use_global and cfg.global_pairs == "same_kind":
             if is_item is None:
                 raise ValueError("DaRec.losses: global_pairs=same_kind needs is_item (which rows are items)")
             pair_groups = {"user": ~is_item, "item": is_item}
         elif cfg.use_global and not neighbourhood:
-            pair_groups = {"all": torch.ones_like(weight, dtype=torch.bool)}
+            pair_groups = {"all": slice(None)}
         if cfg.global_form == "cross" and counts is None:
             counts = weight
         for group, mask in pair_groups.items():
