@@ -306,11 +306,11 @@ def _node_vectors(raw, cfg: PrepareConfig, kind: str, ids, profiles, root: Path,
     if encoder == "source":
         return ids.join(raw.vectors[kind], "raw").select("id", "vector")
     if encoder == "id-hash":
-        return embed_profiles(ids.select("id"), cfg.embedding, kind, cfg.seed)
+        return embed_profiles(ids.select("id"), cfg.embedding, kind, cfg.seed, parts)
     # A text encoder has profiles: _check_embedding_source refused a source without item text, and user profiles
     # are built from the items' titles where no user text is given.
     write_table(profiles, ["id"], root / layout.profile_file(kind), scratch, parts)
-    return embed_profiles(profiles, cfg.embedding, kind, cfg.seed)
+    return embed_profiles(profiles, cfg.embedding, kind, cfg.seed, parts)
 
 
 def _print_summary(manifest: dict, output: Path, log: StageLog) -> None:
