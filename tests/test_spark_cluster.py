@@ -53,7 +53,8 @@ def standalone_cluster(tmp_path):
 
 def test_spark_submit_to_a_cluster_writes_the_local_sessions_dataset(spark, standalone_cluster, tmp_path):
     source = write_csv_source(tmp_path / "raw", item_text=True)
-    settings = overrides({**source, "embedding.encoder": "id-hash", "embedding.dim": 8, "spark.shuffle_partitions": 4})
+    # The real encoder: its fixed batches (ranked by text length across partitions) run in the executor too.
+    settings = overrides({**source, "embedding.encoder": "sentence-transformers", "spark.shuffle_partitions": 4})
     config = REPO / "configs" / "data" / "csv.yaml"
     command = [str(BIN / "spark-submit"), "--master", standalone_cluster, str(REPO / "spark_jobs" / "prepare.py"), str(config),
                *settings, f"output={tmp_path / 'cluster'}"]
