@@ -10,10 +10,11 @@ from tests.synthetic import interaction_rows, write_csv_source
 
 
 def test_the_dataset_is_the_same_under_any_shuffle_partitioning(spark, tmp_path):
-    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=80), item_text=True)
+    rows = interaction_rows(num_users=80)
+    source = write_csv_source(tmp_path / "raw", rows, item_text=True)
     # Texts of many lengths: the encoder pads a batch to its longest text, which changes the last bits of a vector
     # whenever the texts that share a batch change.
-    items = sorted({row[1] for row in interaction_rows(num_users=80)})
+    items = sorted({row[1] for row in rows})
     lines = [f'{i},"Item {i} {" ".join(f"word{(i * j) % 97}" for j in range((i * 7) % 40))}"' for i in items]
     (tmp_path / "raw" / "items.csv").write_text("item,text\n" + "\n".join(lines) + "\n")
     default = spark.conf.get("spark.sql.shuffle.partitions")
