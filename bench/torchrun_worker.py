@@ -38,10 +38,14 @@ def slowest_rank_seconds(started: float, device) -> float:
 def run_worker(script: str, nproc: int, worker_args: list[str], what: str) -> dict:
     """`torchrun --nproc_per_node=nproc script --worker *worker_args --result FILE`; the JSON in FILE.
 
-    Exits naming `what` with the tail of the workers' output if they fail."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, "--worker", *worker_args, "--result", out.name]
+    Exits naming `what` with the tail of each failed worker's own error output if they fail (torchrun writes each
+    worker's output to its own file: on the console, torchrun's report of the failure buried the workers' message)."""
+    with tempfile.TemporaryDirectory() as folder:
+        result, logs = Path(folder) / "result.json", Path(folder) / "logs"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--log-dir", str(logs),
+                   "--redirects", "3", script, "--worker", *worker_args, "--result", str(result)]
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"{what}: failed\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-        return json.loads(Path(out.name).read_text())
+            errors = [f"[local rank {log.parent.name}] ...{log.read_text()[-1000:]}" for log in sorted(logs.glob("*/attempt_*/*/stderr.log"))]
+            raise SystemExit(f"{what}: failed\n" + ("\n".join(errors) if errors else f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"))
+        return json.loads(result.read_text())
