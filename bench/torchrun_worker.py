@@ -38,7 +38,7 @@ def slowest_rank_seconds(started: float, device) -> float:
 def run_worker(script: str, nproc: int, worker_args: list[str], what: str) -> dict:
     """`torchrun --nproc_per_node=nproc script --worker *worker_args --result FILE`; the JSON in FILE.
 
-    Exits naming `what` with the tail of each failed worker's own error output if they fail (torchrun writes each
+    Exits naming `what` with the tail of each worker's own error output if they fail (torchrun writes each
     worker's output to its own file: on the console, torchrun's report of the failure buried the workers' message)."""
     with tempfile.TemporaryDirectory() as folder:
         result, logs = Path(folder) / "result.json", Path(folder) / "logs"
