@@ -55,7 +55,7 @@ ITEM_TEXT_SOURCES = {
 OWNER = "OWNER"
 
 
-# Training and evaluation jobs hold a reading lock on their dataset (launch/train.py: dataset_in_use).
+# Training and evaluation jobs hold a reading lock on their dataset (darec_dist/train/run_dataset.py: dataset_in_use).
 _IN_USE = ("output: {output} is being read by a training or evaluation job (it re-reads the dataset every epoch, so "
            "replacing it would switch the job to other data); wait for the job to end, or write to another output")
 

@@ -99,7 +99,7 @@ def test_rerun_gives_identical_shards_and_overwrite_replaces(spark, small_datase
     # Not while a job reads it: the job re-reads arrays and shards by path, and would go on with the new split.
     from darec_dist.config import load_config
     from darec_dist.train.config import TrainConfig
-    from launch.train import dataset_in_use
+    from darec_dist.train.run_dataset import dataset_in_use
 
     import spark_jobs.prepare as job
 

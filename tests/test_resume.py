@@ -34,14 +34,14 @@ def run_config(*overrides):
 
 
 def settings(tables, zero_stage=0, config=None):
-    """launch/train.py's resume_settings, spelled out (by default, of the default config with the tables' optimizer)."""
+    """darec_dist.train.resume's resume_settings, spelled out (by default, of the default config with the tables' optimizer)."""
     config = run_config(f"sparse.optimizer={tables['optimizer']}") if config is None else config
     return {"config": config, "tables": tables, "zero_stage": zero_stage}
 
 
 def saved_state(tables, **changes):
     """A checkpoint's loop state as launch/train.py writes it, by 2 processes under settings(tables), with `changes`."""
-    from launch.train import fresh_state
+    from darec_dist.train.resume import fresh_state
 
     return {**fresh_state(2, {}, settings(tables)), checkpoint.TABLE_STEPS: 0, **changes}
 
@@ -142,7 +142,7 @@ def test_half_written_checkpoint_is_never_loaded(tmp_path):
 
 
 def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_zero_partitions(tmp_path):
-    from launch.train import check_resumable
+    from darec_dist.train.resume import check_resumable
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
@@ -173,7 +173,7 @@ def test_checkpoint_resumes_at_another_world_size_only_at_an_epoch_end_without_z
 
 def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_its_steps(tmp_path):
     """Its position is a count of batches: 20 steps of 2048 resumed at a batch of 512 skipped a quarter of them."""
-    from launch.train import check_resumable
+    from darec_dist.train.resume import check_resumable
 
     path = tmp_path / checkpoint.step_name(20)
     path.mkdir()
@@ -203,7 +203,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_only_with_the_loader_that_counted_
 def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
     """The saved best was scored by those metrics, users and validations: another monitor crashed the next
     comparison (KeyError), another user sample compared unlike scores."""
-    from launch.train import check_resumable
+    from darec_dist.train.resume import check_resumable
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
@@ -222,7 +222,7 @@ def test_a_resume_keeps_the_settings_its_best_epoch_was_chosen_by(tmp_path):
 def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tmp_path):
     """A resume with another learning rate trained on (or, on a finished run, did nothing) and rewrote config.yaml
     with it: the run's epochs came from two configs, or none from the one it named."""
-    from launch.train import check_resumable
+    from darec_dist.train.resume import check_resumable
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
@@ -257,7 +257,7 @@ def test_a_resume_changes_how_long_and_where_a_run_goes_on_not_what_it_learns(tm
 
 
 def test_a_resume_keeps_the_table_optimizer_and_per_column_shard_state_its_shape(tmp_path):
-    from launch.train import check_resumable
+    from darec_dist.train.resume import check_resumable
 
     path = tmp_path / checkpoint.step_name(7)
     path.mkdir()
@@ -343,7 +343,7 @@ def test_tables_that_do_not_fit_the_checkpoint_are_refused_naming_it(tmp_path):
 
 
 def test_a_resume_continues_its_own_run_only(tmp_path):
-    from launch.train import check_own_checkpoint
+    from darec_dist.train.resume import check_own_checkpoint
 
     run_dir = tmp_path / "run"
     check_own_checkpoint(run_dir / checkpoint.CHECKPOINTS / checkpoint.step_name(3), run_dir)
@@ -496,7 +496,7 @@ def test_a_checkpoint_loads_only_into_the_model_and_dataset_it_was_written_for(t
 
 
 def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_path):
-    from launch.train import check_fresh
+    from darec_dist.train.resume import check_fresh
 
     check_fresh(tmp_path / "new")
     (tmp_path / checkpoint.CHECKPOINTS / f".tmp-{checkpoint.step_name(3)}").mkdir(parents=True)  # a crashed save only
@@ -514,7 +514,7 @@ def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(tmp_pat
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: holds the results of an earlier run (results.json, export); "
                                                     "give this run another run_dir, or delete that one")):
         check_fresh(tmp_path)
-    from launch.train import resume_source  # the same where --resume auto finds nothing to continue (experiment.py's runs)
+    from darec_dist.train.resume import resume_source  # the same where --resume auto finds nothing to continue (experiment.py's runs)
 
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: holds the results of an earlier run")):
         resume_source(tmp_path, "auto")
@@ -553,7 +553,7 @@ def test_a_checkpoint_damaged_after_it_was_written_is_refused_by_name_and_skippe
         checkpoint.check_complete(older)
     assert checkpoint.latest(tmp_path) is None
     # Nothing to continue: --resume auto refuses rather than start over (the run's metrics and best model would go).
-    from launch.train import resume_source
+    from darec_dist.train.resume import resume_source
 
     with pytest.raises(ConfigError, match=rf"{tmp_path}: --resume auto found no complete, undamaged checkpoint to continue "
                                           rf"\({checkpoint.step_name(4)}, {checkpoint.step_name(8)}\)"):
@@ -724,7 +724,7 @@ def test_every_rank_takes_rank_0s_choice_of_checkpoint_and_its_refusal(tmp_path)
 def test_a_resume_with_no_epoch_left_and_no_model_to_test_is_refused(tmp_path):
     """eval.validate=false saves its model after epoch train.epochs: a run killed past a lower train.epochs had none,
     and the resume failed at the end naming a missing best checkpoint."""
-    from launch.train import check_best_reachable
+    from darec_dist.train.resume import check_best_reachable
 
     source = tmp_path / checkpoint.CHECKPOINTS / checkpoint.step_name(40)
     source.mkdir(parents=True)

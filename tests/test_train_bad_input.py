@@ -107,7 +107,7 @@ def test_world_size_the_shards_cannot_serve(small_dataset):
     warning = uneven_shards_warning(dataset, cfg, 0, odd)
     assert f"{shards} shards do not split evenly over {odd} ranks" in warning
     assert f"an epoch trains on {trained:,} of the {total:,} train interactions" in warning
-    from launch.train import open_dataset  # checked with the dataset, before the model is built or run_dir written
+    from darec_dist.train.run_dataset import open_dataset  # checked with the dataset, before the model is built or run_dir written
 
     with pytest.raises(DatasetError, match="fewer than one local batch"):
         open_dataset(load_config(TrainConfig, None, [f"data.path={small_dataset[0]}", "loader.batch_size=1000000"]), 2)
@@ -284,7 +284,7 @@ def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path, proce
 def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refused(dataset_copy):
     """Metrics over no test users would be reported as a model scoring 0 (a ratio split of users with few
     interactions holds none out)."""
-    from launch.train import open_dataset
+    from darec_dist.train.run_dataset import open_dataset
 
     settings = [f"data.path={dataset_copy}", "loader.batch_size=64", "loader.num_workers=0"]
     cfg = load_config(TrainConfig, None, [*settings, "eval.ks=[10]", "eval.monitor=recall@10"])
@@ -304,7 +304,7 @@ def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refuse
 
 def test_cut_offs_beyond_the_catalogue_are_refused(small_dataset):
     """A K past the item count ranks every item: Recall@K was 1 for every user, reported as a perfect score."""
-    from launch.train import open_dataset
+    from darec_dist.train.run_dataset import open_dataset
 
     root = small_dataset[0]
     items = PreparedDataset.open(root).num_items
