@@ -30,8 +30,8 @@ from darec_dist.files import reading_lock, write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.evaluate import evaluate
-from darec_dist.train.trainer import Trainer
 from darec_dist.train.run_dataset import dataset_in_use, open_dataset
+from darec_dist.train.trainer import Trainer
 
 SPLITS = ("val", "test")
 # Config sections that decide the shapes and meaning of what a checkpoint holds.

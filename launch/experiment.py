@@ -35,9 +35,10 @@ from darec_dist.data.dataset import DatasetError
 from darec_dist.files import atomic_path, write_text_atomic
 from darec_dist.train import checkpoint, report
 from darec_dist.train.config import REPO_ROOT, TrainConfig, resolve_path, what_a_run_computes
-from darec_dist.train.trainer import dense_training_settings
 from darec_dist.train.resume import RUN_LENGTH
 from darec_dist.train.run_dataset import open_dataset
+from darec_dist.train.trainer import dense_training_settings
+
 
 @dataclass
 class SweepConfig:
