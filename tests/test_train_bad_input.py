@@ -339,3 +339,15 @@ def test_a_rank_that_leaves_the_message_to_another_exits_alike(monkeypatch, caps
     monkeypatch.setattr(launch.train, "first_to_report", lambda message: False)
     assert launch.train.main(["configs/train/default.yaml", "model.layers=3"]) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_more_processes_than_visible_gpus_are_refused(monkeypatch):
+    # NCCL would stop at the first collective ("Duplicate GPU detected"); the check itself needs no GPU to run.
+    import torch
+
+    from darec_dist.distributed.env import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="3 processes on this node and 2 visible GPUs.*--nproc_per_node"):
+        pick_device("cuda", 2, 3)

@@ -29,14 +29,20 @@ class DistEnv:
         return self.rank == 0
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible")
+        visible = torch.cuda.device_count()
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), at the first collective. (With one visible GPU
+        # per process, as under a scheduler that sets CUDA_VISIBLE_DEVICES per task, the processes may well differ.)
+        if visible > 1 and local_world_size > visible:
+            raise ConfigError(f"{local_world_size} processes on this node and {visible} visible GPUs: NCCL runs one process "
+                              f"per GPU; start at most {visible} (torchrun --nproc_per_node), or device=cpu")
         # A scheduler that shows each process only its own GPU (CUDA_VISIBLE_DEVICES per task) leaves one device.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % visible)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
@@ -74,7 +80,7 @@ def distributed(device: str = "auto"):
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    torch_device = pick_device(device, local_rank)
+    torch_device = pick_device(device, local_rank, int(os.environ["LOCAL_WORLD_SIZE"]))
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     # The dense heads' gradients hold subnormal floats, which x86 CPUs multiply about ten times slower
     # (seen as 20 ms weight-gradient matmuls that take 2 ms otherwise). Flushing them to zero only

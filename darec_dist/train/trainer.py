@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -55,8 +56,12 @@ def deepspeed_engine(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv):
     if env.device.type == "cpu":
         # Skips a ~60 s JIT build of DeepSpeed's shared-memory all-reduce; gloo does the work on CPU.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Unless told the device, DeepSpeed moves itself to cuda:LOCAL_RANK, which is no device where each process sees
+    # only its own GPU (pick_device then chose cuda:0).
+    device_choice = SimpleNamespace(device_rank=env.device.index) if env.device.type == "cuda" else None
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=params, config=deepspeed_settings(cfg, env.world_size), dist_init_required=False
+        args=device_choice, model=module, model_parameters=params, config=deepspeed_settings(cfg, env.world_size),
+        dist_init_required=False,
     )
     return engine
 
