@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,6 +40,15 @@ def small_dataset(spark, tmp_path_factory):
     base = tmp_path_factory.mktemp("small")
     source = write_csv_source(base / "raw", interaction_rows(num_users=60), item_text=False)
     return prepare(small_config(base / "ds", source, **SMALL_DATASET_SETTINGS), spark=spark), source
+
+
+@pytest.fixture
+def dataset_copy(small_dataset, tmp_path):
+    """A copy of the small dataset that a test may damage."""
+    root, _ = small_dataset
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -103,3 +103,64 @@ def test_ctrl_c_while_a_batch_is_received_ends_the_workers_with_the_epoch(small_
     where = [entry.name for entry in interrupted.traceback]
     assert where[-1] == "ctrl_c_held" and "epoch_batches" in where, where  # where the hold ends, not inside the DataLoader
     assert multiprocessing.active_children() == []
+
+
+def test_heavy_users_get_uniform_negatives_outside_their_positives():
+    """A user with 95 of 100 items hits a positive in a third of the draws after the 20 redraw rounds; the rest are
+    drawn exactly. Each of its 5 other items is drawn about equally often."""
+    import numpy as np
+
+    from darec_dist.data.dataset import CSR
+    from darec_dist.data.sampling import sample_negatives
+
+    heavy = np.sort(np.random.default_rng(0).choice(100, 95, replace=False))
+    train = CSR(np.array([0, 95, 98]), np.concatenate([heavy, [1, 5, 7]]))
+    users = np.repeat([0, 1], 2000)
+    negatives = sample_negatives(np.random.default_rng(1), users, 100, 3, train)
+    assert not np.isin(negatives[:2000], heavy).any() and not np.isin(negatives[2000:], [1, 5, 7]).any()
+    items, counts = np.unique(negatives[:2000], return_counts=True)
+    assert set(items) == set(range(100)) - set(heavy.tolist())
+    assert counts.min() > 0.9 * 6000 / 5 and counts.max() < 1.1 * 6000 / 5
+
+
+@pytest.fixture
+def dataset_with_a_full_user(dataset_copy):
+    """The small dataset with every item among user 0's train positives (only the split's arrays changed)."""
+    import numpy as np
+
+    from darec_dist.data import layout
+
+    indptr_path, items_path = (dataset_copy / layout.split_indptr("train"), dataset_copy / layout.split_items("train"))
+    indptr, items = np.load(indptr_path), np.load(items_path)
+    num_items = json.loads((dataset_copy / "manifest.json").read_text())["num_items"]
+    rows = [np.arange(num_items), *(items[indptr[u] : indptr[u + 1]] for u in range(1, len(indptr) - 1))]
+    np.save(indptr_path, np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(indptr.dtype))
+    np.save(items_path, np.concatenate(rows).astype(items.dtype))
+    return dataset_copy
+
+
+def test_a_user_with_every_item_is_refused_when_negatives_avoid_positives(dataset_with_a_full_user):
+    from darec_dist.config import load_config
+    from darec_dist.data.dataset import DatasetError
+    from darec_dist.train.config import TrainConfig
+    from darec_dist.train.run_dataset import open_dataset
+
+    settings = [f"data.path={dataset_with_a_full_user}", "loader.batch_size=16"]
+    with pytest.raises(DatasetError, match=r"1 user\(s\) have every one of the \d+ items .*contiguous ids 0;.*reject_train_positives=false"):
+        open_dataset(load_config(TrainConfig, None, settings), 1, verify_checksums=False)
+    open_dataset(load_config(TrainConfig, None, [*settings, "loader.reject_train_positives=false"]), 1, verify_checksums=False)
+
+
+def test_shards_that_run_out_before_the_manifests_count_stop_the_epoch_with_an_error(dataset_copy):
+    """Unchecked shards (data.verify_checksums=false) holding fewer interactions than the manifest counts: a rank
+    that quietly ended its epoch early left the others waiting in the step's collectives."""
+    from darec_dist.data.dataset import DatasetError
+
+    manifest = json.loads((dataset_copy / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["interactions"] *= 2
+    (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    dataset = PreparedDataset.open(dataset_copy, verify_checksums=False)
+    cfg = LoaderConfig(batch_size=16, num_negatives=1, num_workers=0)
+    with pytest.raises(DatasetError, match="shards ran out after .* batches"):
+        list(epoch_batches(dataset, cfg, FeatureBuilder(dataset.num_users, None), seed=1, epoch=0, world_size=1))

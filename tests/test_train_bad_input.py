@@ -1,7 +1,6 @@
 """Bad training inputs fail before training starts, with an error that names the file or key."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -20,14 +19,6 @@ from tests.conftest import REPO
 # instead of 0.1 s, ranks that stop on their own at the same step all reach their exit first: at the default, a
 # 1.5 ms window was measured open in 1 of 5 runs on a loaded machine.
 TORCHRUN_LETTING_RANKS_EXIT = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval=5"]
-
-
-@pytest.fixture
-def dataset_copy(small_dataset, tmp_path):
-    root, _ = small_dataset
-    copy = tmp_path / "ds"
-    shutil.copytree(root, copy)
-    return copy
 
 
 def test_schema_mismatch(dataset_copy):

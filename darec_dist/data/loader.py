@@ -188,7 +188,10 @@ def epoch_batches(
             with ctrl_c_held():
                 batch = next(received, None)
             if batch is None:
-                return
+                # Ending here would leave the other ranks waiting in the step's collectives. Reached where the shards
+                # hold fewer interactions than the manifest counts, unnoticed only with data.verify_checksums=false.
+                raise DatasetError(f"{dataset.root}: this rank's shards ran out after {step} of the epoch's {steps} batches; "
+                                   "they hold fewer interactions than manifest.json counts (check them: data.verify_checksums=true)")
             if step >= skip:
                 yield batch
     finally:

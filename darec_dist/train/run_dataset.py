@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from darec_dist.config import ConfigError
+from darec_dist.data import layout
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import check_every_epoch_has_a_batch, check_world_fits
+from darec_dist.data.sampling import users_without_negatives
 from darec_dist.distributed import collectives
 from darec_dist.files import reading_lock
 from darec_dist.train.config import TrainConfig, resolve_path
@@ -35,6 +37,8 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
     if training:
         check_world_fits(dataset, world_size, cfg.loader.num_workers)
         check_every_epoch_has_a_batch(dataset, cfg.loader, cfg.seed, cfg.train.epochs, world_size)
+        if cfg.loader.reject_train_positives:
+            check_negatives_exist(dataset)
     # Test first: without it no setting helps, while eval.validate=false answers a missing validation split.
     if dataset.manifest["splits"]["test"] == 0:
         # Metrics over no users would read as a model that scores 0.
@@ -57,6 +61,18 @@ def open_dataset(cfg: TrainConfig, world_size: int, verify_checksums: bool = Tru
     if training and cfg.eval.validate and cfg.eval.monitor not in metric_names(cfg.eval.ks):  # evaluation monitors nothing
         raise ConfigError(f"eval.monitor: {cfg.eval.monitor!r} is not among the metrics of eval.ks={cfg.eval.ks}")
     return dataset
+
+
+def check_negatives_exist(dataset: PreparedDataset) -> None:
+    """Every user needs an item outside its train positives, or the sampler has no negative to give it."""
+    full = users_without_negatives(dataset.interactions("train"), dataset.num_items)
+    if len(full):
+        shown = ", ".join(map(str, full[:5])) + (f" and {len(full) - 5} more" if len(full) > 5 else "")
+        raise DatasetError(
+            f"{dataset.root}: {len(full)} user(s) have every one of the {dataset.num_items} items among their train "
+            f"positives (contiguous ids {shown}; raw ids in {dataset.root / layout.id_map('user')}), so no negative can be "
+            "drawn for them; drop them from the source and prepare again, or set loader.reject_train_positives=false"
+        )
 
 
 @contextmanager
