@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -124,6 +125,10 @@ def embed_profiles(profiles: DataFrame, cfg: EmbeddingConfig, kind: str, seed: i
             return pd.Series(list(id_hash_vectors(ids.to_numpy(), kind, dim, seed)))
 
         return profiles.select("id", hashed("id").alias("vector"))
+
+    local = os.path.expanduser(cfg.model)
+    if os.path.exists(local):  # resolved here: an executor's working directory and home are not the driver's
+        cfg = replace(cfg, model=os.path.abspath(local))
 
     def encode_batch(batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.sort_values("id")  # a fixed order in, whatever order the shuffle delivered

@@ -37,7 +37,9 @@ def start_session(cfg: SparkConfig) -> SparkSession:
     # Workers must run this interpreter, or they miss pandas/torch ("No module named ...").
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if not launched_by_spark_submit() and (cfg.master or "").startswith("local"):
+        # Local mode talks only to itself; on a cluster the driver must bind an address its executors can reach.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     settings = {
         "spark.app.name": cfg.app_name,
         "spark.driver.memory": cfg.driver_memory,

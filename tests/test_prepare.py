@@ -171,3 +171,30 @@ def test_leave_one_out_orders_fractional_timestamps(spark, tmp_path, form):
         indptr, items = load_csr(root, split)
         held_out = {(user_raw[u], item_raw[i]) for u in range(len(user_raw)) for i in items[indptr[u] : indptr[u + 1]]}
         assert held_out == set(map(tuple, frame[frame["timestamp"] == stamp][["user", "item"]].values.tolist()))
+
+
+def test_a_shard_write_cut_off_leaves_the_finished_file_as_it_was(tmp_path, monkeypatch):
+    """Two attempts of one Spark task (speculation, or a lost executor still running) write the same shard: the one
+    that dies part-way must not have truncated the file whose sha256 the other reported."""
+    import webdataset as wds
+
+    from spark_jobs.write import write_shard_file
+
+    users, items = np.arange(100, dtype=np.int64), np.arange(100, dtype=np.int64)[::-1].copy()
+    path = tmp_path / "shard-00000.tar"
+    digest = write_shard_file(str(path), 0, users, items, blocks=4)
+    assert layout.sha256_of(path) == digest
+    written = []
+
+    def dies_after_one_sample(self, sample):
+        if written:
+            raise OSError("executor lost")
+        written.append(sample)
+        return original(self, sample)
+
+    original = wds.TarWriter.write
+    monkeypatch.setattr(wds.TarWriter, "write", dies_after_one_sample)
+    with pytest.raises(OSError, match="executor lost"):
+        write_shard_file(str(path), 0, users, items, blocks=4)
+    assert layout.sha256_of(path) == digest
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the failed attempt's own file removed
