@@ -29,7 +29,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def pick_device(requested: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+def pick_device(requested: str, local_rank: int, local_world_size: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
