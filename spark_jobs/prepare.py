@@ -330,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     # py4j logs the traceback of a JVM call that Ctrl-C interrupts, on the root logger; the interrupt is said below.
-    logging.getLogger().addFilter(lambda record: not (record.exc_info and record.exc_info[0] is KeyboardInterrupt))
+    # Once Ctrl-C is taken that error may also be the broken connection it left (ConnectionResetError, CI).
+    logging.getLogger().addFilter(
+        lambda record: not (record.exc_info and (record.exc_info[0] is KeyboardInterrupt or CTRL_C_PRESSED.is_set())))
     try:
         cfg = load_config(PrepareConfig, argv[0], argv[1:])
         prepare(cfg)
