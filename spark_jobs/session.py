@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,20 @@ from pyspark.sql import SparkSession
 
 from darec_dist.signals import ctrl_c_held
 from spark_jobs.config import SparkConfig
+
+
+def local_uri(path: str | os.PathLike) -> str:
+    """A path without a scheme as an absolute file: URI, for Spark to read or write where the job's own file I/O does.
+
+    Spark resolves a scheme-less path on Hadoop's default filesystem, HDFS on many clusters, while the job reads its
+    inputs' folders and writes the dataset (the driver its manifest and arrays, the executors their shards) with plain
+    file I/O: on such a cluster `data/x.csv` was read from HDFS and the sorted parts written there.
+    """
+    text = str(path)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", text):
+        return text
+    # Not Path.as_uri(): Hadoop does not decode its percent-escapes (a space would become a literal %20).
+    return "file://" + os.path.abspath(os.path.expanduser(text))
 
 
 def launched_by_spark_submit() -> bool:

@@ -27,8 +27,12 @@ from darec_dist.files import atomic_path, interrupted_writes
 from spark_jobs.config import ShardsConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.ranking import with_global_rank
+from spark_jobs.session import local_uri
 
 STREAM_BATCH_ROWS = 1 << 20
+# And at most about this many bytes (uncompressed, as the Parquet footer counts them): 2^20 rows of 4,096-wide vectors
+# are 16 GiB, more than a driver's default memory; a batch is copied a few times on its way into a memory map.
+STREAM_BATCH_BYTES = 128 << 20
 
 
 def _sorted_parts(df: DataFrame, order: list[str], scratch: Path, partitions: int) -> tuple[list[Path], int]:
@@ -41,16 +45,23 @@ def _sorted_parts(df: DataFrame, order: list[str], scratch: Path, partitions: in
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         rows = df.count()
-        df.repartitionByRange(partitions, *order).sortWithinPartitions(*order).write.parquet(str(scratch))
+        df.repartitionByRange(partitions, *order).sortWithinPartitions(*order).write.parquet(local_uri(scratch))
     finally:
         df.unpersist()
     return sorted(scratch.glob("part-*.parquet")), rows
 
 
+def _rows_per_batch(metadata: pq.FileMetaData) -> int:
+    """Rows per streamed batch of a Parquet file: STREAM_BATCH_ROWS, fewer where its widest row group's rows are wide."""
+    groups = (metadata.row_group(g) for g in range(metadata.num_row_groups))
+    row_bytes = max((group.total_byte_size / group.num_rows for group in groups if group.num_rows), default=1.0)
+    return int(min(STREAM_BATCH_ROWS, max(1, STREAM_BATCH_BYTES // max(row_bytes, 1.0))))
+
+
 def _batches(parts: list[Path], columns: list[str]):
     for part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=STREAM_BATCH_ROWS, columns=columns):
-            yield batch
+        file = pq.ParquetFile(part)
+        yield from file.iter_batches(batch_size=_rows_per_batch(file.metadata), columns=columns)
 
 
 def write_csr(

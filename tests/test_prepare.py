@@ -198,3 +198,43 @@ def test_a_shard_write_cut_off_leaves_the_finished_file_as_it_was(tmp_path, monk
         write_shard_file(str(path), 0, users, items, blocks=4)
     assert layout.sha256_of(path) == digest
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the failed attempt's own file removed
+
+
+def test_wide_vectors_reach_the_driver_in_batches_bounded_in_bytes(spark, tmp_path, monkeypatch):
+    """A batch of 2^20 rows of an LLM's 4,096-wide vectors would be 16 GiB in the driver: batches are cut by bytes."""
+    from spark_jobs import write
+
+    vectors = np.random.default_rng(0).standard_normal((600, 2048)).astype(np.float32)
+    df = spark.createDataFrame([(i, vectors[i].tolist()) for i in range(len(vectors))], "id long, vector array<float>")
+    monkeypatch.setattr(write, "STREAM_BATCH_BYTES", 1 << 20)  # 1 MiB: about 120 rows of 8 KiB each
+    batch_rows = []
+
+    def recording(parts, columns):
+        for batch in original(parts, columns):
+            batch_rows.append(batch.num_rows)
+            yield batch
+
+    original = write._batches
+    monkeypatch.setattr(write, "_batches", recording)
+    dim = write.write_vectors(df, len(vectors), "float32", tmp_path, "vectors.npy", tmp_path / "scratch", 3, "item")
+    assert dim == 2048 and np.array_equal(np.load(tmp_path / "vectors.npy"), vectors)
+    assert sum(batch_rows) == 600 and 0 < max(batch_rows) <= (1 << 20) // (2048 * 4), batch_rows
+
+
+def test_paths_stay_local_where_hdfs_is_the_default_filesystem(spark, tmp_path, monkeypatch):
+    """Spark resolves a path without a scheme on Hadoop's default filesystem (HDFS on many clusters), while the job
+    writes its dataset with plain file I/O: its inputs and sorted parts are handed to Spark as file: URIs."""
+    from spark_jobs.session import local_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert local_uri("raw/a b.csv") == f"file://{tmp_path}/raw/a b.csv"
+    assert local_uri("hdfs://namenode/x") == "hdfs://namenode/x" and local_uri("file:/x") == "file:/x"
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=30), item_text=True)
+    hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+    default = hadoop.get("fs.defaultFS")
+    hadoop.set("fs.defaultFS", "hdfs://127.0.0.1:1/")  # no namenode there: a path resolved on it fails at once
+    try:
+        root = prepare(small_config(tmp_path / "out", source), spark=spark)
+    finally:
+        hadoop.set("fs.defaultFS", default)
+    assert json.loads((root / layout.MANIFEST).read_text())["num_users"] == 30

@@ -26,7 +26,7 @@ from spark_jobs.readers.source import RawSource
 from spark_jobs.readers.synthetic import read_synthetic
 from spark_jobs.readers.table import TIMESTAMP, ColumnPositions, parse_interactions, read_delimited_interactions, refuse_mixed_timestamp_forms
 from spark_jobs.readers.text_tables import atomic_header_name, read_metadata_table, read_text_csv, with_title
-from spark_jobs.session import StageLog
+from spark_jobs.session import StageLog, local_uri
 
 
 def read_source(spark: SparkSession, cfg: PrepareConfig, log: StageLog) -> RawSource:
@@ -281,7 +281,7 @@ def _is_parquet(path: Path) -> bool:
 
 def _parquet_rows(spark: SparkSession, path: str, columns: dict[str, str | None]) -> DataFrame:
     """Parquet interactions as validated rows: 'line' is the 1-based row number."""
-    table = spark.read.parquet(path)
+    table = spark.read.parquet(local_uri(path))
     wanted = [c for c in columns.values() if c]
     missing = [c for c in wanted if c not in table.columns]
     if missing:

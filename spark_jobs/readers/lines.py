@@ -12,12 +12,12 @@ from pyspark.sql import functions as F
 
 from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.session import StageLog
+from spark_jobs.session import StageLog, local_uri
 
 
 def numbered_lines(spark: SparkSession, paths: list[str]) -> DataFrame:
     """Columns: file (path as given to Spark), line (1-based), value (the raw line)."""
-    raw = spark.read.text(paths).select(
+    raw = spark.read.text([local_uri(path) for path in paths]).select(
         F.col("value"),
         F.col("_metadata.file_path").alias("file"),
         F.col("_metadata.file_block_start").alias("block"),

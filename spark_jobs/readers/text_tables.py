@@ -10,7 +10,7 @@ from spark_jobs.config import MalformedConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.readers.lines import INTEGER, drop_malformed, first_problem, is_integer, is_number, numbered_lines, split_fields
 from spark_jobs.readers.table import header_names
-from spark_jobs.session import StageLog
+from spark_jobs.session import StageLog, local_uri
 
 TITLE_FIELDS = ("movie_title", "title", "name", "item_name", "book_title")
 YEAR_FIELDS = ("release_year", "year")
@@ -28,7 +28,7 @@ def fail_on_duplicate_ids(table: DataFrame, id_col: str, path: str, file_column:
 def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, numeric_ids: bool, out_id: str) -> DataFrame:
     """A CSV with a header, one row per node: returns (out_id, text). Quoted multi-line text is allowed."""
     # Reads the header only; its names trimmed as the interactions' fields are ("item, text" names "text").
-    columns = [c.strip() for c in spark.read.csv(path, header=True, multiLine=True, escape='"').columns]
+    columns = [c.strip() for c in spark.read.csv(local_uri(path), header=True, multiLine=True, escape='"').columns]
     if not columns:
         raise PrepareError(f"{path}: file is empty; expected a header line naming columns {id_col} and {text_col}")
     missing = [c for c in (id_col, text_col) if c not in columns]
@@ -38,7 +38,7 @@ def read_text_csv(spark: SparkSession, path: str, id_col: str, text_col: str, nu
     # of its text, and pad a short row with nulls; with a corrupt-record column it keeps such rows apart instead.
     corrupt = "_corrupt_record"
     schema = StructType([StructField(c, StringType()) for c in columns] + [StructField(corrupt, StringType())])
-    table = spark.read.csv(path, header=True, multiLine=True, escape='"', schema=schema, columnNameOfCorruptRecord=corrupt)
+    table = spark.read.csv(local_uri(path), header=True, multiLine=True, escape='"', schema=schema, columnNameOfCorruptRecord=corrupt)
     # (Spark refuses a query of the corrupt-record column alone.)
     bad = [r[corrupt] for r in table.where(F.col(corrupt).isNotNull()).select(id_col, corrupt).limit(3).collect()]
     if bad:
