@@ -83,6 +83,17 @@ def _hf_decoder(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
     return encode
 
 
+def task_device(configured: str) -> str:
+    """`cuda` inside a Spark task that was assigned GPUs (`spark.task.resource.gpu.amount`) is the first of them; any
+    other device, or a task without GPUs, keeps the configured one. Plain `cuda` is GPU 0 in every Python worker of
+    an executor, whatever GPU Spark gave the task, so tasks on a multi-GPU executor would share one GPU."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if configured == "cuda" and context is not None else None
+    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else configured
+
+
 def encoder_for(cfg: EmbeddingConfig) -> Callable[[list[str]], np.ndarray]:
     key = (cfg.encoder, cfg.model, cfg.pooling, cfg.max_length, cfg.batch_size, cfg.device)
     if key not in _ENCODERS:
@@ -134,7 +145,7 @@ def embed_profiles(profiles: DataFrame, cfg: EmbeddingConfig, kind: str, seed: i
 
     def encode_batch(batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.sort_values("id")  # a fixed order in, whatever order the shuffle delivered
-        vectors = encoder_for(cfg)(batch["text"].fillna("").tolist())
+        vectors = encoder_for(replace(cfg, device=task_device(cfg.device)))(batch["text"].fillna("").tolist())
         return pd.DataFrame({"id": batch["id"].to_numpy(), "vector": list(np.asarray(vectors, dtype=np.float32))})
 
     # An explicit partitioning, which the grouping keeps: adaptive execution would merge the grouping's own

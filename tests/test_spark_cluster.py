@@ -42,9 +42,15 @@ def standalone_cluster(tmp_path):
                    "--webui-port", str(free_port()), ready="elected leader")
     # The port it bound, which is the next one where another process took the free one meanwhile.
     url = re.search(r"Starting Spark master at (spark://\S+)", (tmp_path / "master.log").read_text()).group(1)
+    # One GPU to hand out, number 3 (found by a discovery script, as on a real GPU node), for tasks that ask for one.
+    discovery = tmp_path / "gpus.sh"
+    discovery.write_text('#!/bin/sh\necho \'{"name": "gpu", "addresses": ["3"]}\'\n')
+    discovery.chmod(0o755)
+    properties = tmp_path / "worker.conf"
+    properties.write_text(f"spark.worker.resource.gpu.amount 1\nspark.worker.resource.gpu.discoveryScript {discovery}\n")
     worker = start(tmp_path, "worker", "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
                    "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / "work"),
-                   ready="Successfully registered with master")
+                   "--properties-file", str(properties), ready="Successfully registered with master")
     yield url
     for process in (worker, master):
         os.killpg(process.pid, signal.SIGTERM)
@@ -65,3 +71,19 @@ def test_spark_submit_to_a_cluster_writes_the_local_sessions_dataset(spark, stan
     local = prepare(load_config(PrepareConfig, config, [*settings, f"output={tmp_path / 'local'}"]), spark=spark)
     on_cluster, here = (json.loads((root / "manifest.json").read_text()) for root in (tmp_path / "cluster", local))
     assert on_cluster["arrays"] == here["arrays"] and on_cluster["shards"] == here["shards"]
+
+
+def test_a_task_given_a_gpu_encodes_on_that_gpu(standalone_cluster, tmp_path):
+    """`embedding.device=cuda` means the GPU Spark assigned the task, not every worker's GPU 0."""
+    job = tmp_path / "devices.py"
+    job.write_text("from pyspark.sql import SparkSession\n"
+                   "from spark_jobs.embed import task_device\n"
+                   "spark = SparkSession.builder.getOrCreate()\n"
+                   "print('DEVICES', spark.sparkContext.parallelize(range(2), 2).map(lambda _: (task_device('cuda'), task_device('cpu'))).collect())\n"
+                   "spark.stop()\n")
+    gpu_per_task = ["--conf", "spark.executor.resource.gpu.amount=1", "--conf", "spark.task.resource.gpu.amount=1"]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run([str(BIN / "spark-submit"), "--master", standalone_cluster, *gpu_per_task, str(job)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "DEVICES [('cuda:3', 'cpu'), ('cuda:3', 'cpu')]" in done.stdout, done.stdout[-3000:]
