@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from spark_jobs.config import CleanConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.session import StageLog
+from spark_jobs.session import StageLog, cut_lineage
 
 
 def _split_priority() -> F.Column:
@@ -26,11 +26,11 @@ def clean(interactions: DataFrame, cfg: CleanConfig, log: StageLog, has_split: b
     if cfg.dedupe:
         first = Window.partitionBy("user", "item").orderBy(_split_priority(), F.col("timestamp").asc_nulls_last(), F.col("rating").desc_nulls_last())
         # Checkpointed with the repeats still in, so that they are counted from it, not by another pass over the source.
-        df = df.withColumn("_n", F.row_number().over(first)).localCheckpoint()
+        df = cut_lineage(df.withColumn("_n", F.row_number().over(first)))
         _report_repeats(_rows_by_split(df.where(F.col("_n") > 1)), has_split, log)
         df = df.where(F.col("_n") == 1).drop("_n")
     else:
-        df = df.localCheckpoint()
+        df = cut_lineage(df)
     if cfg.k_core > 0:
         df = k_core(df, cfg.k_core, cfg.k_core_max_rounds, log)
     if df.limit(1).count() == 0:
@@ -64,7 +64,7 @@ def k_core(df: DataFrame, k: int, max_rounds: int, log: StageLog) -> DataFrame:
     for round_no in range(1, max_rounds + 1):
         users = df.groupBy("user").count().where(F.col("count") >= k).select("user")
         items = df.groupBy("item").count().where(F.col("count") >= k).select("item")
-        df = df.join(users, "user", "left_semi").join(items, "item", "left_semi").localCheckpoint()
+        df = cut_lineage(df.join(users, "user", "left_semi").join(items, "item", "left_semi"))
         new_size = df.count()
         log.log(f"k-core round {round_no}: {size} -> {new_size} interactions")
         if new_size == size:

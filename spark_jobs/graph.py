@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from spark_jobs.config import GraphConfig
+from spark_jobs.session import cut_lineage
 
 
 def train_edges(train: DataFrame) -> DataFrame:
@@ -94,7 +95,7 @@ def propagation_rows(
         if cfg.top_k is not None:
             step = keep_top_k(step, cfg.top_k)
         # Materialise each hop: the next join reads it twice and the lineage would grow with the hops.
-        frontier = step.localCheckpoint()
+        frontier = cut_lineage(step)
         if cfg.per_layer:
             terms.append(frontier.select((F.col("src") + hop * num_nodes).alias("src"), "dst", "w"))
         elif weights[hop] != 0.0:

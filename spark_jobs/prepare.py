@@ -16,8 +16,10 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import uuid
+from contextlib import suppress
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file by spark-submit: make the repository importable
@@ -39,7 +41,7 @@ from spark_jobs.graph import normalised_adjacency, node_degrees, propagation_row
 from spark_jobs.ids import apply_id_maps, build_id_map
 from spark_jobs.profiles import fail_on_missing_text, item_profiles, user_profiles
 from spark_jobs.readers.formats import check_source_paths, read_source
-from spark_jobs.session import CTRL_C_PRESSED, StageLog, effective_master, start_session, wait_for_jvm_exit
+from spark_jobs.session import CTRL_C_PRESSED, StageLog, effective_master, local_uri, start_session, wait_for_jvm_exit
 from spark_jobs.split import split_interactions
 from spark_jobs.write import write_csr, write_shards, write_table, write_vectors
 
@@ -51,8 +53,14 @@ ITEM_TEXT_SOURCES = {
 }
 
 # In a staging directory: "host pid" of the job writing it, so that a later job can tell a killed job's
-# leftovers from a running one's.
+# leftovers from a running one's. The job touches it every HEARTBEAT_S: a job on another host, whose process cannot
+# be looked up, is taken for killed once its file is ABANDONED_AFTER_S older than a new one's (both stamped by the
+# filesystem that holds them, so the hosts' clocks need not agree).
 OWNER = "OWNER"
+HEARTBEAT_S = 60.0
+ABANDONED_AFTER_S = 600.0
+# Lineage checkpoints of a job on a cluster, inside its staging directory.
+CHECKPOINTS = "_checkpoints"
 
 
 # Training and evaluation jobs hold a reading lock on their dataset (darec_dist/train/run_dataset.py: dataset_in_use).
@@ -95,9 +103,15 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
                            "finish, or delete that directory if the job is gone")
     own_session = spark is None
     started = time.perf_counter()
+    heartbeat = _start_heartbeat(staging / OWNER)
     try:
         spark = spark or start_session(cfg.spark)
+        if own_session and not spark.sparkContext.master.startswith("local"):
+            # On the storage every node mounts anyway (the executors write the shards there), removed before the rename.
+            spark.sparkContext.setCheckpointDir(local_uri(staging / CHECKPOINTS))
+            log.log(f"checkpoints under {staging / CHECKPOINTS} (on a cluster, a local one is lost with its executor)")
         manifest = _build(spark, cfg, staging, log)
+        shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)
         manifest["timings_s"] = dict(log.seconds, total=round(time.perf_counter() - started, 3))
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (staging / OWNER).unlink()
@@ -120,6 +134,7 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
                                "and that the master runs") from None
         raise
     finally:
+        heartbeat.set()
         if own_session and spark is not None:
             spark.stop()
         elif spark is not None:
@@ -130,21 +145,40 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
     return output
 
 
+def _start_heartbeat(marker: Path) -> threading.Event:
+    """Touch `marker` every HEARTBEAT_S until the returned event is set."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with suppress(OSError):  # removed once the dataset is written
+                os.utime(marker)
+
+    threading.Thread(target=beat, name="prepare-heartbeat", daemon=True).start()
+    return stop
+
+
 def _remove_abandoned_staging(output: Path, own: Path, log: StageLog) -> list[tuple[str, Path]]:
     """Delete the staging directories of earlier jobs for this output that were killed (no cleanup ran): those
-    whose owner process, on this host, is gone. Returns the others: jobs still writing
-    this output, here or on another host (a shared filesystem), as ("host H, process P", directory)."""
+    whose owner process, on this host, is gone, or whose owner on another host stopped touching its OWNER file.
+    Returns the others: jobs still writing this output, here or on another host (a shared filesystem), as
+    ("host H, process P", directory)."""
     host, running = socket.gethostname(), []
+    now = (own / OWNER).stat().st_mtime
     for staging in sorted(output.parent.glob(f".{glob.escape(output.name)}.tmp-*")):
         if staging == own:
             continue
         try:
             owner_host, pid = (staging / OWNER).read_text().split()
+            silent_s = now - (staging / OWNER).stat().st_mtime
         except (OSError, ValueError):
             continue  # not ours to judge
         if owner_host == host and not _alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
             log.log(f"removed {staging.name}, left by a killed job")
+        elif owner_host != host and silent_s > ABANDONED_AFTER_S:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.log(f"removed {staging.name}, left by a job on host {owner_host} not heard from for {silent_s / 60:.0f} minutes")
         else:
             running.append((f"host {owner_host}, process {pid}", staging))
     return running

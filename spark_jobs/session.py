@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from pyspark import SparkConf, SparkContext
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from darec_dist.signals import ctrl_c_held
 from spark_jobs.config import SparkConfig
@@ -32,6 +32,15 @@ def local_uri(path: str | os.PathLike) -> str:
         return text
     # Not Path.as_uri(): Hadoop does not decode its percent-escapes (a space would become a literal %20).
     return "file://" + os.path.abspath(os.path.expanduser(text))
+
+
+def cut_lineage(df: DataFrame) -> DataFrame:
+    """`df` computed once, its lineage cut: on the context's checkpoint directory where it has one, else locally.
+
+    A local checkpoint's blocks live in the executors that computed them: on a cluster that later loses one of them,
+    a recomputation that needs its blocks fails the job ("Checkpoint block ... not found"). Files on storage that
+    every node mounts survive it."""
+    return df.checkpoint() if df.sparkSession.sparkContext.getCheckpointDir() else df.localCheckpoint()
 
 
 def launched_by_spark_submit() -> bool:

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -352,6 +353,29 @@ def test_a_killed_jobs_staging_is_removed_and_a_running_one_refuses_a_second_job
     shutil.rmtree(running)
     output = prepare(small_config(tmp_path / "out", source), spark=spark)
     assert not (output / OWNER).exists()  # the marker does not reach the dataset
+
+
+def test_a_job_on_another_host_is_taken_for_killed_once_it_stops_touching_its_staging(spark, tmp_path, monkeypatch):
+    """Its process cannot be looked up from here: its OWNER file's age, by the filesystem's own clock, tells instead."""
+    from spark_jobs import prepare as job
+
+    silent, beating = tmp_path / ".out.tmp-silent00", tmp_path / ".out.tmp-beating0"
+    for staging in (silent, beating):
+        staging.mkdir()
+        (staging / job.OWNER).write_text("another-host 4242")
+    eleven_minutes_ago = time.time() - 660
+    os.utime(silent / job.OWNER, (eleven_minutes_ago, eleven_minutes_ago))
+    source = write_csv_source(tmp_path / "raw", interaction_rows(num_users=20), item_text=False)
+    with pytest.raises(PrepareError, match=r"another prepare job \(host another-host, process 4242\) is writing"):
+        prepare(small_config(tmp_path / "out", source), spark=spark)
+    assert not silent.exists() and beating.exists()
+    # A running job keeps its file fresh.
+    monkeypatch.setattr(job, "HEARTBEAT_S", 0.05)
+    os.utime(beating / job.OWNER, (eleven_minutes_ago, eleven_minutes_ago))
+    stop = job._start_heartbeat(beating / job.OWNER)
+    time.sleep(0.5)
+    stop.set()
+    assert time.time() - (beating / job.OWNER).stat().st_mtime < 60
 
 
 def test_an_output_path_that_is_a_file_is_refused(spark, tmp_path):

@@ -68,6 +68,8 @@ def test_spark_submit_to_a_cluster_writes_the_local_sessions_dataset(spark, stan
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Granted executor ID app-" in done.stderr  # the work ran on the cluster's executor, not in the driver
+    # Lineage cut by checkpoints on shared storage (a local checkpoint is lost with its executor), gone once written.
+    assert "checkpoints under" in done.stdout + done.stderr and not (tmp_path / "cluster" / "_checkpoints").exists()
     local = prepare(load_config(PrepareConfig, config, [*settings, f"output={tmp_path / 'local'}"]), spark=spark)
     on_cluster, here = (json.loads((root / "manifest.json").read_text()) for root in (tmp_path / "cluster", local))
     assert on_cluster["arrays"] == here["arrays"] and on_cluster["shards"] == here["shards"]
