@@ -10,7 +10,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -32,6 +32,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush the files under `folder`, and the folders that name them, to stable storage. A rename is durable only once
+    what it names is: after a power loss, a checkpoint renamed into place could otherwise hold empty files."""
+    for path in [*sorted(Path(folder).rglob("*"), reverse=True), Path(folder)]:
+        with suppress(FileNotFoundError):  # a temporary file another rank renamed meanwhile
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    directory = path.is_dir()
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    except OSError:
+        if not directory:  # some filesystems cannot flush a directory; a file that cannot be flushed is an error
+            raise
+    finally:
+        os.close(handle)
 
 
 def interrupted_writes(folder: Path) -> list[Path]:
@@ -145,5 +165,6 @@ def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0, refuse_i
             os.replace(staging, final)
     else:
         os.replace(staging, final)
+    _fsync(final.parent)  # the rename itself
     for old in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
         shutil.rmtree(old, ignore_errors=True)

@@ -201,3 +201,18 @@ def test_two_writers_of_one_path_write_apart(tmp_path):
                 raise OSError("executor lost")
         assert first.read_bytes() == b"whole" and interrupted_writes(tmp_path) == [first]
     assert target.read_bytes() == b"whole" and interrupted_writes(tmp_path) == []
+
+
+def test_fsync_tree_flushes_every_file_and_folder_under_it(tmp_path, monkeypatch):
+    import os
+
+    from darec_dist.files import fsync_tree
+
+    (tmp_path / "ckpt" / "tables").mkdir(parents=True)
+    for name in ("tables/0.distcp", "state.json", "COMPLETE"):
+        (tmp_path / "ckpt" / name).write_text("x")
+    flushed, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (flushed.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    fsync_tree(tmp_path / "ckpt")
+    everything = {str(p) for p in (tmp_path / "ckpt").rglob("*")} | {str(tmp_path / "ckpt")}
+    assert sorted(flushed) == sorted(everything) and flushed[-1] == str(tmp_path / "ckpt")  # the folder after its files

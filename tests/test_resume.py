@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -677,6 +678,44 @@ def test_a_checkpoint_being_read_is_not_pruned(tmp_path):
         assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(3), checkpoint.step_name(9)]
     checkpoint._prune(root, keep=1)
     assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(9)]
+
+
+def test_a_prune_killed_part_way_leaves_nothing_that_looks_like_a_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / checkpoint.CHECKPOINTS
+    for step in (3, 6):
+        (root / checkpoint.step_name(step)).mkdir(parents=True)
+        (root / checkpoint.step_name(step) / checkpoint.COMPLETE).write_text("")
+        (root / checkpoint.step_name(step) / "tables").write_text("x")
+
+    def killed_after_one_file(path, ignore_errors=False):
+        (Path(path) / checkpoint.COMPLETE).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._prune(root, keep=1)
+    monkeypatch.undo()
+    assert checkpoint.step_checkpoints(tmp_path) == [root / checkpoint.step_name(6)]
+    checkpoint.recover_interrupted_writes(tmp_path)  # what a resume does first
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint.step_name(6)]
+
+
+def test_a_rank_the_saved_run_did_not_have_takes_rank_0s_torch_generator(tmp_path):
+    """torch's generator is the same on every rank (RLMRec-Gen draws its masks from it); a resume on more processes
+    than wrote the checkpoint must not leave the new ranks on another one."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(5)
+    torch.rand(3)
+    torch.save(checkpoint._rng_state(), tmp_path / "rng-rank0.pt")
+    expected = torch.randint(2**31, (4,))
+    torch.manual_seed(99)
+    np.random.seed(7)
+    numpy_own = np.random.get_state()[1].copy()
+    checkpoint.restore_rng(tmp_path, rank=1)
+    assert torch.equal(torch.randint(2**31, (4,)), expected)
+    assert np.array_equal(np.random.get_state()[1], numpy_own)  # numpy's generator stays the rank's own
 
 
 def test_a_checkpoint_lacking_a_key_a_resume_checks_is_refused_naming_it(small_dataset, tmp_path):

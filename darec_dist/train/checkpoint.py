@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from darec_dist.config import ConfigError, differences, listed, to_dict
 from darec_dist.data.layout import sha256_of
 from darec_dist.distributed import collectives
-from darec_dist.files import exclusive_lock, reading_lock, replace_dir
+from darec_dist.files import exclusive_lock, fsync_tree, reading_lock, replace_dir
 from darec_dist.signals import ctrl_c_held
 
 CHECKPOINTS = "checkpoints"
@@ -124,13 +125,17 @@ def _save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None
         raise CheckpointWriteError(f"{staging}: writing the checkpoint failed ({cause[0].strip()}); {free:,.0f} MiB free "
                                    "there. The run's last complete checkpoint is kept: free space, then resume with "
                                    "--resume auto", staging) from err
+    # Every rank's count: rank 0 may hold no table of its own (a plan that puts them all elsewhere) and count none.
+    table_steps = collectives.max_over_ranks(trainer.tables.optimizer_step)[0]
+    fsync_tree(staging)  # each rank its own files (on a shared filesystem, another node's are not in its cache)
     _barrier()
     if rank == 0:
-        (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: trainer.tables.optimizer_step}, indent=2))
+        (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: table_steps}, indent=2))
         listing = {str(f.relative_to(staging)): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
                    for f in sorted(staging.rglob("*")) if f.is_file()}
         (staging / FILES).write_text(json.dumps(listing, indent=1))
         (staging / COMPLETE).write_text("")
+        fsync_tree(staging)
         replace_dir(staging, final)
         if keep is not None:
             _prune(root, keep)
@@ -144,7 +149,11 @@ def _prune(root: Path, keep: int) -> None:
         # One being read (load_weights: launch/evaluate.py on this running run) is left to a later save.
         with exclusive_lock(old) as unread:
             if unread:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first: one half-removed by a kill no longer looks like a step checkpoint, and goes with the
+                # other leftovers (recover_interrupted_writes).
+                retired = old.with_name(f".{old.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(old, retired)
+                shutil.rmtree(retired, ignore_errors=True)
 
 
 def belongs_to(path: Path, run_dir: Path) -> bool:
@@ -352,8 +361,16 @@ def load(trainer, path: str | Path) -> dict:
     saved = loop_state(path)
     trainer.tables.set_optimizer_step(saved[TABLE_STEPS])
     _load_engine(trainer, path)
-    rank = collectives.rank()
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+    restore_rng(path, collectives.rank())
     return saved
+
+
+def restore_rng(path: Path, rank: int) -> None:
+    """This rank's generators as saved. A rank the saved run did not have (a resume on more processes) takes rank 0's
+    torch generator, which every rank shares (RLMRec-Gen's masks are drawn from it: left as seeded, the new ranks
+    masked other nodes than the old ones), and keeps numpy's and Python's, which are each rank's own."""
+    own = path / f"rng-rank{rank}.pt"
+    if own.exists():
+        _set_rng_state(torch.load(own, weights_only=False))
+    else:
+        torch.set_rng_state(torch.load(path / "rng-rank0.pt", weights_only=False)["torch"])
