@@ -10,7 +10,9 @@ must hold every row.
 import numpy as np
 import pytest
 
+from darec_dist.config import ConfigError
 from darec_dist.data.dataset import PreparedDataset
+from darec_dist.train import evaluate as evaluate_module
 from darec_dist.train import report
 from darec_dist.train.evaluate import evaluate, evaluated_users, gathered_blocks, scoring_vectors
 from darec_dist.train.trainer import Trainer
@@ -38,6 +40,14 @@ def run(rank, world_size, root, out_dir):
         report.export_vectors(out_dir / name / f"world{world_size}", dataset, blocks, write=rank == 0)
         if world_size == 1:
             results[name]["vectors"] = {kind: scoring_vectors(trainer, kind, np.arange(n), calls=n).numpy() for kind, n in counts.items()}
+    # A sample of users none of whom has held-out interactions (here: none at all) is refused on every rank alike.
+    evaluate_module.evaluated_users, kept = (lambda num_users, max_users: np.zeros(0, dtype=np.int64)), evaluated_users
+    try:
+        evaluate(trainer, "test", world_size, rank)
+    except ConfigError as err:
+        results["empty sample"] = str(err)
+    finally:
+        evaluate_module.evaluated_users = kept
     return results
 
 
@@ -64,6 +74,8 @@ def test_streamed_evaluation_equals_dense_ranking(evaluations, case, small_datas
             assert result["users"] == count > 0
             assert result[f"recall@{k}"] == pytest.approx(recall / count, abs=1e-9)
             assert result[f"ndcg@{k}"] == pytest.approx(ndcg / count, abs=1e-9)
+    for result in (one, two):
+        assert "the sample of users holds none with test interactions" in result["empty sample"]
     for world_size in (1, 2):
         export = out / case / f"world{world_size}" / "export"
         for kind in ("user", "item"):

@@ -2,8 +2,9 @@
 
 Each round, every rank computes the scoring vectors of its next slice of items and the ranks gather
 the slices into one block (about `eval.item_block` items, whatever the world size); each rank scores
-its own users against the block, masks their train items and keeps a running top-K. The metric sums
-are then combined exactly by all-reduce. A rank holds its evaluated users' vectors and top-K, one
+its own users against the block, masks their train items and keeps a running top-K. The per-user metric
+sums are then added up by all-reduce (float64: another split of the users over ranks adds in another order, which
+can move the last of 16 digits). A rank holds its evaluated users' vectors and top-K, one
 item block and one score chunk: nothing that grows with the catalogue.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from darec_dist.config import ConfigError
 from darec_dist.distributed.collectives import all_reduce_sum
 from darec_dist.train.metrics import mask_rows, merge_top_k, metric_names, ranking_sums, top_k
 
@@ -95,4 +97,8 @@ def evaluate(trainer, split: str, world_size: int, rank: int) -> dict[str, float
     totals = torch.tensor([sums[n] for n in names] + [sums["users"]], dtype=torch.float64)
     totals = all_reduce_sum(totals.to(device)).cpu()
     count = totals[-1].item()
-    return {name: (totals[i].item() / count if count else 0.0) for i, name in enumerate(names)} | {"users": int(count)}
+    if count == 0:  # the same on every rank (all-reduced): raised alike, no rank left in a collective
+        # Only a sample can miss (open_dataset refuses an empty split); scored 0.0, every epoch would tie the first.
+        raise ConfigError(f"eval.max_users={cfg.max_users}: the sample of users holds none with {split} interactions; "
+                         "raise eval.max_users, or set it to null to evaluate every user")
+    return {name: totals[i].item() / count for i, name in enumerate(names)} | {"users": int(count)}
