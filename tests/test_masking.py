@@ -42,10 +42,17 @@ def test_masked_entries_are_zeroed_and_their_weight_summed_per_bag():
     assert torch.equal(kept.values(), values) and torch.equal(kept.lengths(), lengths)
 
 
-def test_info_nce_to_frozen_is_info_nce_with_node_keys_on_one_process():
+def test_info_nce_to_frozen_is_info_nce_over_each_node_once_on_one_process():
+    """A node on several rows is one anchor, as RLMRec's masked seeds are, not one per row."""
     torch.manual_seed(0)
-    anchors, targets = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    anchors = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(9, 5, dtype=torch.float64)
     ids = torch.tensor([4, 1, 4, 0, 2, 1, 7, 3, 5])
-    targets[2], targets[5] = targets[0], targets[1]  # a node's rows share its LLM row
-    got = info_nce_to_frozen(anchors, targets, 0.3, ids)
-    torch.testing.assert_close(got, info_nce(anchors, targets, 0.3, ids))
+    first = [0, 1, 3, 4, 6, 7, 8]
+    rows = anchors[[0, 1, 0, 3, 4, 1, 6, 7, 8]]  # a node's rows share its embedding and its LLM row
+    targets[2], targets[5] = targets[0], targets[1]
+    got = info_nce_to_frozen(rows, targets, 0.3, ids)
+    want = info_nce(anchors[first], targets[first], 0.3)
+    torch.testing.assert_close(got, want)
+    got_grad, = torch.autograd.grad(got, anchors)
+    torch.testing.assert_close(got_grad, torch.autograd.grad(want, anchors)[0])

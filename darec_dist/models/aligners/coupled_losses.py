@@ -9,7 +9,7 @@ split into this rank's partial sums (`*_sums`, `similarity_gram`, `centre_statis
 over ranks with one differentiable all-reduce, and a function of the global sums (`*_from_*`) that gives the
 same value on every rank. Per-row terms (orthogonality, the soft assignments' KL) need no collective. Where the
 ranks hold different numbers of anchors (RLMRec-Gen's masked nodes), `info_nce_to_frozen` weights each rank's sum so
-that the mean over ranks is still the mean over all anchors.
+that the mean over ranks is still the mean over all masked nodes.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float,
 
 
 def info_nce_to_frozen(anchors: torch.Tensor, targets: torch.Tensor, temperature: float, ids: torch.Tensor) -> torch.Tensor:
-    """InfoNCE of each anchor against every rank's targets, like `info_nce` with ids, where ranks hold different
-    numbers of anchors (RLMRec-Gen's masked nodes) and the targets are frozen (LLM rows). The targets need no
-    gradient, so they are gathered plainly, padded to the largest rank's count. Returns this rank's share, its
-    anchors' terms summed x W / (all ranks' anchors): the mean over ranks is the mean over all anchors."""
+    """InfoNCE of each node against every rank's targets, like `info_nce` with ids, where ranks hold different
+    numbers of anchors (RLMRec-Gen's masked nodes) and the targets are frozen (LLM rows). The rows of one node (on
+    any rank) hold one anchor and count once, as RLMRec's masked seeds do: an active user on k rows would otherwise
+    weigh k times. The targets need no gradient, so they are gathered plainly, padded to the largest rank's count.
+    Returns this rank's share, each row's term / (its node's rows) summed x W / (all ranks' nodes): the mean over
+    ranks is the mean over the nodes."""
     if targets.requires_grad:
         raise ValueError("info_nce_to_frozen gathers its targets without gradient: pass frozen rows")
     counts = gather(torch.tensor([anchors.shape[0]], device=anchors.device))
@@ -58,7 +60,9 @@ def info_nce_to_frozen(anchors: torch.Tensor, targets: torch.Tensor, temperature
     position = torch.cumsum(real, 0) - 1  # a gathered row's index among the real ones
     own = position[rank() * most + torch.arange(anchors.shape[0], device=anchors.device)]
     logits = (F.normalize(anchors, dim=-1) / temperature) @ everyone[real][first].T
-    return F.cross_entropy(logits, node[own], reduction="sum") * world_size() / total
+    terms = F.cross_entropy(logits, node[own], reduction="none")
+    rows_of_node = torch.bincount(node, minlength=len(first))
+    return (terms / rows_of_node[node[own]]).sum() * world_size() / len(first)
 
 
 def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

@@ -72,6 +72,6 @@ class RLMRecGen(Aligner):
         return {"rlmrec_gen": self.cfg.weight * self.reconstruction_loss(masked)}
 
     def reconstruction_loss(self, masked: AlignInputs) -> torch.Tensor:
-        """InfoNCE of sigma_up(c~_v) against l_v over the masked rows of every rank; a node on two rows (an active
-        user) is one node among the negatives."""
+        """InfoNCE of sigma_up(c~_v) against l_v over the masked nodes of every rank's rows; a node on two rows (an
+        active user) is one anchor and one negative."""
         return info_nce_to_frozen(self.up(masked.collab["all"]), masked.llm["all"], self.cfg.temperature, masked.ids["all"])
