@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 
 from darec_dist.config import ConfigError, load_config, to_dict
 from darec_dist.data import layout
-from darec_dist.files import DirectoryInUse, exclusive_lock, replace_dir
+from darec_dist.files import DirectoryInUse, exclusive_lock, fsync_tree, replace_dir
 from spark_jobs.clean import clean
 from spark_jobs.config import EmbeddingConfig, PrepareConfig
 from spark_jobs.embed import embed_profiles
@@ -115,6 +115,7 @@ def prepare(cfg: PrepareConfig, spark: SparkSession | None = None, log: StageLog
         manifest["timings_s"] = dict(log.seconds, total=round(time.perf_counter() - started, 3))
         (staging / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         (staging / OWNER).unlink()
+        fsync_tree(staging)  # on disk before it is renamed into place: a power loss leaves no finished-looking husk
         try:  # a job that started reading it since the check above
             replace_dir(staging, output, reader_wait=10.0, refuse_in_use=True)
         except DirectoryInUse:
