@@ -187,7 +187,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         settings = resume_settings(cfg, table_layout(cfg, trainer), zero_stage, dense)
         if source is not None:
             check_resumable(source, env.world_size, settings)
-            check_best_reachable(run_dir, source, cfg.train.epochs)
+            check_best_reachable(run_dir, source, cfg.train)
         if env.is_main:  # after the model is built and a resume checked: a refused run leaves the run_dir as it was
             report.write_config(run_dir, cfg, dense)
         memory_mib = {"after_setup": memory.per_rank(memory.stage())}

@@ -16,6 +16,7 @@ import pytest
 
 from darec_dist.config import ConfigError
 from darec_dist.train import checkpoint
+from darec_dist.train.config import LoopConfig
 from tests.conftest import REPO
 from tests.train_helpers import finish
 
@@ -770,12 +771,34 @@ def test_a_resume_with_no_epoch_left_and_no_model_to_test_is_refused(tmp_path):
     (source / checkpoint.FILES).write_text("{}")
     (source / checkpoint.COMPLETE).write_text("")
     (source / checkpoint.STATE).write_text(json.dumps({"epoch": 4, "step_in_epoch": 0, "global_step": 40, "best": None}))
-    check_best_reachable(tmp_path, source, 5)
+    check_best_reachable(tmp_path, source, LoopConfig(epochs=5))
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: has trained 4 epochs and has no best model yet (one is "
                                                     "saved at a better validation, or with eval.validate=false after epoch "
                                                     "train.epochs), and train.epochs=3 asks for no more; resume with "
                                                     "train.epochs greater than 4")):
-        check_best_reachable(tmp_path, source, 3)
+        check_best_reachable(tmp_path, source, LoopConfig(epochs=3))
+
+
+def test_a_resume_that_may_stop_before_the_best_model_on_disk_is_refused(tmp_path):
+    """A best model saved after the checkpoint resumed is written again only by a replay that gets that far: a lower
+    patience could stop it earlier, and the run would test a model it never chose."""
+    from darec_dist.train.resume import check_best_reachable
+
+    root = tmp_path / checkpoint.CHECKPOINTS
+    source, best = root / checkpoint.step_name(50), root / checkpoint.BEST
+    trained_with = {"train": {"epochs": 100, "patience": 10, "min_epochs": 0}}
+    for path, epoch, best_epoch in ((source, 5, 4), (best, 8, 7)):
+        path.mkdir(parents=True)
+        (path / checkpoint.FILES).write_text("{}")
+        (path / checkpoint.COMPLETE).write_text("")
+        (path / checkpoint.STATE).write_text(json.dumps({"epoch": epoch, "step_in_epoch": 0, "global_step": 10 * epoch,
+                                                         "best": {"epoch": best_epoch}, "config": trained_with}))
+    check_best_reachable(tmp_path, source, LoopConfig(epochs=100, patience=10))
+    check_best_reachable(tmp_path, source, LoopConfig(epochs=100, patience=30))  # never stops earlier than the run did
+    with pytest.raises(ConfigError, match=re.escape("its best model is epoch 7's, from beyond the checkpoint resumed "
+                                                    "(epoch 5), which the run saves again only if it gets that far; with "
+                                                    "train.patience=2 (was 10) it may stop before")):
+        check_best_reachable(tmp_path, source, LoopConfig(epochs=100, patience=2))
 
 
 def test_ctrl_c_ends_a_training_run_in_one_line_keeping_its_checkpoints(small_dataset, tmp_path):

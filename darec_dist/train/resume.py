@@ -8,7 +8,7 @@ from pathlib import Path
 
 from darec_dist.config import ConfigError, differences, listed, to_dict
 from darec_dist.train import checkpoint, report
-from darec_dist.train.config import TrainConfig, what_a_run_computes
+from darec_dist.train.config import LoopConfig, TrainConfig, what_a_run_computes
 from darec_dist.train.trainer import Trainer
 
 
@@ -228,11 +228,14 @@ def check_resumable(source: Path, world_size: int, settings: dict) -> None:
         )
 
 
-def check_best_reachable(run_dir: Path, source: Path, epochs: int) -> None:
+def check_best_reachable(run_dir: Path, source: Path, loop: LoopConfig) -> None:
     """The best model on disk must come from an epoch the run trains: after a resume from an older checkpoint it
-    may be a later epoch's, which the run writes again (same settings, same model) only if it gets that far."""
+    may be a later epoch's, which the run writes again (same settings, same model) only if it gets that far: not
+    past train.epochs, and not where a lower patience or min_epochs than the run's stops it earlier (it would then
+    test a model it never chose)."""
     best = run_dir / checkpoint.CHECKPOINTS / checkpoint.BEST
-    resumed_at = checkpoint.loop_state(source)["epoch"]
+    saved = checkpoint.loop_state(source)
+    resumed_at, epochs = saved["epoch"], loop.epochs
     if not (best / checkpoint.STATE).is_file():
         if resumed_at >= epochs:  # no epoch left to train, and none saved a model to test
             raise ConfigError(f"{run_dir}: has trained {resumed_at} epochs and has no best model yet (one is saved at a "
@@ -244,3 +247,11 @@ def check_best_reachable(run_dir: Path, source: Path, epochs: int) -> None:
         raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed (epoch "
                           f"{resumed_at}), and this run ends after {epochs} epochs; resume with train.epochs greater than "
                           f"{best_epoch}, or test that model as it is (launch/evaluate.py RUN_DIR)")
+    trained_with = saved.get("config", {}).get("train", {})
+    lowered = [f"train.{key}={getattr(loop, key)} (was {trained_with[key]})" for key in ("patience", "min_epochs")
+               if key in trained_with and getattr(loop, key) < trained_with[key]]
+    if best_epoch >= resumed_at and lowered:
+        raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed (epoch "
+                          f"{resumed_at}), which the run saves again only if it gets that far; with {' and '.join(lowered)} "
+                          "it may stop before, and would test a model it did not choose. Resume with the run's stopping "
+                          "settings, or test that model as it is (launch/evaluate.py RUN_DIR)")
