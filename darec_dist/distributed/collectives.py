@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+# Deprecated in favour of torch.distributed._functional_collectives, whose plain all_gather and all_reduce carry no
+# gradient: moving to them would cut every coupled loss's backward silently (tests/test_coupled_losses.py guards it).
 import torch.distributed.nn.functional as dist_fn
 
 T = TypeVar("T")
