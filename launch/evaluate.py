@@ -98,7 +98,7 @@ def run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> TrainConfig:
     shaping = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in MODEL_SECTIONS]
     if shaping:
         raise ConfigError(f"{shaping}: these keys shape the model the checkpoint holds; the run's are kept ({config})")
-    return load_config(TrainConfig, config, [*overrides, f"run_dir={run_dir}"])
+    return load_config(TrainConfig, config, [*overrides, f"run_dir={json.dumps(str(run_dir))}"])  # YAML reads " #" as a comment
 
 
 def evaluate_run(run_dir: Path, which: str = "best", splits: tuple[str, ...] = ("test",), overrides: tuple[str, ...] = ()) -> dict:

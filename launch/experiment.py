@@ -74,6 +74,15 @@ class ExperimentConfig:
             raise ValueError(f"seeds: {repeated} given more than once in {self.seeds}; each seed is one run, give distinct seeds")
         if self.sweep.key and not self.sweep.values:
             raise ValueError(f"sweep.values: give at least one value of {self.sweep.key}")
+        # The runner sets both per run, after every override: a variant's own would be dropped without a word, and
+        # variants that differ only there would be one run under two names.
+        given = {"overrides": self.overrides, "sweep.base": self.sweep.base, "sweep.key": [f"{self.sweep.key}="],
+                 **{f"variants.{name}": overrides for name, overrides in self.variants.items()}}
+        for where, overrides in given.items():
+            owned = [o for o in overrides if o.split("=", 1)[0].strip() in ("seed", "run_dir")]
+            if owned:
+                raise ValueError(f"{where}: {', '.join(owned)}: the experiment sets each run's seed (seeds) and "
+                                 "run_dir (out_dir/VARIANT/seed-N); remove it")
         # A repeated value names the same variant (one run directory): it was run once and plotted twice.
         repeated = sorted({value for value in self.sweep.values if self.sweep.values.count(value) > 1})
         if self.sweep.key and repeated:
@@ -153,7 +162,8 @@ RESULTS_KEYS = ("test", "val", "best_epoch", "seconds_per_epoch", "monitor", "wa
 
 def run_settings(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: int) -> list[str]:
     """The overrides of the training config that make one run of the grid."""
-    return [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={run_dir}", "train.progress_bar=false"]
+    # Quoted: an override's value is read as YAML, where " #" starts a comment and ": " a mapping.
+    return [*cfg.overrides, *overrides, f"seed={seed}", f"run_dir={json.dumps(str(run_dir))}", "train.progress_bar=false"]
 
 
 def read_results(run_dir: Path) -> dict:
@@ -205,8 +215,8 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
         ran = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
         changed = differences(what_a_run_computes(ran), what_a_run_computes(asked))
         ran_dense = report.read_dense_settings(run_dir)  # the file the config names may have been edited since
-        if ran_dense is not None and not changed:
-            changed = differences({"deepspeed": ran_dense}, {"deepspeed": dense_training_settings(asked_cfg)}, "dense.")
+        if ran_dense is not None:  # also beside a longer run: its resume would be refused after earlier runs trained
+            changed += differences({"deepspeed": ran_dense}, {"deepspeed": dense_training_settings(asked_cfg)}, "dense.")
         goes_on = bool(changed) and trains_on_alike(ran["train"], asked["train"], changed)
         if goes_on and finished:  # a finished run goes on from its last checkpoint
             latest = checkpoint.latest(run_dir)

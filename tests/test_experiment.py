@@ -241,6 +241,30 @@ def test_variants_sharing_a_run_directory_are_refused_at_load(capsys, overrides,
     assert message in err and "/no/dataset" not in err, err
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["variants={a: [seed=7], b: [seed=8]}"], "variants.a: seed=7: the experiment sets each run's seed (seeds) and run_dir"),
+    (["sweep.key=seed", "sweep.values=[7,8]"], "sweep.key: seed=: the experiment sets each run's seed"),
+    (["overrides=[run_dir=/tmp/elsewhere]"], "overrides: run_dir=/tmp/elsewhere: the experiment sets"),
+], ids=["variant-seed", "swept-seed", "shared-run-dir"])
+def test_a_seed_or_run_dir_of_a_variant_is_refused_at_load(capsys, overrides, message):
+    """The runner sets both after every override: two variants differing only in seed were one run under two names."""
+    from launch.experiment import main
+
+    assert main(["configs/experiments/quickstart.yaml", *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_directory_reaches_the_trainer_as_named(tmp_path):
+    """An override's value is read as YAML: a variant 'darec #1' trained in out_dir/darec (the rest a comment)."""
+    from launch.experiment import run_settings
+
+    cfg = ExperimentConfig(train_config="configs/train/default.yaml")
+    for name in ("darec #1", "lambda: 0.5", "plain"):
+        run_dir = tmp_path / name / "seed-1"
+        settings = run_settings(cfg, run_dir, [], seed=1)
+        assert load_config(TrainConfig, REPO_ROOT / cfg.train_config, settings).run_dir == str(run_dir)
+
+
 def test_a_typo_in_a_later_variant_fails_before_the_first_run(small_dataset, tmp_path):
     cfg = ExperimentConfig(
         overrides=[f"data.path={small_dataset[0]}", "device=cpu", "loader.batch_size=64"],
