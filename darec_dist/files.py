@@ -39,10 +39,11 @@ def fsync_tree(folder: Path) -> None:
     what it names is: after a power loss, a checkpoint renamed into place could otherwise hold empty files."""
     for path in [*sorted(Path(folder).rglob("*"), reverse=True), Path(folder)]:
         with suppress(FileNotFoundError):  # a temporary file another rank renamed meanwhile
-            _fsync(path)
+            fsync(path)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush one file, or one folder's entries, to stable storage."""
     directory = path.is_dir()
     handle = os.open(path, os.O_RDONLY)
     try:
@@ -165,6 +166,6 @@ def replace_dir(staging: Path, final: Path, reader_wait: float = 300.0, refuse_i
             os.replace(staging, final)
     else:
         os.replace(staging, final)
-    _fsync(final.parent)  # the rename itself
+    fsync(final.parent)  # the rename itself
     for old in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
         shutil.rmtree(old, ignore_errors=True)

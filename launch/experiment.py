@@ -76,13 +76,14 @@ class ExperimentConfig:
             raise ValueError(f"sweep.values: give at least one value of {self.sweep.key}")
         # The runner sets both per run, after every override: a variant's own would be dropped without a word, and
         # variants that differ only there would be one run under two names.
-        given = {"overrides": self.overrides, "sweep.base": self.sweep.base, "sweep.key": [f"{self.sweep.key}="],
-                 **{f"variants.{name}": overrides for name, overrides in self.variants.items()}}
-        for where, overrides in given.items():
-            owned = [o for o in overrides if o.split("=", 1)[0].strip() in ("seed", "run_dir")]
+        keys = {where: [o.split("=", 1)[0].strip() for o in overrides] for where, overrides in
+                {"overrides": self.overrides, "sweep.base": self.sweep.base,
+                 **{f"variants.{name}": overrides for name, overrides in self.variants.items()}}.items()}
+        for where, given in {**keys, "sweep.key": [self.sweep.key]}.items():
+            owned = sorted({key for key in given if key in ("seed", "run_dir")})
             if owned:
-                raise ValueError(f"{where}: {', '.join(owned)}: the experiment sets each run's seed (seeds) and "
-                                 "run_dir (out_dir/VARIANT/seed-N); remove it")
+                raise ValueError(f"{where} sets {', '.join(owned)}, which the experiment sets for each run (seeds, and "
+                                 "out_dir/VARIANT/seed-N); remove it")
         # A repeated value names the same variant (one run directory): it was run once and plotted twice.
         repeated = sorted({value for value in self.sweep.values if self.sweep.values.count(value) > 1})
         if self.sweep.key and repeated:

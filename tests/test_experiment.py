@@ -242,9 +242,10 @@ def test_variants_sharing_a_run_directory_are_refused_at_load(capsys, overrides,
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["variants={a: [seed=7], b: [seed=8]}"], "variants.a: seed=7: the experiment sets each run's seed (seeds) and run_dir"),
-    (["sweep.key=seed", "sweep.values=[7,8]"], "sweep.key: seed=: the experiment sets each run's seed"),
-    (["overrides=[run_dir=/tmp/elsewhere]"], "overrides: run_dir=/tmp/elsewhere: the experiment sets"),
+    (["variants={a: [seed=7], b: [seed=8]}"], "variants.a sets seed, which the experiment sets for each run (seeds, and "
+                                              "out_dir/VARIANT/seed-N); remove it"),
+    (["sweep.key=seed", "sweep.values=[7,8]"], "sweep.key sets seed, which the experiment sets for each run"),
+    (["overrides=[run_dir=/tmp/elsewhere]"], "overrides sets run_dir, which the experiment sets for each run"),
 ], ids=["variant-seed", "swept-seed", "shared-run-dir"])
 def test_a_seed_or_run_dir_of_a_variant_is_refused_at_load(capsys, overrides, message):
     """The runner sets both after every override: two variants differing only in seed were one run under two names."""

@@ -28,7 +28,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from darec_dist.config import ConfigError, differences, listed, to_dict
 from darec_dist.data.layout import sha256_of
 from darec_dist.distributed import collectives
-from darec_dist.files import exclusive_lock, fsync_tree, reading_lock, replace_dir
+from darec_dist.files import exclusive_lock, fsync, fsync_tree, reading_lock, replace_dir
 from darec_dist.signals import ctrl_c_held
 
 CHECKPOINTS = "checkpoints"
@@ -135,7 +135,8 @@ def _save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None
                    for f in sorted(staging.rglob("*")) if f.is_file()}
         (staging / FILES).write_text(json.dumps(listing, indent=1))
         (staging / COMPLETE).write_text("")
-        fsync_tree(staging)
+        for written in (staging / STATE, staging / FILES, staging / COMPLETE, staging):  # the rest: every rank, above
+            fsync(written)
         replace_dir(staging, final)
         if keep is not None:
             _prune(root, keep)

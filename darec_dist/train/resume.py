@@ -247,9 +247,9 @@ def check_best_reachable(run_dir: Path, source: Path, loop: LoopConfig) -> None:
         raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed (epoch "
                           f"{resumed_at}), and this run ends after {epochs} epochs; resume with train.epochs greater than "
                           f"{best_epoch}, or test that model as it is (launch/evaluate.py RUN_DIR)")
-    trained_with = saved.get("config", {}).get("train", {})
+    trained_with = saved["config"]["train"]  # (check_resumable has refused a checkpoint without its config)
     lowered = [f"train.{key}={getattr(loop, key)} (was {trained_with[key]})" for key in ("patience", "min_epochs")
-               if key in trained_with and getattr(loop, key) < trained_with[key]]
+               if getattr(loop, key) < trained_with[key]]
     if best_epoch >= resumed_at and lowered:
         raise ConfigError(f"{run_dir}: its best model is epoch {best_epoch}'s, from beyond the checkpoint resumed (epoch "
                           f"{resumed_at}), which the run saves again only if it gets that far; with {' and '.join(lowered)} "
