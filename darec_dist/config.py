@@ -48,15 +48,38 @@ _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.
     |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
+class _WrittenInt(int):
+    """An integer that remembers how it was written: a string field given `010` is the text '010', not '10'."""
+
+    written: str
+
+
+class _WrittenFloat(float):
+    """A float that remembers how it was written (`run_dir: 1.50` is the directory '1.50')."""
+
+    written: str
+
+
+def _written(number: int | float, text: str) -> int | float:
+    kept = (_WrittenInt if isinstance(number, int) else _WrittenFloat)(number)
+    kept.written = text
+    return kept
+
+
 def _decimal_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
     try:
-        return int(text)
+        return _written(int(text), text)
     except ValueError:  # an explicit !!int tag on other text
         raise yaml.constructor.ConstructorError(None, None, f"expected a decimal integer, got {text!r}", node.start_mark) from None
 
 
+def _written_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    return _written(loader.construct_yaml_float(node), loader.construct_scalar(node))
+
+
 _Loader.add_constructor(_INT, _decimal_int)
+_Loader.add_constructor(_FLOAT, _written_float)
 
 
 def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
@@ -95,7 +118,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def set_dotted(tree: dict, key: str, value: Any, schema: Any = None, text: str | None = None) -> None:
+def set_dotted(tree: dict, key: str, value: Any, schema: Any = None) -> None:
     """Set `key` (dotted) in `tree`. A mapping given for a section of `schema` (a dataclass field) is merged into it,
     keeping the settings it does not name; one given for a mapping-valued field (an experiment's variants) replaces it."""
     node, section = tree, schema
@@ -107,7 +130,7 @@ def set_dotted(tree: dict, key: str, value: Any, schema: Any = None, text: str |
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part!r} is a value, not a section")
         node, section = child, _field_type(section, part)
-    _assign(node, parts[-1], value, _field_type(section, parts[-1]), text)
+    _assign(node, parts[-1], value, _field_type(section, parts[-1]))
 
 
 def _field_type(cls: Any, name: str) -> Any:
@@ -115,17 +138,14 @@ def _field_type(cls: Any, name: str) -> Any:
     return get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
 
 
-def _assign(node: dict, name: str, value: Any, tp: Any, text: str | None = None) -> None:
-    """node[name] = value, merging a mapping into a section; `text`, the override as written, is kept for a string
-    field (run_dir=010 is the directory '010', not '10')."""
+def _assign(node: dict, name: str, value: Any, tp: Any) -> None:
+    """node[name] = value, merging a mapping into a section."""
     if dataclasses.is_dataclass(tp) and value is None:  # it reset the file's whole section to the defaults
         raise ConfigError(f"override {name}=null: {name!r} is a section; set its keys ({name}.KEY=VALUE)")
     if isinstance(value, dict) and dataclasses.is_dataclass(tp) and isinstance(node.get(name), dict):
         for inner, inner_value in value.items():
             _assign(node[name], str(inner), inner_value, _field_type(tp, str(inner)))
         return
-    if text is not None and tp in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = text
     node[name] = value
 
 
@@ -147,7 +167,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tu
     tree = read_yaml(path) if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(tree, key, value, cls, item.split("=", 1)[1].strip())
+        set_dotted(tree, key, value, cls)
     # A bad key may come from the file or from the command line: name both when there are overrides.
     source = str(path) if path is not None else "<overrides>"
     if path is not None and overrides:
@@ -217,7 +237,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         allowed = get_args(tp)
         if value not in allowed:
             raise ConfigError(f"{_where(source, key)}: {value!r} is not one of {list(allowed)}")
-        return value
+        return allowed[allowed.index(value)]  # (the allowed value itself, not a number that remembers its text)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{_where(source, key)}: expected a list, got {value!r}")
@@ -255,7 +275,7 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list, bool)) or value is None:
             raise ConfigError(f"{_where(source, key)}: expected a string, got {value!r} (quote it to give it as text)")
-        return str(value)
+        return getattr(value, "written", str(value))  # a number read from YAML: as written
     raise ConfigError(f"{_where(source, key)}: unsupported config type {tp}")
 
 

@@ -206,6 +206,15 @@ def check_run(cfg: ExperimentConfig, run_dir: Path, overrides: list[str], seed: 
     if not finished and has_checkpoints and latest is None:
         raise ConfigError(f"{run_dir}: interrupted, and every checkpoint it holds is damaged (the trainer names why when "
                           "resuming one by path); delete that run to run it again")
+    if latest is not None:
+        # As for a finished run below: the trainer would resume it at another world size (at an epoch's end, ZeRO 0),
+        # and its epochs, and the table, would then mix the two.
+        saved = checkpoint.loop_state(latest)
+        sizes = sorted({saved["world_size"], *saved.get("epoch_world_sizes", [])} - {cfg.nproc})
+        if sizes:
+            raise ConfigError(f"{run_dir}: interrupted after training with {', '.join(map(str, sizes))} processes, and the "
+                              f"experiment asks for nproc={cfg.nproc}; a run would mix the two. Run the experiment with "
+                              "that nproc to finish it, delete that run, or give the experiment another out_dir")
     if finished or has_checkpoints:
         # A finished run counts, and an interrupted one is resumed, only if it computed what is asked now (an
         # edited experiment must not reuse it, nor finish it under the new settings); one copied from another
@@ -301,7 +310,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             # Empty without validation (eval.validate=false).
             "val_mean": {m: float(np.mean([r["val"][m] for r in records])) for m in records[0]["val"]},
             "best_epochs": [r["best_epoch"] for r in records],
-            "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in records if r["seconds_per_epoch"] is not None] or [np.nan])),
+            # null where no run timed an epoch (NaN is not JSON).
+            "seconds_per_epoch": float(np.mean(timed)) if (timed := [r["seconds_per_epoch"] for r in records
+                                                                        if r["seconds_per_epoch"] is not None]) else None,
             "wall_seconds": float(np.sum([r["wall_seconds"] for r in records])),
             "embedding_model": records[0]["embedding_model"],
         }
@@ -310,8 +321,14 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 
 def markdown(cfg: ExperimentConfig, summary: dict) -> str:
     first = next(iter(summary.values()))
-    reported, monitor = list(first["test_mean"]), first["monitor"]
-    chosen = f"best epoch chosen on validation {monitor}" if monitor else "the final epoch's model (no validation)"
+    reported = list(first["test_mean"])
+    # Variants may monitor different metrics (eval.monitor among their overrides): each row then names its own.
+    monitors = list(dict.fromkeys(s["monitor"] for s in summary.values()))
+    monitor = monitors[0] if len(monitors) == 1 else "(monitored)"
+    if len(monitors) > 1:
+        chosen = "best epoch chosen on each variant's monitored validation metric, named in the val column"
+    else:
+        chosen = f"best epoch chosen on validation {monitor}" if monitor else "the final epoch's model (no validation)"
     over = f"mean ± std over seeds {cfg.seeds}" if len(cfg.seeds) > 1 else f"one seed ({cfg.seeds[0]}), so no std"
     lines = [f"# {cfg.name}", "", f"Test metrics, {over}; {chosen}.", ""]
     # The monitored validation metric is the column to choose settings by; test is reported, never chosen on.
@@ -320,8 +337,11 @@ def markdown(cfg: ExperimentConfig, summary: dict) -> str:
     for name, s in summary.items():
         cells = ["-" if m not in s["test_mean"] else f"{s['test_mean'][m]:.4f}" if s["test_std"][m] is None
                  else f"{s['test_mean'][m]:.4f} ± {s['test_std'][m]:.4f}" for m in reported]
-        val = f"{s['val_mean'][monitor]:.4f}" if monitor in s["val_mean"] else "-"
-        lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {s['seconds_per_epoch']:.2f} |")
+        val = f"{s['val_mean'][s['monitor']]:.4f}" if s["monitor"] in s["val_mean"] else "-"
+        if len(monitors) > 1:
+            val += f" ({s['monitor'] or 'none'})"
+        timing = "-" if s["seconds_per_epoch"] is None else f"{s['seconds_per_epoch']:.2f}"
+        lines.append(f"| {name} | {val} | " + " | ".join(cells) + f" | {timing} |")
     for baseline in cfg.baselines:
         if baseline not in summary or len(summary) == 1:  # (no other variant to gain over it)
             continue

@@ -47,6 +47,16 @@ def test_yaml_reads_booleans_and_integers_as_yaml_1_2_does():
     # A string field keeps a number as written (the directory '010', not '10').
     cfg = load_config(TrainConfig, None, ["data.path=1.50", "run_dir=010"])
     assert (cfg.data.path, cfg.run_dir) == ("1.50", "010")
+
+
+def test_a_string_field_in_a_yaml_file_keeps_a_number_as_written(tmp_path):
+    """`run_dir: 010` in a file trained in the directory '10' (overrides already kept the text)."""
+    path = tmp_path / "train.yaml"
+    path.write_text("data:\n  path: 1.50\nrun_dir: 010\nmodel:\n  dim: 064\ntrain:\n  epochs: 010\nsparse:\n  lr: 1.50\n")
+    cfg = load_config(TrainConfig, path)
+    assert (cfg.data.path, cfg.run_dir) == ("1.50", "010")
+    # Numeric fields get plain numbers, not the remembering kind (their dumps and JSON are a plain int's and float's).
+    assert (type(cfg.model.dim), cfg.model.dim, type(cfg.train.epochs), type(cfg.sparse.lr)) == (int, 64, int, float)
     # An integer past float's range (an OverflowError's traceback), a section set to null (it reset the file's section).
     with pytest.raises(ConfigError, match="key 'sparse.lr': expected a finite number"):
         load_config(TrainConfig, None, ["data.path=x", "sparse.lr=" + "1" * 400])

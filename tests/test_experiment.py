@@ -79,6 +79,10 @@ def test_grid_runs_tabulates_and_skips_finished_runs(small_dataset, tmp_path):
         run_experiment(edited)
     # Nor does it finish an interrupted one under the new settings (its checkpoints would be resumed).
     (tmp_path / "exp" / "base" / "seed-1" / "results.json").unlink()
+    # Nor at another world size (the trainer would resume it at an epoch's end: one run of two world sizes).
+    with pytest.raises(ConfigError, match=r"base/seed-1: interrupted after training with 1 processes, and the experiment "
+                                          "asks for nproc=2"):
+        run_experiment(dataclasses.replace(cfg, nproc=2))
     with pytest.raises(ConfigError, match=r"base/seed-1: interrupted, and would be resumed, with other settings \(ran -> asked now\): "
                                           "model.reg: "):
         run_experiment(edited)
@@ -362,6 +366,13 @@ def test_runs_without_validation_are_tabulated_by_their_final_epoch():
     table = markdown(ExperimentConfig(seeds=[1, 2]), summary)
     assert "the final epoch's model (no validation)" in table and "| base | - | 0.2500 ± 0.0707 | 0.1250 ± 0.0354 |" in table
     assert "| darec | +20.00% | +20.00% |" in table
+    # Variants that monitor different metrics: each row names its own; runs without timings write null, not NaN.
+    mixed = summarise({"base": [{**record(0.2), "monitor": "recall@20", "val": {"recall@20": 0.21}}],
+                       "darec": [{**record(0.3), "monitor": "ndcg@20", "val": {"ndcg@20": 0.15}, "seconds_per_epoch": None}]})
+    assert mixed["darec"]["seconds_per_epoch"] is None and "NaN" not in json.dumps(mixed)
+    table = markdown(ExperimentConfig(seeds=[1]), mixed)
+    assert "| variant | val (monitored) |" in table and "each variant's monitored validation metric" in table
+    assert "| base | 0.2100 (recall@20) | 0.2000 | 0.1000 | 1.00 |" in table and "| darec | 0.1500 (ndcg@20) | 0.3000 | 0.1500 | - |" in table
     # A baseline at 0 (QA: a run over one user that missed) has no gain over it: "-", not a ZeroDivisionError.
     zero = markdown(ExperimentConfig(seeds=[1, 2]), summarise({"base": [record(0.0), record(0.0)], "darec": [record(0.3), record(0.3)]}))
     assert "| darec | - | - |" in zero
