@@ -86,6 +86,8 @@ def _mapping_without_repeats(loader: yaml.SafeLoader, node: yaml.MappingNode) ->
     """A key given twice in one mapping: PyYAML keeps the last silently (an experiment's first variant of a name vanished)."""
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: construct_mapping merges it, explicit keys winning
+            continue
         key = loader.construct_object(key_node)
         if not isinstance(key, (str, int, float, bool, type(None))):
             continue  # construct_mapping names an unhashable key

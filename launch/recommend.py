@@ -92,7 +92,7 @@ def top_items(users: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndar
     top, best = [], []
     for start in range(0, len(users), chunk):
         part = users[start : start + chunk]
-        scores = torch.from_numpy(np.ascontiguousarray(user_vectors[part])) @ items.T
+        scores = torch.from_numpy(np.ascontiguousarray(user_vectors[part], dtype=np.float32)) @ items.T
         if seen is not None:
             mask_rows(scores, part, seen)
         values, indices = top_k(scores, k)
@@ -138,6 +138,11 @@ def recommend(run_dir: Path, raw_users: list[str] | None, k: int, keep_seen: boo
             raise DatasetError(f"{dataset.root}: the same ids, but not the dataset the run trained on (fingerprint "
                                f"{dataset.fingerprint}, the run's {trained_on} in {record}: its split or graph differ); "
                                "give --data the dataset the run trained on")
+        # The fingerprint is the manifest's checksums, not the files': the arrays read here are checked against them
+        # (a train split swapped for another would leave other items out of the lists).
+        problem = dataset.checksum_problem(only=(layout.split_indptr("train"), layout.split_items("train")))
+        if problem:
+            raise DatasetError(problem)
         seen = dataset.interactions("train")
     items, scores = top_items(users, user_vectors, item_vectors, k, seen)
     table, unserved = recommendation_table(user_raw.to_numpy()[users], item_raw.to_numpy(), items, scores)

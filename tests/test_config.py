@@ -184,3 +184,13 @@ def test_a_key_given_twice_is_refused_naming_it(tmp_path):
         read_yaml(path)
     path.write_text("variants:\n  a: []\n  b: [model.backbone=mf]\nnested: {a: 1, b: {a: 2}}\n")
     assert read_yaml(path) == {"variants": {"a": [], "b": ["model.backbone=mf"]}, "nested": {"a": 1, "b": {"a": 2}}}
+
+
+def test_yaml_merge_keys_merge_with_the_explicit_keys_winning(tmp_path):
+    """`<<: *defaults` (a section shared by several in one file) was refused: no constructor for the merge tag."""
+    path = tmp_path / "train.yaml"
+    path.write_text("shared: &shared {epochs: 7, patience: 3}\ntrain:\n  <<: *shared\n  patience: 5\n")
+    assert read_yaml(path)["train"] == {"epochs": 7, "patience": 5}
+    path.write_text("shared: &shared {epochs: 7}\ntrain:\n  <<: *shared\n  patience: 5\n  patience: 6\n")
+    with pytest.raises(ConfigError, match=r"key 'patience' given twice"):  # among the explicit keys, still refused
+        read_yaml(path)

@@ -144,6 +144,34 @@ def test_the_train_items_left_out_are_those_of_the_dataset_the_export_came_from(
         recommend(tmp_path, None, k=3, data=data)
 
 
+
+def test_train_arrays_swapped_under_the_same_manifest_are_named(small_dataset, tmp_path):
+    """The fingerprint is the manifest's checksums: a train split replaced by another of the same shape (manifest kept)
+    left other items out of every list without a word."""
+    copy = tmp_path / "ds"
+    shutil.copytree(small_dataset[0], copy)
+    dataset = PreparedDataset.open(copy)
+    run_dir = tmp_path / "run"
+    export = write_export(run_dir, dataset.num_users, dataset.num_items)
+    for kind in ("user", "item"):
+        shutil.copyfile(copy / layout.id_map(kind), export / f"{kind}_ids.parquet")
+    (export / "dataset.json").write_text(json.dumps({"fingerprint": dataset.fingerprint}))
+    assert len(recommend(run_dir, None, k=3, data=str(copy))) == 3 * dataset.num_users
+    items = np.load(copy / "interactions" / "train_items.npy")
+    np.save(copy / "interactions" / "train_items.npy", (items + 1) % dataset.num_items)
+    with pytest.raises(DatasetError, match=r"interactions/train_items.npy: sha256 differs from the manifest"):
+        recommend(run_dir, None, k=3, data=str(copy))
+
+
+def test_float64_vectors_rank_as_float32_ones(tmp_path):
+    """Only the item vectors were cast: float64 user vectors (a converted export) failed in the product."""
+    write_export(tmp_path)
+    expected = recommend(tmp_path, None, k=3, keep_seen=True)
+    path = tmp_path / "export" / "user_vectors.npy"
+    np.save(path, np.load(path).astype(np.float64))
+    assert recommend(tmp_path, None, k=3, keep_seen=True).equals(expected)
+
+
 def test_out_under_a_file_is_refused_naming_the_file(tmp_path, capsys):
     """QA: --out under a file said only "File exists", after the ranking."""
     write_export(tmp_path)

@@ -105,6 +105,22 @@ def test_killed_rank_recovers_with_the_same_metrics(small_dataset, tmp_path, opt
         assert losses[1][epoch] == pytest.approx(expected, rel=1e-9), epoch
 
 
+def test_a_rank_without_a_table_trains_and_resumes_under_the_dense_kernel(small_dataset, tmp_path):
+    """CPU Adam (the dense kernel) with the two tables placed whole over 3 processes: the third holds neither, and its
+    empty optimizer failed at start-up on that rank only, leaving the others waiting."""
+    root, _ = small_dataset
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "launch/train.py",
+               "configs/train/default.yaml", f"data.path={root}", f"run_dir={tmp_path}", *SETTINGS, "model.backbone=mf",
+               "sparse.sharding=table_wise", "loader.batch_size=48", "checkpoint.every_steps=null", "train.epochs=1"]
+    finish(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    plan = json.loads((tmp_path / "results.json").read_text())["sharding_plan"]
+    assert plan == {"user_id": ["table_wise", "dense"], "item_id": ["table_wise", "dense"]}, plan
+    out = finish(subprocess.Popen([*command[:-1], "train.epochs=2", "--resume", "auto"], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+    assert "resumed from" in out and "at epoch 1, step 0" in out, out[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["world_size"] == 3
+
+
 def _check_refused_resume_keeps_the_config(dataset, run_dir, options):
     """A resume refused after the model is built (here: another table optimizer) leaves the run's config as it ran."""
     written = (run_dir / "config.yaml").read_text()

@@ -22,7 +22,7 @@ def read_my_share(rank, world_size, root, out_dir):
     dataset = PreparedDataset.open(root)
     pairs = []
     for epoch in (0, 1):
-        loader = torch.utils.data.DataLoader(interaction_blocks(dataset.shard_urls(), seed=3, epoch=epoch), batch_size=None, num_workers=2)
+        loader = torch.utils.data.DataLoader(interaction_blocks(dataset.shard_urls(), 3, epoch, dataset.num_users, dataset.num_items), batch_size=None, num_workers=2)
         got = [(int(u), int(i)) for users, items in loader for u, i in zip(users, items)]
         pairs.append(got)
     (out_dir / f"rank{rank}.pkl").write_bytes(pickle.dumps(pairs))

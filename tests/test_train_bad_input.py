@@ -10,6 +10,8 @@ from darec_dist.config import ConfigError, load_config
 from darec_dist.data.dataset import DatasetError, PreparedDataset
 from darec_dist.data.loader import LoaderConfig, check_every_epoch_has_a_batch, check_world_fits, local_batch_size, steps_per_epoch, uneven_shards_warning
 from darec_dist.models.aligners import build_aligner
+from darec_dist.models.backbones import propagation_rows
+from darec_dist.models.tables import check_column_shards
 from darec_dist.train import checkpoint
 from darec_dist.train.config import TrainConfig
 from darec_dist.train.trainer import feature_builder
@@ -69,6 +71,127 @@ def test_embedding_shape_disagrees_with_manifest(dataset_copy):
     np.save(dataset_copy / "embeddings" / "item.npy", np.zeros((3, 8), np.float32))
     with pytest.raises(DatasetError, match=r"item.npy: shape \(3, 8\)"):
         PreparedDataset.open(dataset_copy)
+
+
+def edit_manifest(root, change) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change, message", [
+    # A negative count passed every check and made every epoch one of no steps (an untrained model was tested).
+    (lambda m: [s.update(interactions=-s["interactions"]) for s in m["shards"]], r"key 'shards\[0\].interactions': expected a positive integer, got -"),
+    (lambda m: m["shards"][0].update(interactions=float(m["shards"][0]["interactions"]) + 0.9), r"'shards\[0\].interactions': expected a positive integer"),
+    (lambda m: m["shards"][1].update(interactions=m["shards"][1]["interactions"] + 1), r"'shards\[\*\].interactions': expected counts summing to splits.train"),
+    (lambda m: m.update(num_users="60 users"), r"key 'num_users': expected a positive integer, got '60 users'"),
+    (lambda m: m.update(num_items=True), r"key 'num_items': expected a positive integer, got True"),
+    (lambda m: m.update(embedding={}), r"key 'embedding': expected an object with the key\(s\) dim, model"),
+    (lambda m: m["embedding"].pop("model"), r"key 'embedding': expected an object with the key\(s\) dim, model"),
+    (lambda m: m["shards"][0].pop("path"), r"key 'shards\[0\]': expected an object with the keys path, sha256, interactions"),
+    (lambda m: m["shards"][0].update(path="../elsewhere.tar"), r"key 'shards\[0\].path': expected a path inside the dataset directory"),
+    (lambda m: m.update(shards={"a": 1}), r"key 'shards': expected a non-empty list"),
+    (lambda m: m["graph"].update(per_layer="yes"), r"key 'graph.per_layer': expected true or false"),
+    (lambda m: m["graph"].pop("layers"), r"key 'graph': expected an object with the key\(s\) layers"),
+    (lambda m: m["splits"].pop("test"), r"key 'splits': expected an object with the key\(s\) train, val, test"),
+    (lambda m: m["arrays"].pop("graph/indptr.npy"), r"key 'arrays.graph/indptr.npy': expected the array's sha256"),
+])
+def test_a_manifest_field_of_the_wrong_type_is_named(dataset_copy, change, message):
+    """Each was a KeyError, TypeError or ValueError traceback later (or, for a negative count, no error at all)."""
+    edit_manifest(dataset_copy, change)
+    with pytest.raises(DatasetError, match=message):
+        PreparedDataset.open(dataset_copy, verify_checksums=False)
+
+
+def test_a_manifest_that_is_no_json_object_is_named(dataset_copy):
+    (dataset_copy / "manifest.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(DatasetError, match="manifest.json: not valid JSON"):
+        PreparedDataset.open(dataset_copy)
+    (dataset_copy / "manifest.json").write_text("5")
+    with pytest.raises(DatasetError, match="manifest.json: expected a JSON object .* got int"):
+        PreparedDataset.open(dataset_copy)
+
+
+def test_arrays_that_do_not_fit_each_other_are_named(dataset_copy):
+    """Arrays written wrong (a hand-made or converted dataset, whose checksums match it) crashed as an IndexError in
+    evaluation, or were read out of bounds; each is now named at open."""
+    import numpy as np
+
+    dataset = PreparedDataset.open(dataset_copy, verify_checksums=False)
+    users, items = dataset.num_users, dataset.num_items
+    train_indptr = np.load(dataset_copy / "interactions" / "train_indptr.npy")
+    train_items = np.load(dataset_copy / "interactions" / "train_items.npy")
+    graph_indices = np.load(dataset_copy / "graph" / "indices.npy")
+
+    def refused(rel, array, message):
+        original = np.load(dataset_copy / rel)
+        np.save(dataset_copy / rel, array)
+        with pytest.raises(DatasetError, match=message):
+            PreparedDataset.open(dataset_copy, verify_checksums=False)
+        np.save(dataset_copy / rel, original)
+
+    refused("interactions/train_indptr.npy", train_indptr[:-5], rf"train_indptr.npy: shape \({users - 4},\), expected \({users + 1},\)")
+    refused("interactions/train_indptr.npy", np.where(np.arange(users + 1) == 3, 10**6, train_indptr),
+            r"train_indptr.npy: expected non-decreasing row pointers .* falling at row 3")
+    refused("interactions/train_items.npy", np.where(np.arange(len(train_items)) == 7, items, train_items),
+            rf"train_items.npy: entry 7 is item id {items}, outside 0..{items - 1}")
+    refused("interactions/train_items.npy", train_items.astype(np.float32), r"train_items.npy: dtype float32, expected integers")
+    refused("graph/indices.npy", np.where(np.arange(len(graph_indices)) == 2, -1, graph_indices),
+            r"graph/indices.npy: entry 2 is node id -1, outside")
+    refused("graph/weights.npy", np.ones(3, np.float32), r"graph/weights.npy: shape \(3,\), expected")
+    edit_manifest(dataset_copy, lambda m: m["splits"].update(val=m["splits"]["val"] + 1))
+    with pytest.raises(DatasetError, match=r"val_items.npy: \d+ interactions, the manifest's splits.val says"):
+        PreparedDataset.open(dataset_copy, verify_checksums=False)
+
+
+def test_a_missing_id_map_is_named_before_training(dataset_copy):
+    """Needed only to export the vectors after training: its absence failed the run then, with no results.json."""
+    (dataset_copy / "ids" / "item.parquet").unlink()
+    with pytest.raises(DatasetError, match=r"missing file ids/item.parquet"):
+        PreparedDataset.open(dataset_copy, verify_checksums=False)
+
+
+def test_a_shard_sample_written_wrong_is_named(dataset_copy):
+    """A block whose arrays do not pair up paired every later user with another's item; an id out of range reached
+    the table lookup. The checksums pass a tar written so; the reader names the shard and the sample."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from darec_dist.data.shards import interaction_blocks
+
+    dataset = PreparedDataset.open(dataset_copy, verify_checksums=False)
+    shard = dataset_copy / dataset.shards[0]["path"]
+
+    def rewrite(edit):
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        first_items = next(m.name for m, _ in members if m.name.endswith(".item.npy"))
+        with tarfile.open(shard, "w") as tar:
+            for member, data in members:
+                if member.name == first_items:
+                    buffer = io.BytesIO()
+                    np.save(buffer, edit(np.load(io.BytesIO(data))))
+                    data = buffer.getvalue()
+                    member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+        return first_items.split(".")[0]
+
+    def read_all():
+        for _ in interaction_blocks([str(shard)], 0, 0, dataset.num_users, dataset.num_items):
+            pass
+
+    original = shard.read_bytes()
+    key = rewrite(lambda items: items[:-1])
+    with pytest.raises(DatasetError, match=rf"shard-00000.tar: sample '{key}': expected 1-d integer user and item arrays of one length"):
+        read_all()
+    shard.write_bytes(original)
+    rewrite(lambda items: np.where(np.arange(len(items)) == 0, dataset.num_items + 5, items))
+    with pytest.raises(DatasetError, match=rf"sample '{key}': item id {dataset.num_items + 5} outside 0..{dataset.num_items - 1}"):
+        read_all()
+    shard.write_bytes(original)
+    read_all()
 
 
 def test_truncated_array(dataset_copy):
@@ -202,6 +325,21 @@ def test_backbone_and_graph_rows_must_agree(small_dataset, exact_gccf_dataset):
         builder(small_dataset[0], "gccf")
     with pytest.raises(DatasetError, match="model.backbone=lightgcn sums the layers, but this dataset keeps them apart"):
         builder(exact_gccf_dataset, "lightgcn")
+    # Summed rows of the self-loop graph: propagation over A + I, which is not LightGCN's.
+    manifest = json.loads((small_dataset[0] / "manifest.json").read_text())
+    manifest["graph"]["self_loops"] = True
+    with pytest.raises(DatasetError, match="model.backbone=lightgcn propagates over the graph without self-loops"):
+        propagation_rows(load_config(TrainConfig, None, ["data.path=x"]).model, PreparedDataset(small_dataset[0], manifest))
+
+
+def test_column_shards_that_fbgemm_cannot_take_are_refused_naming_the_key():
+    """TorchRec refused a width its ranks cannot split evenly, fbgemm a shard narrower than a multiple of 4, each as a
+    traceback on every rank."""
+    check_column_shards({"user_id": 64, "item_id": 64}, 2, "sparse.sharding")
+    with pytest.raises(ConfigError, match=r"sparse.sharding=column_wise: table user_id is 32 wide, which 3 processes cannot split"):
+        check_column_shards({"user_id": 32}, 3, "sparse.sharding")
+    with pytest.raises(ConfigError, match=r"sparse.llm_sharding=column_wise: table item_llm is 8 wide, .* divisible by 16"):
+        check_column_shards({"item_llm": 8}, 4, "sparse.llm_sharding")
 
 
 def test_dense_kernel_refuses_tables_split_across_ranks(small_dataset, tmp_path):

@@ -20,6 +20,54 @@ class DatasetError(ValueError):
 REQUIRED_KEYS = ("schema_version", "num_users", "num_items", "splits", "embedding", "graph", "shards", "arrays")
 
 
+def check_manifest_fields(manifest: dict, path: Path) -> None:
+    """The manifest's fields that the trainer reads, each of the type and range it needs, named where not (one
+    written by hand, or edited, crashed later as a KeyError or, with a negative shard count, trained no step)."""
+    def expect(value, ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise DatasetError(f"{path}: key {where!r}: expected {what}, got {value!r}")
+
+    def count(value, where: str, least: int) -> None:
+        expect(value, isinstance(value, int) and not isinstance(value, bool) and value >= least, where,
+               "a positive integer" if least else "an integer >= 0")
+
+    def section(where: str, keys: tuple[str, ...]) -> dict:
+        value = manifest[where]
+        expect(value, isinstance(value, dict) and all(k in value for k in keys), where,
+               f"an object with the key(s) {', '.join(keys)}")
+        return value
+
+    count(manifest["num_users"], "num_users", 1)
+    count(manifest["num_items"], "num_items", 1)
+    for split, n in section("splits", layout.SPLITS).items():
+        count(n, f"splits.{split}", 0)
+    embedding = section("embedding", ("dim", "model"))
+    count(embedding["dim"], "embedding.dim", 1)
+    expect(embedding["model"], isinstance(embedding["model"], str) and embedding["model"] != "", "embedding.model",
+           "the name of the model that embedded the profiles")
+    graph = section("graph", ("layers",))
+    count(graph["layers"], "graph.layers", 0)
+    for flag in ("per_layer", "self_loops"):
+        expect(graph.get(flag, False), isinstance(graph.get(flag, False), bool), f"graph.{flag}", "true or false")
+    arrays = section("arrays", ())
+    for rel in layout.array_files():
+        expect(arrays.get(rel), isinstance(arrays.get(rel), str), f"arrays.{rel}", "the array's sha256")
+    shards = manifest["shards"]
+    expect(shards, isinstance(shards, list) and len(shards) > 0, "shards", "a non-empty list of the training shards")
+    for i, shard in enumerate(shards):
+        where = f"shards[{i}]"
+        expect(shard, isinstance(shard, dict) and all(k in shard for k in ("path", "sha256", "interactions")), where,
+               "an object with the keys path, sha256, interactions")
+        relative = isinstance(shard["path"], str) and shard["path"] != "" and not Path(shard["path"]).is_absolute() \
+            and ".." not in Path(shard["path"]).parts
+        expect(shard["path"], relative, f"{where}.path", "a path inside the dataset directory")
+        expect(shard["sha256"], isinstance(shard["sha256"], str), f"{where}.sha256", "the tar's sha256")
+        count(shard["interactions"], f"{where}.interactions", 1)
+    sharded = sum(shard["interactions"] for shard in shards)
+    expect(sharded, sharded == manifest["splits"]["train"], "shards[*].interactions",
+           f"counts summing to splits.train = {manifest['splits']['train']}")
+
+
 @dataclass
 class CSR:
     indptr: np.ndarray
@@ -49,8 +97,11 @@ class PreparedDataset:
                                "if the dataset moved, give its directory: data.path=DIR, or launch/recommend.py's --data DIR)")
         try:
             manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DatasetError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(manifest, dict):
+            raise DatasetError(f"{path}: expected a JSON object of the dataset's counts, checksums and shards, "
+                               f"got {type(manifest).__name__}")
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
             raise DatasetError(f"{path}: missing key(s) {missing}")
@@ -58,12 +109,14 @@ class PreparedDataset:
             raise DatasetError(
                 f"{path}: schema_version {manifest['schema_version']} but this trainer reads {layout.SCHEMA_VERSION}; re-run prepare"
             )
+        check_manifest_fields(manifest, path)
         dataset = cls(root=root, manifest=manifest)
         dataset._check_files(verify_checksums)
         return dataset
 
     def _check_files(self, verify_checksums: bool) -> None:
-        for rel in layout.array_files():
+        # The id maps too: the exported vectors are labelled with them after training.
+        for rel in [*layout.array_files(), layout.id_map("user"), layout.id_map("item")]:
             if not (self.root / rel).is_file():
                 raise DatasetError(f"{self.root}: missing file {rel}")
         for shard in self.shards:
@@ -79,15 +132,51 @@ class PreparedDataset:
                 f"{self.root / layout.GRAPH_INDPTR}: {self.graph.num_rows} rows, manifest says {self.num_nodes} nodes "
                 f"x {self.graph_blocks} row block(s)"
             )
+        self._check_structure()
         problem = self.checksum_problem() if verify_checksums else None
         if problem:
             raise DatasetError(problem)
 
-    def checksum_problem(self, part: int = 0, parts: int = 1) -> str | None:
-        """The first of the dataset's files (every `parts`-th from the `part`-th: processes can share the reading)
-        whose sha256 differs from the manifest's, named; None if none does."""
+    def _check_structure(self) -> None:
+        """Each CSR array fits the others and the manifest's counts, and every id is in range. Checksums find a file
+        changed after prepare; these find one never right (a hand-made or converted dataset), which would otherwise
+        fail as an IndexError mid-run or be read silently out of bounds by a table lookup. One pass over each array."""
+        checks = [(layout.split_indptr(split), layout.split_items(split), self.interactions(split), self.num_users,
+                   self.num_items, "item") for split in layout.SPLITS]
+        checks.append((layout.GRAPH_INDPTR, layout.GRAPH_INDICES, self.graph, self.num_nodes * self.graph_blocks,
+                       self.num_nodes, "node"))
+        for indptr_rel, indices_rel, csr, rows, ids, kind in checks:
+            indptr, indices = self.root / indptr_rel, self.root / indices_rel
+            if csr.indptr.ndim != 1 or csr.indices.ndim != 1 or len(csr.indptr) != rows + 1:
+                raise DatasetError(f"{indptr}: shape {csr.indptr.shape}, expected ({rows + 1},) (a row pointer per "
+                                   f"row, plus one), with 1-d {indices} (shape {csr.indices.shape})")
+            for name, array in ((indptr, csr.indptr), (indices, csr.indices)):
+                if array.dtype.kind not in "iu":
+                    raise DatasetError(f"{name}: dtype {array.dtype}, expected integers")
+            steps = np.diff(csr.indptr)
+            if csr.indptr[0] != 0 or csr.indptr[-1] != len(csr.indices) or (len(steps) and steps.min() < 0):
+                raise DatasetError(f"{indptr}: expected non-decreasing row pointers from 0 to {len(csr.indices)}, the "
+                                   f"length of {indices}; got {csr.indptr[0]} to {csr.indptr[-1]}"
+                                   + (f", falling at row {int(np.argmax(steps < 0))}" if len(steps) and steps.min() < 0 else ""))
+            if len(csr.indices) and (csr.indices.min() < 0 or csr.indices.max() >= ids):
+                bad = int(np.argmax((csr.indices < 0) | (csr.indices >= ids)))
+                raise DatasetError(f"{indices}: entry {bad} is {kind} id {int(csr.indices[bad])}, outside 0..{ids - 1} "
+                                   f"(the manifest's {ids} {kind}s)")
+            if csr.values is not None and csr.values.shape != csr.indices.shape:
+                raise DatasetError(f"{self.root / layout.GRAPH_WEIGHTS}: shape {csr.values.shape}, expected "
+                                   f"{csr.indices.shape}, one weight per entry of {indices}")
+        for split in layout.SPLITS:
+            counted, held = self.manifest["splits"][split], len(self.interactions(split).indices)
+            if counted != held:
+                raise DatasetError(f"{self.root / layout.split_items(split)}: {held} interactions, the manifest's "
+                                   f"splits.{split} says {counted}")
+
+    def checksum_problem(self, part: int = 0, parts: int = 1, only: tuple[str, ...] | None = None) -> str | None:
+        """The first of the dataset's files (every `parts`-th from the `part`-th: processes can share the reading;
+        `only` these, where given) whose sha256 differs from the manifest's, named; None if none does."""
         expected = [(rel, self.manifest["arrays"].get(rel), "array") for rel in layout.array_files()]
         expected += [(shard["path"], shard["sha256"], "shard") for shard in self.shards]
+        expected = [entry for entry in expected if only is None or entry[0] in only]
         for rel, sha256, what in expected[part::parts]:
             if layout.sha256_of(self.root / rel) != sha256:
                 return f"{self.root / rel}: sha256 differs from the manifest; the {what} is corrupted or was replaced"

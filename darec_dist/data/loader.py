@@ -147,8 +147,9 @@ class TrainBatches(torch.utils.data.IterableDataset):
         rng = self._rng()
         train = self.dataset.interactions("train") if self.cfg.reject_train_positives else None
         buffer = ShuffleBuffer(max(self.cfg.shuffle_buffer, self.local_batch), rng)
-        for users, items in interaction_blocks(self.dataset.shard_urls(), self.seed, self.epoch):
-            buffer.add(np.asarray(users, np.int64), np.asarray(items, np.int64))
+        for users, items in interaction_blocks(self.dataset.shard_urls(), self.seed, self.epoch, self.dataset.num_users,
+                                               self.dataset.num_items):
+            buffer.add(users, items)
             while len(buffer) >= buffer.capacity + self.local_batch:
                 yield self._batch(rng, train, *buffer.draw(self.local_batch))
         while len(buffer) >= self.local_batch:

@@ -132,10 +132,15 @@ def decided_by_rank0(decide: Callable[[], T]) -> T:
     return value
 
 
+def every_rank(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    everyone: list = [None] * world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def first_problem(problem: str | None) -> str | None:
     """The first (by rank) of every rank's `problem`, on every rank: work shared out, its failures told to all."""
-    if world_size() == 1:
-        return problem
-    everyone: list = [None] * world_size()
-    dist.all_gather_object(everyone, problem)
-    return next((p for p in everyone if p), None)
+    return next((p for p in every_rank(problem) if p), None)

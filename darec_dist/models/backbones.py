@@ -41,6 +41,9 @@ def propagation_rows(cfg: ModelConfig, dataset: PreparedDataset) -> CSR | None:
     if cfg.backbone == "lightgcn" and per_layer:
         raise DatasetError(f"{dataset.root}: model.backbone=lightgcn sums the layers, but this dataset keeps them apart "
                          "(prepared with graph.per_layer=true, for gccf)")
+    if cfg.backbone == "lightgcn" and graph.get("self_loops", False):  # (LightGCN propagates without them)
+        raise DatasetError(f"{dataset.root}: model.backbone=lightgcn propagates over the graph without self-loops, but "
+                           "this dataset's rows were built with them (prepared with graph.self_loops=true, for gccf)")
     if cfg.backbone == "gccf" and not (per_layer and graph.get("self_loops", False)):
         raise DatasetError(f"{dataset.root}: model.backbone=gccf needs per-layer rows of the self-loop graph "
                          "(prepare with graph.per_layer=true graph.self_loops=true)")

@@ -81,6 +81,9 @@ class TableModule(nn.Module):
     def table_names(self) -> list[str]:
         return [cfg.name for cfg in self.ebc.embedding_bag_configs()]
 
+    def table_dims(self) -> dict[str, int]:
+        return {cfg.name: cfg.embedding_dim for cfg in self.ebc.embedding_bag_configs()}
+
     def forward(self, features: KeyedJaggedTensor):
         return self.ebc(features)
 
@@ -102,6 +105,9 @@ class RowModule(nn.Module):
 
     def table_names(self) -> list[str]:
         return [cfg.name for cfg in self.ec.embedding_configs()]
+
+    def table_dims(self) -> dict[str, int]:
+        return {cfg.name: cfg.embedding_dim for cfg in self.ec.embedding_configs()}
 
     def forward(self, features: KeyedJaggedTensor):
         return self.ec(features)
@@ -249,6 +255,16 @@ def compute_kernel(cfg: SparseConfig, sharding: Sharding, device: torch.device) 
     return EmbeddingComputeKernel.FUSED.value
 
 
+def check_column_shards(dims: dict[str, int], world_size: int, key: str) -> None:
+    """Column-wise, each rank holds an equal slice of a table's columns, which fbgemm's kernels need in multiples of
+    4: refused here, with the key to change, rather than as each rank's traceback from TorchRec or fbgemm."""
+    for table, dim in dims.items():
+        if dim % world_size or (dim // world_size) % 4:
+            raise ConfigError(f"{key}=column_wise: table {table} is {dim} wide, which {world_size} processes cannot split "
+                              f"into equal column shards of a multiple of 4; use a width divisible by {4 * world_size}, "
+                              "or another sharding")
+
+
 def make_plan(
     module: TableModule | RowModule, sharding: Sharding, kernel: str, sharder, env: DistEnv, optimizer: str | None
 ) -> ShardingPlan:
@@ -297,6 +313,8 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
                 "kernel, whose optimizer state cannot be checkpointed per shard; use sparse.sharding=auto, table_wise or "
                 "data_parallel, or a fused optimizer (rowwise_adagrad, adagrad, sgd)"
             )
+    if sharding == "column_wise":
+        check_column_shards(module.table_dims(), env.world_size, "sparse.llm_sharding" if frozen else "sparse.sharding")
     sharder = module.sharder(fused_params=fused)
     plan = make_plan(module, sharding, kernel, sharder, env, None if frozen else cfg.optimizer)
     dmp = DistributedModelParallel(module, device=env.device, plan=plan, sharders=[sharder])
@@ -306,7 +324,8 @@ def shard(module: TableModule | RowModule, sharding: Sharding, cfg: SparseConfig
     optimizer = None
     if dense_tables and not frozen:
         params = {n: p for n, p in dmp.named_parameters() if p.numel() > 0 and any(f".{t}." in n for t in dense_tables)}
-        optimizer = KeyedOptimizerWrapper(params, _torch_optimizer(cfg))
+        # None on a rank that holds no table (table-wise over more ranks than tables): torch refuses an empty one.
+        optimizer = KeyedOptimizerWrapper(params, _torch_optimizer(cfg)) if params else None
     tables = ShardedTables(module=dmp, dense_optimizer=optimizer, plan=summary, pooled=module.pooled)
     if frozen:
         _freeze(dmp)

@@ -129,10 +129,15 @@ def _save(trainer, run_dir: str | Path, name: str, state: dict, keep: int | None
     table_steps = collectives.max_over_ranks(trainer.tables.optimizer_step)[0]
     fsync_tree(staging)  # each rank its own files (on a shared filesystem, another node's are not in its cache)
     _barrier()
+    # Every rank's view of the folder, not rank 0's alone: on NFS its cached listing may lack another node's files,
+    # which then went unchecked by a load; each rank sees those it wrote, and a file opened by name is read afresh.
+    views = collectives.every_rank([str(f.relative_to(staging)) for f in staging.rglob("*") if f.is_file()])
     if rank == 0:
         (staging / STATE).write_text(json.dumps({**state, TABLE_STEPS: table_steps}, indent=2))
-        listing = {str(f.relative_to(staging)): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
-                   for f in sorted(staging.rglob("*")) if f.is_file()}
+        listing = {}
+        for name in sorted(set().union(*views, [STATE])):
+            digest = sha256_of(staging / name)  # (first: the open refreshes the size a stale cache may hold)
+            listing[name] = {"bytes": (staging / name).stat().st_size, "sha256": digest}
         (staging / FILES).write_text(json.dumps(listing, indent=1))
         (staging / COMPLETE).write_text("")
         for written in (staging / STATE, staging / FILES, staging / COMPLETE, staging):  # the rest: every rank, above
