@@ -166,7 +166,7 @@ class GraphConfig:
     top_k: int | None = 64
     # Hub bound for the joins: each hop expands a node through at most this many of its neighbours,
     # drawn uniformly (seeded) with weights scaled by degree / max_neighbors (an unbiased estimate
-    # of the hop); null = all neighbours (exact).
+    # of one hop; the same draw serves every hop, so products over hops are not); null = all neighbours (exact).
     max_neighbors: int | None = None
 
     def __post_init__(self) -> None:

@@ -64,8 +64,9 @@ def _by_position(df: DataFrame, order, ratios: list[float]) -> DataFrame:
     ranked = df.withColumn("_pos", F.row_number().over(Window.partitionBy("user").orderBy(*order)) - 1).withColumn(
         "_n", F.count(F.lit(1)).over(per_user)
     )
-    n_test = F.floor(F.col("_n") * ratios[2] / total)
-    n_val = F.floor(F.col("_n") * ratios[1] / total)
+    # (The tolerance: 180 * 0.35 / 1.0 is 62.99999999999999 in floating point, and test got 62 of a user's 180 rows.)
+    n_test = F.floor(F.col("_n") * ratios[2] / total + 1e-9)
+    n_val = F.floor(F.col("_n") * ratios[1] / total + 1e-9)
     n_train = F.col("_n") - n_test - n_val
     split = F.when(F.col("_pos") < n_train, "train").when(F.col("_pos") < n_train + n_val, "val").otherwise("test")
     return ranked.withColumn("split", split).drop("_pos", "_n")

@@ -238,3 +238,16 @@ def test_paths_stay_local_where_hdfs_is_the_default_filesystem(spark, tmp_path, 
     finally:
         hadoop.set("fs.defaultFS", default)
     assert json.loads((root / layout.MANIFEST).read_text())["num_users"] == 30
+
+
+def test_a_ratio_split_gives_each_part_its_share_despite_float_rounding(spark):
+    """180 * 0.35 / 1.0 is 62.99999999999999 in floating point: the floor gave test 62 of a user's 180 rows, not 63."""
+    from spark_jobs.config import SplitConfig
+    from spark_jobs.split import split_interactions
+
+    rows = [(0, item, 1.0, item) for item in range(180)] + [(1, item, 1.0, item) for item in range(20)]
+    df = spark.createDataFrame(rows, "user long, item long, rating double, timestamp long")
+    counts = {(r["user"], r["split"]): r["count"] for r in split_interactions(
+        df, SplitConfig(method="ratio", ratios=[0.2, 0.45, 0.35]), has_source_split=False, seed=1).groupBy("user", "split").count().collect()}
+    assert (counts[0, "train"], counts[0, "val"], counts[0, "test"]) == (36, 81, 63)
+    assert (counts[1, "train"], counts[1, "val"], counts[1, "test"]) == (4, 9, 7)

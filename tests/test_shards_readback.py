@@ -125,7 +125,8 @@ def test_heavy_users_get_uniform_negatives_outside_their_positives():
 
 @pytest.fixture
 def dataset_with_a_full_user(dataset_copy):
-    """The small dataset with every item among user 0's train positives (only the split's arrays changed)."""
+    """The small dataset with every item among user 0's train positives (only the split's arrays changed; as many
+    entries taken from the other users' rows, so that they hold what the manifest counts)."""
     import numpy as np
 
     from darec_dist.data import layout
@@ -134,6 +135,11 @@ def dataset_with_a_full_user(dataset_copy):
     indptr, items = np.load(indptr_path), np.load(items_path)
     num_items = json.loads((dataset_copy / "manifest.json").read_text())["num_items"]
     rows = [np.arange(num_items), *(items[indptr[u] : indptr[u + 1]] for u in range(1, len(indptr) - 1))]
+    surplus = sum(map(len, rows)) - len(items)
+    for u in range(1, len(rows)):
+        taken = min(surplus, len(rows[u]) - 1)
+        rows[u], surplus = rows[u][: len(rows[u]) - taken], surplus - taken
+    assert surplus == 0
     np.save(indptr_path, np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(indptr.dtype))
     np.save(items_path, np.concatenate(rows).astype(items.dtype))
     return dataset_copy
@@ -159,6 +165,7 @@ def test_shards_that_run_out_before_the_manifests_count_stop_the_epoch_with_an_e
     manifest = json.loads((dataset_copy / "manifest.json").read_text())
     for shard in manifest["shards"]:
         shard["interactions"] *= 2
+    manifest["splits"]["train"] *= 2  # (as the shards' sum: rows, which a dataset with repeated pairs may hold)
     (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
     dataset = PreparedDataset.open(dataset_copy, verify_checksums=False)
     cfg = LoaderConfig(batch_size=16, num_negatives=1, num_workers=0)

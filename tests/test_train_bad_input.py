@@ -139,8 +139,8 @@ def test_arrays_that_do_not_fit_each_other_are_named(dataset_copy):
     refused("graph/indices.npy", np.where(np.arange(len(graph_indices)) == 2, -1, graph_indices),
             r"graph/indices.npy: entry 2 is node id -1, outside")
     refused("graph/weights.npy", np.ones(3, np.float32), r"graph/weights.npy: shape \(3,\), expected")
-    edit_manifest(dataset_copy, lambda m: m["splits"].update(val=m["splits"]["val"] + 1))
-    with pytest.raises(DatasetError, match=r"val_items.npy: \d+ interactions, the manifest's splits.val says"):
+    edit_manifest(dataset_copy, lambda m: m["splits"].update(val=m["splits"]["val"] - 1))
+    with pytest.raises(DatasetError, match=r"val_items.npy: \d+ interactions, where the manifest's splits.val counts"):
         PreparedDataset.open(dataset_copy, verify_checksums=False)
 
 
@@ -423,9 +423,16 @@ def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refuse
     with pytest.raises(ConfigError, match=r"eval.monitor: 'recall@20' is not among the metrics of eval.ks=\[10\]"):
         open_dataset(cfg, 1, verify_checksums=False)
     open_dataset(cfg, 1, verify_checksums=False, training=False)
+    import numpy as np
+
+    from darec_dist.data import layout
+
     manifest = json.loads((dataset_copy / "manifest.json").read_text())
     manifest["splits"]["test"] = manifest["splits"]["val"] = 0
     (dataset_copy / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("val", "test"):
+        np.save(dataset_copy / layout.split_indptr(split), np.zeros(manifest["num_users"] + 1, np.int64))
+        np.save(dataset_copy / layout.split_items(split), np.zeros(0, np.int64))
     # Without validation either: named first, since eval.validate=false (the answer to the other) would not help.
     with pytest.raises(DatasetError, match="no test interactions, so nothing to test"):
         open_dataset(load_config(TrainConfig, None, settings), 1, verify_checksums=False)
