@@ -19,12 +19,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; it becomes `path` when the block succeeds and is removed
     when it fails. The suffix is kept: writers such as savefig and to_parquet read the format from it. The name is
     the writer's own: two writers of one path (a Spark task and its speculative copy) never share a file, so one that
-    dies part-way cannot truncate what the other finished. A writer killed mid-way leaves it (interrupted_writes)."""
+    dies part-way cannot truncate what the other finished. A writer killed mid-way leaves it (interrupted_writes).
+    The file is flushed before the rename and the folder after it: after a power loss the rename could otherwise name
+    an empty file (a results.json that marks a finished run)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         yield tmp
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

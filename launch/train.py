@@ -215,6 +215,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                           f"train.min_epochs={cfg.train.min_epochs}", flush=True)
         elif env.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / report.DIVERGED).unlink(missing_ok=True)  # an earlier attempt's, before its first checkpoint
 
         earlier = state["wall_seconds"]
 
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as err:
         if first_to_report(str(err)):  # every rank stops on it at the same step
             print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # a resume refuses the run from now on (resume_source)
+            report.record_divergence(Path(cfg.run_dir).expanduser(), str(err))
         return 1
     except checkpoint.CheckpointWriteError as err:
         if first_to_report(f"checkpoint write failed: {err.staging}"):  # one line, not one per rank that failed it

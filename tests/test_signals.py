@@ -36,3 +36,14 @@ def test_a_second_ctrl_c_is_taken_at_once():
             reached.append("after the second")
     assert reached == ["after the first"] and signal.getsignal(signal.SIGINT) is before
 
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A job started in the background by a script ignores SIGINT; the held block turned it back on."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_held():
+            ctrl_c()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -408,6 +408,10 @@ def test_a_diverging_run_stops_with_a_clear_error(small_dataset, tmp_path, proce
         assert done.stderr.count("exitcode  : 1 ") == 2 and "exitcode  : -" not in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "export").exists()
     assert sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS).glob("*")) == [checkpoint.step_name(s) for s in kept]
+    # torchrun's restarts (--max-restarts) would each train into it again: a resume is refused at once.
+    if processes == 1:
+        again = subprocess.run([*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 2 and "the run diverged (training diverged: a loss or a weight was not finite" in again.stderr, again.stderr[-3000:]
 
 
 def test_a_dataset_without_test_interactions_or_a_monitor_not_computed_is_refused(dataset_copy):

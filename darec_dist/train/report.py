@@ -13,10 +13,16 @@ import yaml
 
 from darec_dist.config import ConfigError, to_dict
 from darec_dist.data import layout
-from darec_dist.files import atomic_path, replace_dir, write_text_atomic
+from darec_dist.files import atomic_path, fsync_tree, replace_dir, write_text_atomic
 from darec_dist.train.metrics import metric_names
 
 DENSE_SETTINGS = "deepspeed.json"
+DIVERGED = "diverged.txt"
+
+
+def record_divergence(run_dir: Path, message: str) -> None:
+    """Why the run stopped as diverged: a resume of it is refused (it would train into the same non-finite step)."""
+    write_text_atomic(run_dir / DIVERGED, message + "\n")
 
 
 def write_config(run_dir: Path, cfg, dense: dict | None = None) -> None:
@@ -166,4 +172,5 @@ def export_vectors(run_dir: Path, dataset, blocks: dict[str, tuple[int, Iterable
             shutil.copyfile(dataset.root / layout.id_map(kind), staging / f"{kind}_ids.parquet")
     if write:
         (staging / EXPORT_DATASET).write_text(json.dumps({"fingerprint": dataset.fingerprint}))
+        fsync_tree(staging)  # (before the rename: after a power loss it could otherwise name empty files)
         replace_dir(staging, out)

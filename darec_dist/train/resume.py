@@ -94,6 +94,10 @@ def resume_source(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         check_fresh(run_dir)
         return None
+    if (run_dir / report.DIVERGED).is_file():
+        # Deterministically again: torchrun's restarts (--max-restarts) would each retrain into it.
+        raise ConfigError(f"{run_dir}: the run diverged ({(run_dir / report.DIVERGED).read_text().strip()}), and a resume "
+                          f"would train into it again; start another run_dir (or delete {report.DIVERGED} to try anyway)")
     # A job killed while writing a checkpoint (or swapping in a new best) left parts: first put them right.
     checkpoint.recover_interrupted_writes(run_dir)
     if resume == "auto":
