@@ -81,3 +81,40 @@ def test_a_rank_killed_on_one_node_is_restarted_on_both(small_dataset, tmp_path)
     for split in ("val", "test"):
         for metric, value in reference[split].items():
             assert recovered[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+
+
+def _fail_with_a_collective_in_flight(rank: int, port: int, out_dir) -> None:
+    """Rank 0 starts an all-reduce rank 1 never joins, then fails; rank 1 stays up until rank 0 is out."""
+    import torch
+    import torch.distributed as dist
+
+    from darec_dist.distributed import env
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2",
+                       "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"})
+    env.TEARDOWN_AFTER_ERROR_S = 3.0
+    done = out_dir / "rank0-out"
+    if rank == 1:
+        with env.distributed("cpu"):
+            deadline = time.time() + 120
+            while not done.exists() and time.time() < deadline:
+                time.sleep(0.1)
+            os._exit(0)  # (no barrier: rank 0 is gone)
+    started = time.time()
+    try:
+        with env.distributed("cpu"):
+            dist.all_reduce(torch.ones(4), async_op=True)
+            started = time.time()
+            raise RuntimeError("a failure with a collective in flight")
+    except RuntimeError:
+        done.write_text(str(time.time() - started))
+    os._exit(0)
+
+
+def test_a_failing_rank_exits_without_waiting_for_a_collective_in_flight(tmp_path):
+    """Its group's teardown waited for the collective until the 30-minute timeout, so torchrun could not stop the job."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_fail_with_a_collective_in_flight, args=(free_port(), tmp_path), nprocs=2, join=True,
+                       start_method="spawn")
+    assert float((tmp_path / "rank0-out").read_text()) < 15

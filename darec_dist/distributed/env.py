@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 import random
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def distributed(device: str = "auto"):
         timeout = timedelta(minutes=30)
         dist.init_process_group(backend, store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size, timeout=timeout)
         created = True
+    failed = True
     try:
         yield DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch_device)
         if created:
@@ -103,9 +105,29 @@ def distributed(device: str = "auto"):
             # results aborted once in teardown (SIGABRT), and torchrun then reports a finished run as
             # failed (and would restart it under --max-restarts).
             dist.barrier()
+        failed = False
     finally:
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            if failed:
+                _destroy_within(TEARDOWN_AFTER_ERROR_S)
+            else:
+                dist.destroy_process_group()
+
+
+# After an error, how long the group's teardown may take. It waits for collectives still in flight (TorchRec's
+# lookups start some without waiting), which peers that never join leave hanging until the 30-minute collective
+# timeout: this rank would not exit, so torchrun could not stop the job (or restart it) for that long.
+TEARDOWN_AFTER_ERROR_S = 30.0
+
+
+def _destroy_within(seconds: float) -> None:
+    """Destroy the process group, giving up after `seconds` (the process then exits with its group undestroyed)."""
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True, name="process-group-teardown")
+    teardown.start()
+    teardown.join(seconds)
+    if teardown.is_alive():
+        print(f"warning: rank {os.environ.get('RANK', 0)}: the process group did not tear down within {seconds:g} s (a "
+              "collective still in flight); exiting without it", file=sys.stderr, flush=True)
 
 
 def _agent_store(world_size: int, timeout: timedelta) -> dist.Store | None:
