@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         if first_to_report(message):
             print(message, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # on every rank, wherever it is: one line, not a traceback per rank
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted (its eval-*.json is written whole or not at all)", file=sys.stderr)
+        return 130
     return 0
 
 
