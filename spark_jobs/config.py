@@ -57,6 +57,8 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if min(self.users, self.items, self.interactions, self.communities, self.embedding_dim, self.partitions) < 1:
             raise ValueError("source.synthetic: sizes must be >= 1")
+        if self.embedding_dim % 4:  # the trainer's frozen LLM tables are fbgemm tables, whose rows need it
+            raise ValueError(f"source.synthetic.embedding_dim must be a multiple of 4, got {self.embedding_dim}")
         if self.communities > min(self.users, self.items):
             raise ValueError("source.synthetic.communities cannot exceed the number of users or items")
         if not 0.0 <= self.community_affinity <= 1.0:
@@ -182,6 +184,8 @@ class GraphConfig:
             raise ValueError("graph.layer_weights: per-layer rows (graph.per_layer=true) are not weighted; leave it null")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"graph.top_k must be >= 1 or null, got {self.top_k}")
+        if self.per_layer != self.self_loops:  # LightGCN reads neither, GCCF both: rows with one only serve no backbone
+            raise ValueError("graph.per_layer and graph.self_loops: GCCF's rows need both (true, true), LightGCN's neither")
 
     def resolved_layer_weights(self) -> list[float]:
         if self.per_layer:
@@ -225,6 +229,8 @@ class EmbeddingConfig:
                 f"embedding.batch_size, embedding.max_length and embedding.dim must be >= 1, got {self.batch_size}, "
                 f"{self.max_length} and {self.dim}"
             )
+        if self.encoder == "id-hash" and self.dim % 4:  # the trainer's frozen LLM tables are fbgemm tables
+            raise ValueError(f"embedding.dim must be a multiple of 4 (the trainer's LLM tables need it), got {self.dim}")
 
 
 @dataclass
@@ -277,6 +283,8 @@ class PrepareConfig:
     spark: SparkConfig = field(default_factory=SparkConfig)
 
     def __post_init__(self) -> None:
+        if self.seed < 0:  # numpy's generators refuse it, inside the Spark job
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         # Refused now what would fail after the read, clean and id stages.
         timed = self.split.method in TIMED_SPLITS
         if timed and self.source.format in UNTIMED_FORMATS:

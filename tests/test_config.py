@@ -110,6 +110,15 @@ def test_literal_and_validation_errors(tmp_path):
         load_config(TrainConfig, None, ["data.path=x", "sparse.llm_sharding=data_parallel"])
     with pytest.raises(ConfigError, match="align.darec.neighbourhood_temperature and cluster_temperature must be > 0"):
         load_config(TrainConfig, None, ["data.path=x", "align.darec.neighbourhood_temperature=0"])
+    # Each ran the whole prepare job: a dataset no trainer could shard (fbgemm needs widths in multiples of 4) or no
+    # graph backbone accepts (GCCF needs both flags, LightGCN neither), or a traceback inside Spark (a negative seed).
+    for override, message in (("embedding.encoder=id-hash embedding.dim=30", "embedding.dim must be a multiple of 4"),
+                              ("source.synthetic.embedding_dim=30", "source.synthetic.embedding_dim must be a multiple of 4"),
+                              ("graph.per_layer=true", "graph.per_layer and graph.self_loops: GCCF's rows need both"),
+                              ("graph.self_loops=true", "graph.per_layer and graph.self_loops: GCCF's rows need both"),
+                              ("seed=-1", "seed must be >= 0, got -1")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(PrepareConfig, None, override.split())
 
 
 @pytest.mark.parametrize("override, message", [
@@ -126,7 +135,11 @@ def test_literal_and_validation_errors(tmp_path):
     ("align.darec.structure_weight=.nan", "key 'align.darec.structure_weight': expected a finite number, got nan"),
     ("model.reg=.inf", "key 'model.reg': expected a finite number, got inf"),
     ("align.darec.kmeans_iterations=-1", "align.darec.kmeans_iterations must be >= 0, got -1"),
-    ("seed=-1", "seed must be >= 0, got -1"),
+    ("seed=-1", "seed must be in [0, 2**40), got -1"),
+    # torch's generator overflowed on the loader's scaled seed in the first epoch.
+    ("seed=20000000000000", "seed must be in [0, 2**40), got 20000000000000"),
+    # Every node masked: the tables trained on the mask token only.
+    ("align.gen.mask_ratio=1.0", "align.gen.mask_ratio must be in (0, 1), got 1.0"),
     ("align.darec.clusters=1", "align.darec.clusters=1: the local term compares soft assignments to the centres, which need at least 2"),
     # torch raised "value cannot be converted to type float without overflow" in the middle of Adam's first step.
     ("sparse.lr=1e38", "sparse.lr=1e+38: Adam's first step, lr / (1 - beta1) = 1e+39, is past float32's range"),

@@ -491,3 +491,13 @@ def test_more_processes_than_visible_gpus_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ConfigError, match="3 processes on this node and 2 visible GPUs.*--nproc_per_node"):
         pick_device("cuda", 2, 3)
+
+
+def test_llm_embeddings_fbgemm_cannot_hold_are_refused_before_sharding():
+    """A dataset prepared elsewhere with 30-wide vectors: fbgemm asserted on every rank while the tables were sharded."""
+    import numpy as np
+
+    from darec_dist.models.tables import SparseConfig, llm_tables
+
+    with pytest.raises(ConfigError, match="LLM embeddings are 30 wide, and the frozen LLM tables need a multiple of 4"):
+        llm_tables({"user": np.zeros((3, 30), np.float32), "item": np.zeros((4, 30), np.float32)}, {}, SparseConfig(), None)

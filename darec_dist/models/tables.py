@@ -429,6 +429,11 @@ def trainable_tables(
 
 def llm_tables(embeddings: dict[str, np.ndarray], features: dict[str, list[str]], cfg: SparseConfig, env: DistEnv) -> ShardedTables:
     """The frozen LLM-embedding tables (user_llm / item_llm), each rank loading only its shard rows."""
+    narrow = [kind for kind, matrix in embeddings.items() if matrix.shape[1] % 4]
+    if narrow:  # fbgemm's kernels would assert it on every rank
+        raise ConfigError(f"the dataset's LLM embeddings are {embeddings[narrow[0]].shape[1]} wide, and the frozen LLM tables "
+                          "need a multiple of 4 (fbgemm's kernels); prepare the dataset with such an embedding width, or train "
+                          "with align.method=none")
     configs = llm_table_configs({kind: matrix.shape for kind, matrix in embeddings.items()}, features, cfg.llm_dtype)
     tables = shard(RowModule(configs), cfg.llm_sharding, cfg, env, frozen=True)
     for kind, matrix in embeddings.items():

@@ -116,8 +116,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.run_dir.strip():  # an empty path is the working directory: the run would litter it
             raise ValueError("run_dir: required (the directory the run writes its checkpoints and results to)")
-        if self.seed < 0:  # numpy's generators refuse it, in the first epoch, after the whole setup
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        # numpy's generators refuse a negative one, torch's one past 64 bits once the loader scales it (by about 1e6):
+        # either in the first epoch, after the whole setup.
+        if not 0 <= self.seed < 2**40:
+            raise ValueError(f"seed must be in [0, 2**40), got {self.seed}")
 
 
 def what_a_run_computes(settings: dict) -> dict:

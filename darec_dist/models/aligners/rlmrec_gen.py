@@ -37,8 +37,9 @@ class GenConfig:
     mask_ratio: float = 0.15
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise ValueError(f"align.gen.mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        # (Not 1: every node masked leaves BPR and the reconstruction only the mask token, and the tables untrained.)
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"align.gen.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not (self.temperature > 0 and self.weight >= 0):
             raise ValueError(f"align.gen.temperature must be > 0 and align.gen.weight >= 0, got {self.temperature} and {self.weight}")
 
