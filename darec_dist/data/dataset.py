@@ -141,11 +141,11 @@ class PreparedDataset:
         """Each CSR array fits the others and the manifest's counts, and every id is in range. Checksums find a file
         changed after prepare; these find one never right (a hand-made or converted dataset), which would otherwise
         fail as an IndexError mid-run or be read silently out of bounds by a table lookup. One pass over each array."""
-        checks = [(layout.split_indptr(split), layout.split_items(split), self.interactions(split), self.num_users,
+        checks = [(split, layout.split_indptr(split), layout.split_items(split), self.interactions(split), self.num_users,
                    self.num_items, "item") for split in layout.SPLITS]
-        checks.append((layout.GRAPH_INDPTR, layout.GRAPH_INDICES, self.graph, self.num_nodes * self.graph_blocks,
+        checks.append((None, layout.GRAPH_INDPTR, layout.GRAPH_INDICES, self.graph, self.num_nodes * self.graph_blocks,
                        self.num_nodes, "node"))
-        for indptr_rel, indices_rel, csr, rows, ids, kind in checks:
+        for split, indptr_rel, indices_rel, csr, rows, ids, kind in checks:
             indptr, indices = self.root / indptr_rel, self.root / indices_rel
             if csr.indptr.ndim != 1 or csr.indices.ndim != 1 or len(csr.indptr) != rows + 1:
                 raise DatasetError(f"{indptr}: shape {csr.indptr.shape}, expected ({rows + 1},) (a row pointer per "
@@ -165,12 +165,11 @@ class PreparedDataset:
             if csr.values is not None and csr.values.shape != csr.indices.shape:
                 raise DatasetError(f"{self.root / layout.GRAPH_WEIGHTS}: shape {csr.values.shape}, expected "
                                    f"{csr.indices.shape}, one weight per entry of {indices}")
-        for split in layout.SPLITS:
             # The manifest counts rows, the arrays distinct pairs: with clean.dedupe=false a pair given twice is one.
-            counted, held = self.manifest["splits"][split], len(self.interactions(split).indices)
+            counted, held = (self.manifest["splits"][split], len(csr.indices)) if split else (0, 0)
             if held > counted or (held == 0) != (counted == 0):
-                raise DatasetError(f"{self.root / layout.split_items(split)}: {held} interactions, where the manifest's "
-                                   f"splits.{split} counts {counted} (rows, of which these are the distinct pairs)")
+                raise DatasetError(f"{indices}: {held} interactions, where the manifest's splits.{split} counts "
+                                   f"{counted} (rows, of which these are the distinct pairs)")
 
     def checksum_problem(self, part: int = 0, parts: int = 1, only: tuple[str, ...] | None = None) -> str | None:
         """The first of the dataset's files (every `parts`-th from the `part`-th: processes can share the reading;
